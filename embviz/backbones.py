@@ -114,7 +114,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     logger.info("dequantising %s once (about 20 s); later loads read the safetensors copy", gguf.name)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
         # save_pretrained refuses a GGUF-loaded model: rebuild it from a config without quantisation.
         config_dict = quantised.config.to_dict()
         config_dict.pop("quantization_config", None)
@@ -202,8 +204,17 @@ class Backbone:
     Use :meth:`from_pretrained` to load one; the model is in eval mode and is never modified afterwards.
     """
 
-    def __init__(self, name: str, model: torch.nn.Module, tokenizer: object, kind: Kind, *,
-                 source: str = "", trained_head: bool = True, note: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        model: torch.nn.Module,
+        tokenizer: object,
+        kind: Kind,
+        *,
+        source: str = "",
+        trained_head: bool = True,
+        note: str = "",
+    ) -> None:
         self.name = name
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -295,7 +306,9 @@ class Backbone:
 
     @cached_property
     def special_ids(self) -> frozenset[int]:
-        return frozenset(int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i < self.vocab_size)
+        return frozenset(
+            int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i < self.vocab_size
+        )
 
     def info(self) -> BackboneInfo:
         total = sum(p.numel() for p in self.model.parameters())

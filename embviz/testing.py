@@ -43,14 +43,22 @@ def _train_tokenizer(kind: Literal["masked", "causal"], vocab_size: int):
         tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
-        tokenizer.train_from_iterator(text, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+        tokenizer.train_from_iterator(
+            text, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+        )
         cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
         tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
         )
         return PreTrainedTokenizerFast(
-            tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-            sep_token="[SEP]", mask_token="[MASK]",
+            tokenizer_object=tokenizer,
+            unk_token="[UNK]",
+            pad_token="[PAD]",
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            mask_token="[MASK]",
         )
     specials = ["<unk>", "<s>", "</s>"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -58,15 +66,26 @@ def _train_tokenizer(kind: Literal["masked", "causal"], vocab_size: int):
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.train_from_iterator(
         text,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+        trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
-def build_tiny_model(kind: Literal["masked", "causal"], folder: Path, *, seed: int = 0, hidden_size: int = 32,
-                     layers: int = 2, vocab_size: int = 400) -> Path:
+def build_tiny_model(
+    kind: Literal["masked", "causal"],
+    folder: Path,
+    *,
+    seed: int = 0,
+    hidden_size: int = 32,
+    layers: int = 2,
+    vocab_size: int = 400,
+) -> Path:
     """Write a tiny random masked (BERT) or causal (Llama) model with a real tokenizer to ``folder``."""
     from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
 
@@ -74,16 +93,30 @@ def build_tiny_model(kind: Literal["masked", "causal"], folder: Path, *, seed: i
     vocab = len(tokenizer)
     torch.manual_seed(seed)
     if kind == "masked":
-        config = BertConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=layers,
-                            num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=128,
-                            pad_token_id=tokenizer.pad_token_id)
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = BertForMaskedLM(config)
     else:
-        config = LlamaConfig(vocab_size=vocab, hidden_size=hidden_size, num_hidden_layers=layers,
-                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=2 * hidden_size,
-                             max_position_embeddings=256, tie_word_embeddings=True,
-                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+        config = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=2 * hidden_size,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
         model = LlamaForCausalLM(config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)

@@ -8,8 +8,9 @@ from embviz.errors import BadInputError, UnknownModelError
 
 
 def _batch(backbone: Backbone) -> dict[str, torch.Tensor]:
-    return backbone.tokenizer(["the king of france lived in paris.", "i went to the market."],
-                              return_tensors="pt", padding=True)
+    return backbone.tokenizer(
+        ["the king of france lived in paris.", "i went to the market."], return_tensors="pt", padding=True
+    )
 
 
 def test_info_reports_shape_kind_and_tying(tiny_backbone: Backbone) -> None:
@@ -25,8 +26,9 @@ def test_identity_replacement_matches_plain_forward(tiny_backbone: Backbone) -> 
     batch = _batch(tiny_backbone)
     plain = tiny_backbone.logits(batch["input_ids"], batch["attention_mask"])
     for mode in ("input", "tied"):
-        swapped = tiny_backbone.logits(batch["input_ids"], batch["attention_mask"],
-                                       embedding=tiny_backbone.embedding.clone(), mode=mode)
+        swapped = tiny_backbone.logits(
+            batch["input_ids"], batch["attention_mask"], embedding=tiny_backbone.embedding.clone(), mode=mode
+        )
         torch.testing.assert_close(swapped, plain, rtol=0, atol=1e-5)
 
 
@@ -40,7 +42,9 @@ def test_input_mode_changes_inputs_only_and_tied_mode_changes_output_layer(tiny_
     unused = torch.ones(original.shape[0], dtype=torch.bool)
     unused[ids.unique()] = False
     variant = original.clone()
-    variant[unused] = torch.randn(int(unused.sum()), original.shape[1], generator=torch.Generator().manual_seed(0))
+    variant[unused] = torch.randn(
+        int(unused.sum()), original.shape[1], generator=torch.Generator().manual_seed(0)
+    )
     input_only = tiny_backbone.logits(ids, mask, embedding=variant, mode="input")
     tied = tiny_backbone.logits(ids, mask, embedding=variant, mode="tied")
     torch.testing.assert_close(input_only, plain, rtol=0, atol=1e-5)
@@ -67,7 +71,7 @@ def test_wrong_shape_and_mode_are_refused(tiny_backbone: Backbone) -> None:
 
 
 def test_unknown_model_is_a_clear_error(tmp_path) -> None:
-    with pytest.raises(UnknownModelError, match="cannot load|unknown model"):
+    with pytest.raises(UnknownModelError, match=r"cannot load|unknown model"):
         Backbone.from_pretrained(str(tmp_path / "no-such-folder"))
     with pytest.raises(UnknownModelError):
         Backbone.from_pretrained("no/such/model")

@@ -42,6 +42,7 @@ def test_packaged_corpora_splits_are_disjoint_deterministic_and_nonempty(name: s
     assert len(parts["train"]) > 10 * len(parts["test"])
     load_texts.cache_clear()
     assert {split: load_texts(name, split) for split in SPLITS} == parts
+
     # disjoint by construction; the texts themselves repeat: short units ("ACT I.", "[Exit.]") often, long ones
     # rarely (parallel Gospel and Kings/Chronicles verses are about 1% of a Bible split)
     def long_units(split: str) -> set[str]:

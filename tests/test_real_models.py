@@ -12,14 +12,23 @@ pytestmark = pytest.mark.slow
 
 
 def _info(name: str) -> dict:
-    result = subprocess.run([sys.executable, "-m", "embviz.cli", "info", name, "--json"],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "embviz.cli", "info", name, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(result.stdout)
 
 
 def test_smollm2_facts() -> None:
     info = _info("smollm2")
-    assert (info["kind"], info["vocab_size"], info["hidden_size"], info["tied"]) == ("causal", 49152, 576, True)
+    assert (info["kind"], info["vocab_size"], info["hidden_size"], info["tied"]) == (
+        "causal",
+        49152,
+        576,
+        True,
+    )
     assert info["embedding_params"] == 49152 * 576
 
 

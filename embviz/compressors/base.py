@@ -1,0 +1,139 @@
+"""The compressed-embedding container and the compressor protocol every method implements.
+
+A compressor is configured in its constructor (scikit-learn style: parameters only, no hidden state) and
+``fit(E)`` returns a :class:`CompressedEmbedding`. A low-rank result stores ``codes`` (V x r) and a decoder
+(r x D weight, optional D bias) and reconstructs ``codes @ decoder + bias``; a dense result (e.g. quantised
+rows) stores ``dense`` instead. Everything downstream (artifacts, metrics, perplexity, predictions, app)
+works from this one type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from embviz.compressors.budget import low_rank_params
+
+
+@dataclass(frozen=True)
+class TrainingProgress:
+    """One progress report from a fit: sent after every logged step and at every epoch end."""
+
+    epoch: int
+    epochs: int
+    step: int
+    steps: int
+    loss: float
+    terms: dict[str, float]
+    elapsed_s: float
+    epoch_end: bool = False
+
+
+ProgressCallback = Callable[[TrainingProgress], bool | None]
+"""Receives progress; returning ``False`` cancels the fit at the next epoch boundary."""
+
+
+@dataclass
+class CompressedEmbedding:
+    """A compressed V x D token-embedding matrix.
+
+    Attributes:
+        method: short method id (``svd``, ``ae``, ...), used in labels and artifact names.
+        config: the full configuration that produced it (JSON-serialisable), including ``rank``.
+        codes: V x r code table (low-rank methods), float32.
+        decoder: r x D decoder weight (low-rank methods).
+        decoder_bias: D-vector added after decoding, or None.
+        dense: V x D stored matrix (dense methods such as quantisation), or None.
+        history: per-epoch training records (empty for closed-form methods).
+        stored_bytes: bytes the deployed form needs; defaults to float32 storage of its tensors.
+    """
+
+    method: str
+    config: dict[str, Any]
+    codes: torch.Tensor | None = None
+    decoder: torch.Tensor | None = None
+    decoder_bias: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_seconds: float = 0.0
+    stored_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dense is None and (self.codes is None or self.decoder is None):
+            raise ValueError("a CompressedEmbedding needs either dense rows or codes and a decoder")
+        if (
+            self.codes is not None
+            and self.decoder is not None
+            and self.codes.shape[1] != self.decoder.shape[0]
+        ):
+            raise ValueError(
+                f"codes {tuple(self.codes.shape)} and decoder {tuple(self.decoder.shape)} disagree"
+            )
+
+    @property
+    def low_rank(self) -> bool:
+        return self.dense is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        if self.dense is not None:
+            return tuple(self.dense.shape)  # type: ignore[return-value]
+        return (self.codes.shape[0], self.decoder.shape[1])  # type: ignore[union-attr]
+
+    @property
+    def rank(self) -> int | None:
+        return int(self.codes.shape[1]) if self.codes is not None else None
+
+    @property
+    def params(self) -> int:
+        """Stored parameters (numbers), as counted by the budget rule."""
+        if self.dense is not None:
+            return int(self.dense.numel())
+        vocab, hidden = self.shape
+        return low_rank_params(vocab, hidden, self.rank or 0, decoder_bias=self.decoder_bias is not None)
+
+    @property
+    def bytes(self) -> int:
+        return int(self.stored_bytes) if self.stored_bytes is not None else 4 * self.params
+
+    @property
+    def ratio(self) -> float:
+        """Compression ratio in parameters: V*D / stored parameters."""
+        vocab, hidden = self.shape
+        return vocab * hidden / self.params
+
+    @property
+    def byte_ratio(self) -> float:
+        """Compression ratio in bytes against the float32 original."""
+        vocab, hidden = self.shape
+        return 4 * vocab * hidden / self.bytes
+
+    def reconstruct(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """The reconstructed matrix (or the given rows of it), float32."""
+        if self.dense is not None:
+            return self.dense if rows is None else self.dense[rows]
+        codes = self.codes if rows is None else self.codes[rows]  # type: ignore[index]
+        out = codes @ self.decoder  # type: ignore[operator]
+        return out if self.decoder_bias is None else out + self.decoder_bias
+
+    @property
+    def label(self) -> str:
+        """A short human label, e.g. ``AE (paper loss) r=64``."""
+        return str(self.config.get("label") or f"{self.method} r={self.rank}")
+
+
+class Compressor(Protocol):
+    """What every compression method provides."""
+
+    method: str
+
+    def fit(self, embedding: torch.Tensor, progress: ProgressCallback | None = None) -> CompressedEmbedding:
+        """Compress the V x D matrix ``embedding``."""
+        ...
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor parameters (JSON-serialisable), enough to rebuild the compressor."""
+        ...

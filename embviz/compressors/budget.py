@@ -1,0 +1,53 @@
+"""The parameter-budget rule shared by every method (SPEC §2).
+
+Compression ratio CR = V*D / (V*r + r*D [+ D for a decoder bias]). Methods are always compared at equal
+parameters; quantised ones at equal bytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+from embviz.errors import BadInputError
+
+
+def low_rank_params(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias: bool = False) -> int:
+    """Parameters of a rank-``rank`` factorisation: codes (V x r) + decoder (r x D) [+ bias (D)]."""
+    return vocab_size * rank + rank * hidden_size + (hidden_size if decoder_bias else 0)
+
+
+def ratio_for_rank(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias: bool = False) -> float:
+    """Compression ratio of a rank-``rank`` factorisation of a V x D matrix."""
+    return (
+        vocab_size * hidden_size / low_rank_params(vocab_size, hidden_size, rank, decoder_bias=decoder_bias)
+    )
+
+
+def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_bias: bool = False) -> int:
+    """The largest rank whose compression ratio is at least ``ratio``.
+
+    For BERT-base (V=30522, D=768) ratios 2.5 / 5 / 10 give r = 299 / 149 / 74.
+
+    Raises:
+        BadInputError: ``ratio`` <= 1, or so large that not even rank 1 fits.
+    """
+    if not math.isfinite(ratio) or ratio <= 1:
+        raise BadInputError(f"compression ratio must be above 1, got {ratio}")
+    budget = vocab_size * hidden_size / ratio - (hidden_size if decoder_bias else 0)
+    rank = math.floor(budget / (vocab_size + hidden_size) + 1e-9)
+    if rank < 1:
+        raise BadInputError(
+            f"ratio {ratio} leaves less than rank 1 for a {vocab_size} x {hidden_size} matrix"
+        )
+    return min(rank, hidden_size - 1)
+
+
+def check_rank(rank: int, hidden_size: int) -> int:
+    """Validate a latent size: 1 <= rank < hidden size (rank = D is no compression)."""
+    if not isinstance(rank, int) or isinstance(rank, bool):
+        raise BadInputError(f"rank must be an integer, got {rank!r}")
+    if not 1 <= rank < hidden_size:
+        raise BadInputError(
+            f"rank must be between 1 and {hidden_size - 1} (the hidden size is {hidden_size}), got {rank}"
+        )
+    return rank
