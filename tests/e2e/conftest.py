@@ -1,0 +1,92 @@
+"""End-to-end fixtures: `streamlit run app.py` on a tiny model, driven by Playwright in Debian's Chromium.
+
+Chromium comes from Debian (`/usr/bin/chromium`, installed by `scripts/setup.sh --browser`); a test tool's
+own browser download does not work offline. SwiftShader flags let Plotly's WebGL canvases render headless.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from embviz.testing import build_tiny_model
+
+CHROMIUM = os.environ.get("EMBVIZ_CHROMIUM", "/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.e2e
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def browser_type_launch_args() -> dict:
+    """Override pytest-playwright's launch options: Debian's Chromium, headless, WebGL via SwiftShader."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `scripts/setup.sh --browser` (make test does)")
+    return {
+        "executable_path": CHROMIUM,
+        "headless": True,
+        "args": [
+            "--no-sandbox",
+            "--use-angle=swiftshader",
+            "--enable-unsafe-swiftshader",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A live `streamlit run app.py` on a tiny causal model, with its own empty cache."""
+    model = build_tiny_model("causal", tmp_path_factory.mktemp("e2e-model"))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "EMBVIZ_BACKBONE": str(model),
+        "EMBVIZ_HOME": str(tmp_path_factory.mktemp("e2e-home")),
+    }
+    log = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
+    with open(log, "wb") as log_file:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+        url = f"http://localhost:{port}"
+        try:
+            deadline = time.monotonic() + 90
+            while True:
+                try:
+                    with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"streamlit did not start:\n{log.read_text()[-3000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def wait_for_idle(page, timeout_ms: int = 120_000) -> None:
+    """Wait until Streamlit has finished running the script for the current page."""
+    page.wait_for_selector("[data-testid='stApp'][data-test-script-state='notRunning']", timeout=timeout_ms)
