@@ -116,6 +116,297 @@ def _render_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# -- compress ------------------------------------------------------------------------------------------
+@command("compress", "compress a backbone's embedding matrix (SVD or AutoEncoder) into a cached artifact")
+def _compress_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    parser.add_argument("--method", choices=["svd", "svd-randomized", "ae"], default="ae", help="default ae")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--rank", type=int, help="latent size r, 1 <= r < hidden size (default 64)")
+    size.add_argument(
+        "--ratio", type=float, help="compression ratio > 1; picks the largest rank that meets it"
+    )
+    parser.add_argument("--loss", choices=["paper", "cosine", "mse"], help="AE loss (default paper)")
+    parser.add_argument("--recipe", choices=["paper", "fast"], help="AE training recipe (default fast)")
+    parser.add_argument("--epochs", type=int, help="AE epochs (default: the recipe's)")
+    parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
+    parser.add_argument("--device", default="cpu", help="AE training device, e.g. cuda (default cpu)")
+    _add_json(parser)
+
+
+@_compress_arguments.runs
+def run_compress(args: argparse.Namespace) -> int:
+    import time
+
+    from embviz.artifacts import compress_cached
+    from embviz.compressors import check_rank, make_compressor, rank_for_ratio, reconstruction_quality
+    from embviz.errors import BadInputError
+
+    ae = args.method == "ae"
+    ae_only = {"--loss": args.loss, "--recipe": args.recipe, "--epochs": args.epochs}
+    misplaced = [flag for flag, value in ae_only.items() if value is not None and not ae]
+    if misplaced:
+        raise BadInputError(f"{', '.join(misplaced)} only applies to --method ae")
+    started = time.perf_counter()
+    backbone = _load_backbone(args)
+    vocab, hidden = backbone.vocab_size, backbone.hidden_size
+    if args.ratio is not None:
+        rank = rank_for_ratio(vocab, hidden, args.ratio, decoder_bias=ae)
+    else:
+        rank = check_rank(64 if args.rank is None else args.rank, hidden)
+    if ae:
+        options = {"recipe": args.recipe or "fast", "epochs": args.epochs, "seed": args.seed}
+        compressor = make_compressor(f"ae-{args.loss or 'paper'}", rank, device=args.device, **options)
+    else:
+        compressor = make_compressor(
+            args.method, rank, **({"seed": args.seed} if args.method != "svd" else {})
+        )
+    result = compress_cached(
+        backbone.name, backbone.embedding, compressor, progress=_progress_bar(sys.stderr)
+    )
+    if result.notice:
+        print(f"embviz: {result.notice}", file=sys.stderr)
+    compressed = result.compressed
+    payload = {
+        "artifact": str(result.path) if result.path else None,
+        "backbone": backbone.name,
+        "method": compressed.method,
+        "label": compressed.label,
+        "rank": compressed.rank,
+        "ratio": round(compressed.ratio, 4),
+        "params": compressed.params,
+        "bytes": compressed.bytes,
+        "train_seconds": round(compressed.train_seconds, 3),
+        **{k: round(v, 6) for k, v in reconstruction_quality(backbone.embedding, compressed).items()},
+        "cached": result.cached,
+        "notice": result.notice,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    emit(payload, args.json)
+    return 0
+
+
+def _progress_bar(stream: Any, width: int = 30) -> Callable[[Any], bool]:
+    """A carriage-return progress bar for a fit's :class:`TrainingProgress` reports."""
+
+    def show(report: Any) -> bool:
+        done = ((report.epoch - 1) * report.steps + report.step) / (report.epochs * report.steps)
+        filled = round(done * width)
+        terms = " ".join(f"{name} {value:.4g}" for name, value in report.terms.items())
+        line = (
+            f"\r[{'#' * filled}{'.' * (width - filled)}] epoch {report.epoch}/{report.epochs} "
+            f"loss {report.loss:.5g} {terms} {report.elapsed_s:.1f}s"
+        )
+        stream.write(line.rstrip() + ("\n" if report.epoch_end and report.epoch == report.epochs else ""))
+        stream.flush()
+        return True
+
+    return show
+
+
+# -- evaluate ------------------------------------------------------------------------------------------
+def _add_evaluation_options(parser: argparse.ArgumentParser, *, text: bool = True) -> None:
+    """``--mode`` and ``--k`` (and, for perplexity commands, ``--text`` and ``--max-tokens``)."""
+    if text:
+        parser.add_argument(
+            "--text",
+            default="bible:test",
+            help="held-out text: corpus[:split] or a UTF-8 file (default bible:test)",
+        )
+        parser.add_argument(
+            "--max-tokens",
+            type=int,
+            help="held-out tokens to score (default: the perplexity protocol's 2048)",
+        )
+    parser.add_argument(
+        "--mode",
+        choices=["input", "tied"],
+        default="input",
+        help="replace the input embedding only (default), or the tied output layer too",
+    )
+    parser.add_argument("--k", type=int, default=10, help="top-k size (default 10)")
+
+
+def _steps_progress(stream: Any, width: int = 30) -> Callable[[float, int, str], None]:
+    """A carriage-return progress bar for ``(done, total, message)`` reports; a newline once done."""
+    shown = [0]
+
+    def show(done: float, total: int, message: str) -> None:
+        filled = round(width * min(done / max(total, 1), 1.0))
+        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {message}"
+        stream.write(line.ljust(shown[0]) + ("\n" if done >= total else ""))
+        stream.flush()
+        shown[0] = len(line)
+
+    return show
+
+
+@command(
+    "evaluate", "perplexity, neighbour recall@k and angles of a compressed artifact against the original"
+)
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    parser.add_argument("--artifact", required=True, help="artifact folder (from `embviz compress`)")
+    _add_evaluation_options(parser)
+    _add_json(parser)
+
+
+@_evaluate_arguments.runs
+def run_evaluate(args: argparse.Namespace) -> int:
+    from embviz.evaluation import evaluate_variant, load_variant
+
+    backbone = _load_backbone(args)
+    compressed = load_variant(backbone, args.artifact)
+    result = evaluate_variant(
+        backbone,
+        compressed,
+        text=args.text,
+        mode=args.mode,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        progress=_steps_progress(sys.stderr),
+    )
+    emit({"artifact": args.artifact, **result}, args.json, _render_evaluation)
+    return 0
+
+
+def _render_evaluation(result: dict[str, Any]) -> str:
+    perplexity = result["perplexity"]
+    flat = {
+        "perplexity (original)": round(perplexity["original"], 3),
+        "perplexity (compressed)": round(perplexity["compressed"], 3),
+        **{key: value for key, value in result.items() if key not in ("perplexity", "protocol")},
+    }
+    return f"{_render_mapping(flat)}\n\n{result['protocol']}"
+
+
+# -- sweep ---------------------------------------------------------------------------------------------
+def _parse_list(text: str, convert: Callable[[str], Any], flag: str, what: str) -> list[Any]:
+    """``"2,4,8"`` -> ``[2.0, 4.0, 8.0]``; anything unparsable is a one-line :class:`BadInputError`."""
+    from embviz.errors import BadInputError
+
+    items = [item.strip() for item in text.split(",")]
+    try:
+        if any(not item for item in items):
+            raise ValueError
+        return [convert(item) for item in items]
+    except ValueError:
+        raise BadInputError(f"{flag} takes a comma-separated list of {what}, got {text!r}") from None
+
+
+_SWEEP_TABLE = ("method", "ratio", "rank", "perplexity", "vs_original", "recall_at_k", "mean_angle_deg")
+
+
+@command("sweep", "compress with several methods at several ratios and evaluate each (perplexity, recall)")
+def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    parser.add_argument(
+        "--methods", default="svd,ae-paper", help="comma-separated method ids (default svd,ae-paper)"
+    )
+    parser.add_argument(
+        "--ratios", help="comma-separated compression ratios > 1 (default 2,4,8,16 without --ranks)"
+    )
+    parser.add_argument("--ranks", help="comma-separated latent sizes, evaluated in addition to --ratios")
+    parser.add_argument(
+        "--recipe", choices=["fast", "paper"], default="fast", help="AE training recipe (default fast)"
+    )
+    _add_evaluation_options(parser)
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON array (one object per row)")
+    output.add_argument("--csv", action="store_true", help="print CSV with a header row")
+
+
+@_sweep_arguments.runs
+def run_sweep(args: argparse.Namespace) -> int:
+    from embviz.evaluation import sweep
+
+    methods = _parse_list(args.methods, str, "--methods", "method ids")
+    ratios = _parse_list(args.ratios, float, "--ratios", "numbers") if args.ratios else None
+    ranks = _parse_list(args.ranks, int, "--ranks", "integers") if args.ranks else None
+    rows = sweep(
+        _load_backbone(args),
+        methods,
+        ratios=ratios,
+        ranks=ranks,
+        text=args.text,
+        mode=args.mode,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        recipe=args.recipe,
+        progress=_steps_progress(sys.stderr),
+    )
+    if args.csv:
+        import csv
+
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    else:
+        emit(rows, args.json, _render_sweep)
+    return 0
+
+
+def _render_sweep(rows: list[dict[str, Any]]) -> str:
+    shown = [
+        {key: round(row[key], 3) if isinstance(row[key], float) else row[key] for key in _SWEEP_TABLE}
+        for row in rows
+    ]
+    return f"{_render_table(shown)}\n\n{rows[0]['protocol']}"
+
+
+# -- predict -------------------------------------------------------------------------------------------
+@command(
+    "predict", "fill in the blank of a sentence with the original and compressed embeddings side by side"
+)
+def _predict_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    parser.add_argument("sentence", help="a sentence with one blank: ___ or [MASK]")
+    parser.add_argument(
+        "--artifact", action="append", default=[], help="artifact folder of a variant (repeatable)"
+    )
+    _add_evaluation_options(parser, text=False)
+    _add_json(parser)
+
+
+@_predict_arguments.runs
+def run_predict(args: argparse.Namespace) -> int:
+    from embviz.evaluation import load_variant, variant_name
+    from embviz.predictions import predict_blank, prediction_summary, prediction_table
+
+    backbone = _load_backbone(args)
+    variants, artifacts = {}, {}
+    for index, path in enumerate(args.artifact, 1):
+        compressed = load_variant(backbone, path)
+        name = variant_name(compressed)
+        name = f"{name} #{index}" if name in variants else name
+        variants[name], artifacts[name] = compressed.reconstruct(), path
+    result = predict_blank(backbone, args.sentence, variants, k=args.k, mode=args.mode)
+    changes = prediction_summary(result)
+    payload = {**result.to_dict(), "artifacts": artifacts, "changes": changes}
+
+    def render(_: Any) -> str:
+        lines = [_render_table(prediction_table(result)), ""]
+        lines += [
+            f"{row['variant']}: top-1 {row['top1']!r} "
+            + (
+                "kept"
+                if row["top1 kept"]
+                else f"changed (original top-1 {_rank_text(row['original top1 rank'])})"
+            )
+            + (f"; new: {', '.join(row['new'])}" if row["new"] else "")
+            + (f"; lost: {', '.join(row['lost'])}" if row["lost"] else "")
+            for row in changes[1:]
+        ]
+        return "\n".join([*lines, *result.notices, result.method])
+
+    emit(payload, args.json, render)
+    return 0
+
+
+def _rank_text(rank: int | None) -> str:
+    return "not in the top-k" if rank is None else f"at rank {rank}"
+
+
 # -- entry point ---------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from embviz import __version__

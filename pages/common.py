@@ -1,16 +1,65 @@
-"""Shared Streamlit plumbing for the pages: cached backbone, shared controls, error display.
+"""Shared Streamlit plumbing for the pages: settings from the sidebar, cached models and variants.
 
-Kept thin: everything computed here comes from the UI-free ``embviz`` package.
+Kept thin: every number comes from the UI-free ``embviz`` package; this module only decides what is cached
+for the server process (``st.cache_resource``), draws progress, and turns errors into messages.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
 
+import numpy as np
+import pandas as pd
 import streamlit as st
+import torch
 
+from embviz.artifacts import ArtifactResult, artifact_path, compress_cached, matrix_fingerprint
 from embviz.backbones import BUILTINS, DEFAULT_BACKBONE, Backbone
+from embviz.compressors import (
+    METHODS,
+    CompressedEmbedding,
+    TrainingProgress,
+    make_compressor,
+    ratio_for_rank,
+    reconstruction_quality,
+)
 from embviz.errors import EmbvizError
+from embviz.figures import provenance_line
+from embviz.metrics import (
+    Angles,
+    corpus_frequencies,
+    frequency_bands,
+    nearest_neighbours,
+    neighbour_table_cached,
+    reconstruction_angles,
+    token_classes,
+)
+
+ORIGINAL = "original"
+AE_LOSSES = ("paper", "cosine", "mse")
+RECIPES = ("fast", "paper")
+MODES = ("input", "tied")
+OTHER_MODEL = "other…"
+
+
+def use_app_router() -> None:
+    """Make sure this page runs inside ``app.py`` (shared controls, URL binding), not on its own.
+
+    Streamlit treats a ``pages/`` folder as a legacy multipage app until some session has called
+    ``st.navigation``; a shared link to a page opened first on a fresh server would run the page bare.
+    Switch the server to ``st.navigation`` routing and rerun: the rerun keeps the URL and goes through
+    ``app.py``.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
 
 
 def default_backbone() -> str:
@@ -18,24 +67,297 @@ def default_backbone() -> str:
     return os.environ.get("EMBVIZ_BACKBONE", DEFAULT_BACKBONE)
 
 
+def backbone_choices() -> list[str]:
+    names = list(BUILTINS)
+    default = default_backbone()
+    return ([] if default in names else [default]) + names + [OTHER_MODEL]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The shared controls (sidebar, bound to the URL), validated."""
+
+    model: str
+    rank: int
+    loss: str
+    recipe: str
+    mode: str
+    token: str
+    k: int
+
+    @property
+    def ae_method(self) -> str:
+        return f"ae-{self.loss}"
+
+
+def settings() -> Settings:
+    """The current shared settings, read from ``st.session_state`` (set by the widgets in ``app.py``)."""
+    state = st.session_state
+    model = state.get("model") or default_backbone()
+    if model == OTHER_MODEL:
+        model = (state.get("path") or "").strip() or default_backbone()
+    return Settings(
+        model=model,
+        rank=int(state.get("rank") or 64),
+        loss=state.get("loss") or "paper",
+        recipe=state.get("recipe") or "fast",
+        mode=state.get("mode") or "input",
+        token=(state.get("tok") or "").strip(),
+        k=int(state.get("k") or 10),
+    )
+
+
+# -- backbone ------------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=2)
 def load_backbone(name: str) -> Backbone:
     """One shared copy of each backbone per server process (sessions never mutate it)."""
     return Backbone.from_pretrained(name)
 
 
-def backbone_choices() -> list[str]:
-    names = list(BUILTINS)
-    default = default_backbone()
-    return names if default in names else [default, *names]
+@st.cache_resource(show_spinner=False, max_entries=4)
+def backbone_fingerprint(name: str) -> str:
+    return matrix_fingerprint(load_backbone(name).embedding)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def token_index(name: str) -> dict[str, int]:
+    return {token: i for i, token in enumerate(load_backbone(name).tokens)}
 
 
 def current_backbone() -> Backbone | None:
     """The backbone picked in the sidebar, loaded under a spinner; errors are shown, not raised."""
-    name = st.session_state.get("model") or default_backbone()
+    name = settings().model
     try:
         with st.spinner(f"Loading {name} (the first load of smollm2 converts its GGUF once, about 25 s)…"):
             return load_backbone(name)
     except EmbvizError as error:
         st.error(str(error))
         return None
+
+
+def check_rank(backbone: Backbone, rank: int) -> bool:
+    """Show an error (and return False) when the rank does not fit this backbone."""
+    if 1 <= rank < backbone.hidden_size:
+        return True
+    st.error(f"Rank {rank} is out of range: it must be between 1 and {backbone.hidden_size - 1} "
+             f"(the hidden size of {backbone.name} is {backbone.hidden_size}).")
+    return False
+
+
+# -- variants ------------------------------------------------------------------------------------------
+class VariantStore:
+    """Compressed variants and their reconstructions, shared by every session of this server process.
+
+    Artifacts are small (codes + decoder); reconstructions are V x D, so only a few are kept (LRU).
+    """
+
+    def __init__(self, max_matrices: int = 6) -> None:
+        self.lock = threading.Lock()
+        self.results: dict[tuple, ArtifactResult] = {}
+        self.matrices: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+        self.max_matrices = max_matrices
+
+    def matrix(self, key: tuple, result: ArtifactResult) -> torch.Tensor:
+        with self.lock:
+            if key in self.matrices:
+                self.matrices.move_to_end(key)
+                return self.matrices[key]
+        matrix = result.compressed.reconstruct().contiguous()
+        with self.lock:
+            self.matrices[key] = matrix
+            while len(self.matrices) > self.max_matrices:
+                self.matrices.popitem(last=False)
+        return matrix
+
+
+@st.cache_resource(show_spinner=False)
+def variant_store() -> VariantStore:
+    return VariantStore()
+
+
+def _compressor(method: str, rank: int, recipe: str):
+    return make_compressor(method, rank, **({} if method.startswith("svd") else {"recipe": recipe}))
+
+
+def variant_key(model: str, method: str, rank: int, recipe: str) -> tuple:
+    return (model, method, rank, recipe if method.startswith("ae") else "")
+
+
+def get_variant(backbone: Backbone, method: str, rank: int, recipe: str, *, train: bool) -> ArtifactResult | None:
+    """The artifact for one configuration: from memory, from the disk cache, or trained here if allowed.
+
+    Training draws a live progress bar and loss read-out under ``st.status``. Returns None when the
+    artifact does not exist yet and ``train`` is False.
+    """
+    store = variant_store()
+    key = variant_key(backbone.name, method, rank, recipe)
+    if key in store.results:
+        return store.results[key]
+    compressor = _compressor(method, rank, recipe)
+    try:
+        on_disk = artifact_path(backbone.name, backbone_fingerprint(backbone.name), compressor).exists()
+    except EmbvizError:
+        on_disk = False
+    if not on_disk and not (train or method.startswith("svd")):
+        return None
+    label = METHODS[method]
+    if on_disk or method.startswith("svd"):
+        with st.spinner(f"Loading {label} (rank {rank})…"):
+            result = compress_cached(backbone.name, backbone.embedding, compressor)
+    else:
+        result = _train_with_progress(backbone, compressor, label, rank)
+    if result.notice:
+        st.warning(result.notice)
+    store.results[key] = result
+    return result
+
+
+def _train_with_progress(backbone: Backbone, compressor: Any, label: str, rank: int) -> ArtifactResult:
+    with st.status(f"Training {label}, rank {rank}…", expanded=True) as status:
+        bar = st.progress(0.0, text="starting")
+        readout = st.empty()
+
+        def report(update: TrainingProgress) -> None:
+            done = ((update.epoch - 1) + update.step / max(update.steps, 1)) / max(update.epochs, 1)
+            bar.progress(min(max(done, 0.0), 1.0),
+                         text=f"epoch {update.epoch}/{update.epochs} · step {update.step}/{update.steps}")
+            terms = " · ".join(f"{name} {value:.4f}" for name, value in update.terms.items())
+            readout.caption(f"loss {update.loss:.5f} · {terms} · {update.elapsed_s:.0f} s")
+
+        result = compress_cached(backbone.name, backbone.embedding, compressor, progress=report)
+        status.update(label=f"Trained {label}, rank {rank} in {result.compressed.train_seconds:.1f} s",
+                      state="complete", expanded=False)
+    return result
+
+
+def variants_for(backbone: Backbone, config: Settings, *, train_button: bool = True) -> dict[str, ArtifactResult] | None:
+    """SVD and AE artifacts for the current settings; offers a train button while the AE is missing."""
+    if not check_rank(backbone, config.rank):
+        return None
+    try:
+        svd = get_variant(backbone, "svd", config.rank, config.recipe, train=True)
+        ae = get_variant(backbone, config.ae_method, config.rank, config.recipe, train=False)
+        if ae is None:
+            st.info(f"The {METHODS[config.ae_method]} at rank {config.rank} ({config.recipe} recipe) is not "
+                    "trained yet. Train it here or on the Compress page; it is cached on disk afterwards.")
+            if not (train_button and st.button("Train the AutoEncoder now", type="primary")):
+                return None
+            ae = get_variant(backbone, config.ae_method, config.rank, config.recipe, train=True)
+    except EmbvizError as error:
+        st.error(str(error))
+        return None
+    return {"SVD": svd, "AE": ae}  # type: ignore[dict-item]
+
+
+def reconstructions(backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]) -> dict[str, torch.Tensor]:
+    """V x D matrices of each variant (shared, LRU-bounded)."""
+    store = variant_store()
+    methods = {"SVD": "svd", "AE": config.ae_method}
+    return {
+        name: store.matrix(variant_key(backbone.name, methods[name], config.rank, config.recipe), result)
+        for name, result in variants.items()
+    }
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _original_neighbours(model: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    backbone = load_backbone(model)
+    return neighbour_table_cached(model, backbone_fingerprint(model), backbone.embedding, k)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _variant_neighbours(key: tuple, k: int, _compressed: CompressedEmbedding) -> tuple[np.ndarray, np.ndarray]:
+    return nearest_neighbours(_compressed, k)
+
+
+def neighbour_tables(backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]) -> dict[str, tuple]:
+    """Full-vocabulary top-k tables: ``original`` (disk-cached) and each variant (factor path, in memory)."""
+    methods = {"SVD": "svd", "AE": config.ae_method}
+    tables = {ORIGINAL: _original_neighbours(backbone.name, config.k)}
+    for name, result in variants.items():
+        key = variant_key(backbone.name, methods[name], config.rank, config.recipe)
+        tables[name] = _variant_neighbours(key, config.k, result.compressed)
+    return tables
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _quality(key: tuple, _backbone: Backbone, _compressed: CompressedEmbedding) -> dict[str, float]:
+    return reconstruction_quality(_backbone.embedding, _compressed)
+
+
+def quality_of(backbone: Backbone, config: Settings, name: str, result: ArtifactResult) -> dict[str, float]:
+    """Mean cosine and relative error of one variant (cached per configuration)."""
+    method = "svd" if name == "SVD" else config.ae_method
+    return _quality(variant_key(backbone.name, method, config.rank, config.recipe), backbone, result.compressed)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _angles(key: tuple, _backbone: Backbone, _compressed: CompressedEmbedding) -> Angles:
+    return reconstruction_angles(_backbone.embedding, _compressed)
+
+
+def angles_of(backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]) -> dict[str, Angles]:
+    """Per-token angle and norm ratio of each variant (cached per configuration)."""
+    methods = {"SVD": "svd", "AE": config.ae_method}
+    return {
+        name: _angles(variant_key(backbone.name, methods[name], config.rank, config.recipe), backbone,
+                      result.compressed)
+        for name, result in variants.items()
+    }
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def token_groups(model: str, split: str) -> np.ndarray:
+    """Token class, or corpus-frequency band (Bible ``train`` slice), of every vocabulary row."""
+    backbone = load_backbone(model)
+    if split == "class":
+        return token_classes(backbone.tokens, backbone.special_ids)
+    return frequency_bands(corpus_frequencies(backbone.tokenizer, backbone.tokens, "bible", "train"))
+
+
+def variant_labels(variants: dict[str, ArtifactResult]) -> dict[str, str]:
+    return {name: f"{name} · {result.compressed.label}" for name, result in variants.items()}
+
+
+# -- presentation helpers ----------------------------------------------------------------------------------
+def provenance(backbone: Backbone, config: Settings, **facts: Any) -> str:
+    ratio = ratio_for_rank(backbone.vocab_size, backbone.hidden_size, config.rank)
+    return provenance_line(backbone.name, rank=config.rank, ratio=f"{ratio:.1f}x", ae_loss=config.loss,
+                           recipe=config.recipe, seed=1, **facts)
+
+
+def explain(text: str) -> None:
+    """The short "what am I looking at" note for students."""
+    with st.expander("What am I looking at?"):
+        st.markdown(text)
+
+
+def downloads(name: str, table: pd.DataFrame | None = None, payload: Any = None, figure: Any = None) -> None:
+    """CSV / JSON / figure-HTML download buttons for the data behind a view."""
+    columns = st.columns(3)
+    if table is not None:
+        columns[0].download_button("CSV", table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv")
+    if payload is not None or table is not None:
+        data = payload if payload is not None else table.to_dict(orient="records")
+        columns[1].download_button("JSON", json.dumps(data, indent=2, default=str), f"{name}.json",
+                                   "application/json", key=f"{name}-json")
+    if figure is not None:
+        columns[2].download_button("Figure (HTML)", figure.to_html(include_plotlyjs="cdn"), f"{name}.html",
+                                   "text/html", key=f"{name}-html")
+
+
+def focus_token_id(backbone: Backbone, config: Settings) -> int | None:
+    """The focus token's row, or None with an error shown (unknown token) / nothing (empty)."""
+    from embviz.vocab import find_token
+
+    if not config.token:
+        return None
+    try:
+        return find_token(backbone.tokens, config.token, token_index(backbone.name))
+    except EmbvizError as error:
+        st.error(str(error))
+        return None
+
+
+def as_dict(obj: Any) -> dict[str, Any]:
+    return asdict(obj)

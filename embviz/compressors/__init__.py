@@ -1,15 +1,82 @@
-"""Compressors of the token-embedding matrix: exact SVD, the direction-loss AutoEncoder, and more."""
+"""Compressors of the token-embedding matrix: exact SVD, the direction-loss AutoEncoder, and more.
 
-from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback, TrainingProgress
+Method ids (used by the sweep, the app and the CLI) map to compressors through :func:`make_compressor`;
+:data:`METHODS` gives each id its human label.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from embviz.compressors.autoencoder import RECIPES, AECompressor
+from embviz.compressors.base import (
+    CompressedEmbedding,
+    Compressor,
+    ProgressCallback,
+    TrainingCancelled,
+    TrainingProgress,
+)
 from embviz.compressors.budget import check_rank, low_rank_params, rank_for_ratio, ratio_for_rank
+from embviz.compressors.quality import reconstruction_quality
+from embviz.compressors.svd import SVDCompressor
+from embviz.errors import BadInputError
+
+METHODS: dict[str, str] = {
+    "svd": "SVD (exact)",
+    "svd-randomized": "randomised SVD (original baseline)",
+    "ae-paper": "AE, paper loss",
+    "ae-cosine": "AE, cosine loss",
+    "ae-mse": "AE, MSE loss",
+    "ae-weighted": "AE, free-weights loss",
+}
+"""Method id -> human label."""
+
+
+def make_compressor(method_id: str, rank: int, **options: Any) -> Compressor:
+    """The compressor for ``method_id`` at latent size ``rank``.
+
+    ``options`` go to the constructor: ``n_iter``/``seed`` for SVD; ``recipe``, ``epochs``, ``batch_size``,
+    ``lr``, ``seed``, ``nonlinear``, ``warm_start``, ``loss_weights`` (``ae-weighted``), ``device`` for the
+    AE (whose loss is the id's suffix). Unknown ids or options raise :class:`BadInputError`.
+    """
+    if method_id not in METHODS:
+        raise BadInputError(f"unknown method {method_id!r}; choose one of {', '.join(METHODS)}")
+    try:
+        if method_id.startswith("svd"):
+            return SVDCompressor(rank, randomized=method_id == "svd-randomized", **options)
+        return AECompressor(rank, loss=method_id.removeprefix("ae-"), **options)
+    except TypeError as exc:
+        raise BadInputError(f"bad option for method {method_id!r}: {exc}") from exc
+
+
+def compressor_from_config(config: dict[str, Any], **overrides: Any) -> Compressor:
+    """Rebuild the compressor that produced ``config`` (a :meth:`Compressor.get_config` result)."""
+    method = config["method"]
+    if method.startswith("svd"):
+        options = {key: config[key] for key in ("n_iter", "seed") if key in config}
+    else:
+        options = {key: config[key] for key in ("recipe", "epochs", "batch_size", "lr", "seed", "nonlinear")}
+        options["warm_start"] = config["warm_start"]
+        if method == "ae-weighted":
+            options["loss_weights"] = config["loss_weights"]
+    return make_compressor(method, config["rank"], **{**options, **overrides})
+
 
 __all__ = [
+    "METHODS",
+    "RECIPES",
+    "AECompressor",
     "CompressedEmbedding",
     "Compressor",
     "ProgressCallback",
+    "SVDCompressor",
+    "TrainingCancelled",
     "TrainingProgress",
     "check_rank",
+    "compressor_from_config",
     "low_rank_params",
+    "make_compressor",
     "rank_for_ratio",
     "ratio_for_rank",
+    "reconstruction_quality",
 ]

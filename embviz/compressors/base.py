@@ -16,6 +16,9 @@ from typing import Any, Protocol
 import torch
 
 from embviz.compressors.budget import low_rank_params
+from embviz.errors import EmbvizError
+
+DECODER_ACTIVATIONS = ("elu",)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ ProgressCallback = Callable[[TrainingProgress], bool | None]
 """Receives progress; returning ``False`` cancels the fit at the next epoch boundary."""
 
 
+class TrainingCancelled(EmbvizError):
+    """A fit stopped because its progress callback returned ``False``; nothing was produced or saved."""
+
+
 @dataclass
 class CompressedEmbedding:
     """A compressed V x D token-embedding matrix.
@@ -46,6 +53,7 @@ class CompressedEmbedding:
         codes: V x r code table (low-rank methods), float32.
         decoder: r x D decoder weight (low-rank methods).
         decoder_bias: D-vector added after decoding, or None.
+        decoder_activation: element-wise function applied last (``"elu"`` for the non-linear AE), or None.
         dense: V x D stored matrix (dense methods such as quantisation), or None.
         history: per-epoch training records (empty for closed-form methods).
         stored_bytes: bytes the deployed form needs; defaults to float32 storage of its tensors.
@@ -60,6 +68,7 @@ class CompressedEmbedding:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_seconds: float = 0.0
     stored_bytes: int | None = None
+    decoder_activation: str | None = None
 
     def __post_init__(self) -> None:
         if self.dense is None and (self.codes is None or self.decoder is None):
@@ -72,6 +81,8 @@ class CompressedEmbedding:
             raise ValueError(
                 f"codes {tuple(self.codes.shape)} and decoder {tuple(self.decoder.shape)} disagree"
             )
+        if self.decoder_activation not in (None, *DECODER_ACTIVATIONS):
+            raise ValueError(f"unknown decoder activation {self.decoder_activation!r}")
 
     @property
     def low_rank(self) -> bool:
@@ -117,7 +128,9 @@ class CompressedEmbedding:
             return self.dense if rows is None else self.dense[rows]
         codes = self.codes if rows is None else self.codes[rows]  # type: ignore[index]
         out = codes @ self.decoder  # type: ignore[operator]
-        return out if self.decoder_bias is None else out + self.decoder_bias
+        if self.decoder_bias is not None:
+            out = out + self.decoder_bias
+        return torch.nn.functional.elu(out) if self.decoder_activation == "elu" else out
 
     @property
     def label(self) -> str:

@@ -17,12 +17,14 @@ from pathlib import Path
 
 import pytest
 
+from embviz.artifacts import compress_cached
+from embviz.backbones import Backbone
+from embviz.compressors import make_compressor
 from embviz.testing import build_tiny_model
 
 CHROMIUM = os.environ.get("EMBVIZ_CHROMIUM", "/usr/bin/chromium")
 ROOT = Path(__file__).resolve().parents[2]
-
-pytestmark = pytest.mark.e2e
+RANK = 8  # the tiny model's hidden size is 32
 
 
 def _free_port() -> int:
@@ -55,12 +57,13 @@ def browser_type_launch_args() -> dict:
 def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live `streamlit run app.py` on a tiny causal model, with its own empty cache."""
     model = build_tiny_model("causal", tmp_path_factory.mktemp("e2e-model"))
+    home = tmp_path_factory.mktemp("e2e-home")
+    with pytest.MonkeyPatch.context() as patch:  # train the AE the pages show before the server starts
+        patch.setenv("EMBVIZ_HOME", str(home))
+        backbone = Backbone.from_pretrained(str(model))
+        compress_cached(backbone.name, backbone.embedding, make_compressor("ae-paper", RANK, recipe="fast"))
     port = _free_port()
-    env = {
-        **os.environ,
-        "EMBVIZ_BACKBONE": str(model),
-        "EMBVIZ_HOME": str(tmp_path_factory.mktemp("e2e-home")),
-    }
+    env = {**os.environ, "EMBVIZ_BACKBONE": str(model), "EMBVIZ_HOME": str(home)}
     log = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
     with open(log, "wb") as log_file:
         server = subprocess.Popen(

@@ -1,11 +1,70 @@
+"""The real app in a real browser: `streamlit run app.py` on a tiny model, Debian's Chromium, Playwright."""
+
 from __future__ import annotations
 
-from tests.e2e.conftest import wait_for_idle
+import io
+
+import pytest
+from PIL import Image
+from playwright.sync_api import expect
+
+from tests.e2e.conftest import RANK, wait_for_idle
+
+pytestmark = pytest.mark.e2e
+
+PAGES = {"": "Compress", "neighbours": "Nearest neighbours", "angles": "Reconstruction angles",
+         "map": "Map of the vocabulary", "predictions": "Fill in the blank",
+         "perplexity": "Perplexity vs compression"}
 
 
-def test_overview_renders_backbone_facts(page, app_url: str) -> None:
-    page.goto(app_url)
+def open_page(page, app_url: str, path: str = "", query: str = "") -> None:
+    """Open a page by URL and wait until its heading is drawn and the script is idle."""
+    page.goto(f"{app_url}/{path}?rank={RANK}{'&' + query if query else ''}")
+    expect(page.get_by_role("heading", name=PAGES[path])).to_be_visible(timeout=120_000)
     wait_for_idle(page)
-    assert page.get_by_text("embviz").first.is_visible()
-    assert page.locator("[data-testid='stMetric']").count() == 4
-    assert page.locator("[data-testid='stException']").count() == 0
+
+
+def assert_no_exception(page) -> None:
+    assert page.locator("[data-testid='stException']").count() == 0, page.locator(
+        "[data-testid='stException']").first.inner_text()
+
+
+@pytest.mark.parametrize("path", list(PAGES))
+def test_every_page_loads(page, app_url: str, path: str) -> None:
+    open_page(page, app_url, path)
+    assert_no_exception(page)
+
+
+def test_focus_token_typed_on_one_page_shows_on_the_others(page, app_url: str) -> None:
+    open_page(page, app_url, "neighbours")
+    box = page.locator("input[aria-label='Focus token']")
+    box.fill("went")
+    box.press("Enter")
+    expect(page.get_by_text("Neighbours of '␣went'")).to_be_visible(timeout=60_000)
+    assert "tok=went" in page.url
+    page.get_by_role("link", name="Map").first.click()
+    expect(page.get_by_role("heading", name="Map of the vocabulary")).to_be_visible(timeout=60_000)
+    wait_for_idle(page)
+    expect(page.locator("input[aria-label='Focus token']")).to_have_value("went")
+    assert "tok=went" in page.url
+    assert_no_exception(page)
+
+
+def test_map_draws_a_webgl_canvas_that_is_not_blank(page, app_url: str) -> None:
+    open_page(page, app_url, "map", "tok=king")
+    canvas = page.locator(".js-plotly-plot canvas").first
+    canvas.wait_for(state="visible", timeout=60_000)
+    page.wait_for_timeout(1500)  # let WebGL finish drawing
+    image = Image.open(io.BytesIO(page.locator(".js-plotly-plot").first.screenshot())).convert("L")
+    low, high = image.getextrema()
+    assert high - low > 50, "the map is blank"
+    colours = len(set(image.getdata()))
+    assert colours > 20, f"only {colours} grey levels: nothing drawn"
+
+
+def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
+    open_page(page, app_url, "predictions")
+    assert_no_exception(page)
+    for name in ("original", "SVD", "AE"):
+        assert page.get_by_text(name, exact=True).first.is_visible()
+    assert page.locator("[data-testid='stDataFrame']").count() >= 3

@@ -1,0 +1,306 @@
+"""Compressed-embedding artifacts on disk, and the cache that builds each configuration once.
+
+An artifact is a folder holding ``weights.safetensors`` (``codes``, ``decoder``, ``decoder_bias`` or
+``dense``) and ``manifest.json`` (backbone, method, full compressor config, rank, ratio, params, bytes,
+seed, library versions, training history, train seconds, the sha256 fingerprint of the source matrix and
+the sha256 of the weights file). The weights file's own metadata carries the sha256 of the manifest, so an
+edit to either file is detected. Loading never unpickles anything: tensors come from safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import struct
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from embviz.cache import atomic_directory, cache_dir, config_key, locked, sha256_bytes
+from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
+from embviz.errors import EmbvizError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+TENSOR_NAMES = ("codes", "decoder", "decoder_bias", "dense")
+MANIFEST_HASH_KEY = "embviz_manifest_sha256"
+
+
+class ArtifactError(EmbvizError):
+    """An artifact is missing, corrupt, tampered with, or belongs to another matrix."""
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    """What :func:`compress_cached` produced: the embedding, where it is stored, and whether it was reused."""
+
+    compressed: CompressedEmbedding
+    path: Path | None
+    cached: bool
+    notice: str | None = None
+
+
+# -- fingerprints --------------------------------------------------------------------------------------
+_FINGERPRINTS: dict[int, tuple[weakref.ref, tuple, str]] = {}
+
+
+def matrix_fingerprint(embedding: torch.Tensor) -> str:
+    """sha256 of the matrix as C-contiguous float32 bytes, prefixed by its shape.
+
+    Memoised per tensor storage (while that storage is alive and not modified in place, as tracked by the
+    tensor's version counter), so repeated calls on a backbone's embedding cost nothing.
+    """
+    storage = embedding.untyped_storage()
+    identity = (
+        tuple(embedding.shape),
+        embedding.stride(),
+        embedding.storage_offset(),
+        embedding.dtype,
+        str(embedding.device),
+        embedding._version,
+    )
+    cached = _FINGERPRINTS.get(id(storage))
+    if cached is not None and cached[0]() is storage and cached[1] == identity:
+        return cached[2]
+    digest = hashlib.sha256(f"float32:{'x'.join(map(str, embedding.shape))}:".encode())
+    matrix = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    for start in range(0, matrix.shape[0], 8192):
+        digest.update(memoryview(matrix[start : start + 8192].numpy()).cast("B"))
+    fingerprint = digest.hexdigest()
+    key = id(storage)
+    _FINGERPRINTS[key] = (weakref.ref(storage, lambda _: _FINGERPRINTS.pop(key, None)), identity, fingerprint)
+    return fingerprint
+
+
+# -- save / load ---------------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from embviz import __version__
+
+    return {"embviz": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def _canonical(manifest: dict[str, Any]) -> bytes:
+    """The manifest's hashed form: every field except the weights hash, canonical JSON."""
+    body = {key: value for key, value in manifest.items() if key != "weights_sha256"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def _json_roundtrip(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def save_artifact(
+    path: Path, compressed: CompressedEmbedding, backbone_name: str, fingerprint: str
+) -> dict[str, Any]:
+    """Write ``compressed`` as an artifact folder at ``path`` (atomically; replaces an existing one).
+
+    Returns the manifest written.
+    """
+    tensors = {
+        name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        for name in TENSOR_NAMES
+        if (tensor := getattr(compressed, name)) is not None
+    }
+    vocab, hidden = compressed.shape
+    manifest: dict[str, Any] = _json_roundtrip(
+        {
+            "format_version": FORMAT_VERSION,
+            "backbone": backbone_name,
+            "method": compressed.method,
+            "label": compressed.label,
+            "config": compressed.config,
+            "shape": [vocab, hidden],
+            "rank": compressed.rank,
+            "ratio": compressed.ratio,
+            "params": compressed.params,
+            "bytes": compressed.bytes,
+            "stored_bytes": compressed.stored_bytes,
+            "decoder_activation": compressed.decoder_activation,
+            "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
+            "seed": compressed.config.get("seed"),
+            "versions": _versions(),
+            "history": compressed.history,
+            "train_seconds": compressed.train_seconds,
+            "fingerprint": fingerprint,
+        }
+    )
+    weights = save_safetensors(tensors, metadata={MANIFEST_HASH_KEY: sha256_bytes(_canonical(manifest))})
+    manifest["weights_sha256"] = sha256_bytes(weights)
+    with atomic_directory(Path(path)) as tmp:
+        (tmp / WEIGHTS_FILE).write_bytes(weights)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's JSON header (read without loading tensors)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not a mapping")
+    return metadata
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of an artifact folder (not validated against the weights).
+
+    Raises:
+        ArtifactError: missing, unreadable, or not a JSON object of this format version.
+    """
+    try:
+        manifest = json.loads((Path(path) / MANIFEST_FILE).read_text())
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"no artifact at {path} (manifest missing)") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"manifest of {path} does not parse ({exc})") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"manifest of {path} is not an embviz artifact of format {FORMAT_VERSION}")
+    return manifest
+
+
+def load_artifact(path: Path, expected_fingerprint: str | None = None) -> CompressedEmbedding:
+    """Load and validate an artifact folder.
+
+    Checks that the manifest parses, the weights hash matches, the manifest is the one the weights were
+    saved with, tensor shapes agree with the manifest, and (when given) the source-matrix fingerprint.
+
+    Raises:
+        ArtifactError: any check fails.
+    """
+    return _load(Path(path), expected_fingerprint)[0]
+
+
+def _load(path: Path, expected_fingerprint: str | None) -> tuple[CompressedEmbedding, dict[str, Any]]:
+    manifest = read_manifest(path)
+    try:
+        data = (path / WEIGHTS_FILE).read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"weights of {path} cannot be read ({exc.strerror or exc})") from exc
+    if sha256_bytes(data) != manifest.get("weights_sha256"):
+        raise ArtifactError(f"weights of {path} do not match their recorded hash (truncated or modified)")
+    try:
+        metadata = _safetensors_metadata(data)
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError, struct.error, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"weights of {path} are not a valid safetensors file ({exc})") from exc
+    if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(_canonical(manifest)):
+        raise ArtifactError(f"manifest of {path} was modified after the artifact was written")
+    if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
+        raise ArtifactError(f"artifact {path} was made from a different embedding matrix")
+    try:
+        compressed = _from_parts(manifest, tensors)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"artifact {path} is inconsistent ({exc})") from exc
+    return compressed, manifest
+
+
+def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CompressedEmbedding:
+    unknown = set(tensors) - set(TENSOR_NAMES)
+    shapes = {name: list(tensor.shape) for name, tensor in tensors.items()}
+    if unknown or shapes != manifest["tensors"]:
+        raise ValueError(f"tensors {shapes} differ from the manifest's {manifest['tensors']}")
+    if any(tensor.dtype != torch.float32 for tensor in tensors.values()):
+        raise ValueError("tensors must be float32")
+    compressed = CompressedEmbedding(
+        method=manifest["method"],
+        config=manifest["config"],
+        codes=tensors.get("codes"),
+        decoder=tensors.get("decoder"),
+        decoder_bias=tensors.get("decoder_bias"),
+        dense=tensors.get("dense"),
+        history=manifest["history"],
+        train_seconds=float(manifest["train_seconds"]),
+        stored_bytes=manifest["stored_bytes"],
+        decoder_activation=manifest["decoder_activation"],
+    )
+    bias = compressed.decoder_bias
+    if list(compressed.shape) != manifest["shape"] or compressed.rank != manifest["rank"]:
+        raise ValueError(f"shape {compressed.shape} rank {compressed.rank} differ from the manifest")
+    if bias is not None and (compressed.dense is not None or tuple(bias.shape) != (compressed.shape[1],)):
+        raise ValueError(f"decoder bias of shape {tuple(bias.shape)} does not fit")
+    return compressed
+
+
+# -- the artifact cache --------------------------------------------------------------------------------
+def _slug(name: str) -> str:
+    """A folder-safe name for a backbone (a path or hub id gets its tail plus a short hash)."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+    if safe == name and len(name) <= 64:
+        return name
+    tail = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name.rstrip("/\\")).name).strip("._")[:40] or "model"
+    return f"{tail}-{sha256_bytes(name.encode())[:8]}"
+
+
+def artifact_key(backbone_name: str, fingerprint: str, config: dict[str, Any]) -> str:
+    """The cache key of a (backbone, matrix, compressor configuration) triple."""
+    return config_key(
+        {
+            "backbone": backbone_name,
+            "fingerprint": fingerprint,
+            "compressor": config,
+            "format": FORMAT_VERSION,
+        }
+    )
+
+
+def artifact_path(backbone_name: str, fingerprint: str, compressor: Compressor) -> Path:
+    """Where :func:`compress_cached` keeps this configuration (raises EmbvizError if the cache is unusable)."""
+    config = compressor.get_config()
+    rank = f"-r{config['rank']}" if config.get("rank") else ""
+    key = artifact_key(backbone_name, fingerprint, config)
+    return cache_dir("artifacts", _slug(backbone_name)) / f"{compressor.method}{rank}-{key}"
+
+
+def compress_cached(
+    backbone_name: str,
+    embedding: torch.Tensor,
+    compressor: Compressor,
+    progress: ProgressCallback | None = None,
+) -> ArtifactResult:
+    """Load this configuration's artifact from the cache, or fit, save and return it.
+
+    Two processes asking for the same configuration build it once (a file lock). A cached entry that fails
+    validation is rebuilt, and ``notice`` says so; if the cache itself is unusable the compressor is fitted
+    without caching (``path`` None, ``notice`` set). A cancelled fit (:class:`TrainingCancelled`) saves
+    nothing.
+    """
+    fingerprint = matrix_fingerprint(embedding)
+    try:
+        path = artifact_path(backbone_name, fingerprint, compressor)
+    except EmbvizError as exc:
+        compressed = compressor.fit(embedding, progress)
+        return ArtifactResult(compressed, None, False, f"artifact cache unusable ({exc}); result not saved")
+    notice = None
+    with locked(path):
+        if path.exists():
+            try:
+                compressed, manifest = _load(path, fingerprint)
+                if manifest["backbone"] != backbone_name or manifest["config"] != _json_roundtrip(
+                    compressor.get_config()
+                ):
+                    raise ArtifactError("its manifest describes another configuration")
+                return ArtifactResult(compressed, path, True)
+            except ArtifactError as exc:
+                notice = f"cached artifact was corrupt ({exc}); rebuilt"
+                logger.warning(notice)
+        compressed = compressor.fit(embedding, progress)
+        try:
+            save_artifact(path, compressed, backbone_name, fingerprint)
+        except OSError as exc:
+            message = f"could not save the artifact ({exc.strerror or exc}); result not cached"
+            return ArtifactResult(compressed, None, False, f"{notice}; {message}" if notice else message)
+    return ArtifactResult(compressed, path, False, notice)

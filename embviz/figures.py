@@ -1,0 +1,405 @@
+"""Plotly figures for the app and the exports, built from plain arrays (no Streamlit here).
+
+Every figure takes a ``provenance`` string (model, method, config, seed, versions; see
+:func:`provenance_line`) and shows it as a small note under the plot, so an exported HTML file still says
+what it shows. Variants keep one colour each across all figures (by their position in the mapping, the
+original always grey).
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+ORIGINAL_COLOUR = "#7f7f7f"
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
+FOCUS_COLOUR = "#111111"
+NOTE_COLOUR = "#b35900"
+
+
+# -- shared pieces ------------------------------------------------------------------------------------------
+def provenance_line(model: str, **facts: Any) -> str:
+    """``"model smollm2 · method svd · rank 64 · seed 42 · embviz 0.1.0, torch 2.13.0"`` (None facts skipped)."""
+    import torch
+
+    from embviz import __version__
+
+    parts = [f"model {model}"] + [f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None]
+    versions = (
+        f"embviz {__version__}, torch {torch.__version__.split('+')[0]}, python {platform.python_version()}"
+    )
+    return " · ".join([*parts, versions])
+
+
+def variant_colours(names: Sequence[str]) -> dict[str, str]:
+    """One colour per variant name: ``original`` grey, the others from :data:`PALETTE` in order."""
+    others = iter(PALETTE * (1 + len(names) // len(PALETTE)))
+    return {name: ORIGINAL_COLOUR if name == "original" else next(others) for name in names}
+
+
+def _finish(fig: go.Figure, provenance: str, *, title: str | None = None, height: int = 380) -> go.Figure:
+    """Title, margins and the provenance note under the plot area."""
+    fig.update_layout(
+        title=title,
+        height=height,
+        margin={"t": 60 if title else 30, "b": 95, "l": 50, "r": 20},
+        legend={"orientation": "h", "y": 1.02, "yanchor": "bottom", "x": 1, "xanchor": "right"},
+        template="plotly_white",
+    )
+    if provenance:
+        fig.add_annotation(
+            text=provenance,
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=0,
+            xanchor="left",
+            yanchor="top",
+            yshift=-55,
+            showarrow=False,
+            align="left",
+            font={"size": 10, "color": "#666666"},
+            name="provenance",
+        )
+    return fig
+
+
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    return values[np.isfinite(values)]
+
+
+def _overlaid_histogram(
+    values_by_variant: Mapping[str, np.ndarray],
+    *,
+    bins: dict[str, float],
+    x_title: str,
+    unit: str,
+    provenance: str,
+    title: str | None,
+) -> go.Figure:
+    """One translucent histogram per variant on identical bins, y in percent of (finite) tokens."""
+    colours = variant_colours(list(values_by_variant))
+    fig = go.Figure()
+    for name, raw in values_by_variant.items():
+        values = _finite(raw)
+        label = f"{name} (mean {values.mean():.3g}{unit})" if values.size else f"{name} (no values)"
+        fig.add_trace(
+            go.Histogram(
+                x=values,
+                xbins=bins,
+                histnorm="percent",
+                name=label,
+                marker_color=colours[name],
+                opacity=0.6,
+            )
+        )
+    fig.update_layout(barmode="overlay", bargap=0.02)
+    fig.update_xaxes(title=x_title)
+    fig.update_yaxes(title="% of tokens")
+    return _finish(fig, provenance, title=title)
+
+
+def _bins(values_by_variant: Mapping[str, np.ndarray], nbins: int, low: float, high: float | None) -> dict:
+    """Shared bins from ``low`` to ``high`` (or to the largest finite value across variants)."""
+    if high is None:
+        tops = [_finite(v).max() for v in values_by_variant.values() if _finite(v).size]
+        high = max(tops, default=low + 1.0)
+        high = high if high > low else low + 1.0
+    return {"start": low, "end": high, "size": (high - low) / nbins}
+
+
+# -- histograms ---------------------------------------------------------------------------------------------
+def angle_histogram(
+    angles_by_variant: Mapping[str, np.ndarray],
+    *,
+    provenance: str = "",
+    nbins: int = 60,
+    title: str | None = "Angle between each original row and its reconstruction",
+) -> go.Figure:
+    """Overlaid histograms of per-token angles (degrees), one per variant (e.g. SVD vs AE); NaNs dropped."""
+    bins = _bins(angles_by_variant, nbins, 0.0, None)
+    return _overlaid_histogram(
+        angles_by_variant, bins=bins, x_title="angle (degrees)", unit="°", provenance=provenance, title=title
+    )
+
+
+def norm_ratio_histogram(
+    ratios_by_variant: Mapping[str, np.ndarray],
+    *,
+    provenance: str = "",
+    nbins: int = 60,
+    title: str | None = "Norm ratio ||x̂|| / ||x||",
+) -> go.Figure:
+    """Overlaid histograms of per-token norm ratios; the range stops at the 99.9th percentile of all values."""
+    finite = [_finite(v) for v in ratios_by_variant.values()]
+    pooled = np.concatenate(finite) if finite else np.zeros(0)
+    high = float(np.quantile(pooled, 0.999)) if pooled.size else 1.0
+    bins = _bins(ratios_by_variant, nbins, 0.0, max(high, 1.05))
+    return _overlaid_histogram(
+        ratios_by_variant, bins=bins, x_title="norm ratio", unit="", provenance=provenance, title=title
+    )
+
+
+def recall_histogram(
+    recall_by_variant: Mapping[str, np.ndarray],
+    k: int,
+    *,
+    provenance: str = "",
+    title: str | None = None,
+) -> go.Figure:
+    """Overlaid histograms of per-token recall@k, one bar per possible value 0, 1/k, ..., 1."""
+    bins = {"start": -0.5 / k, "end": 1 + 0.5 / k, "size": 1 / k}
+    return _overlaid_histogram(
+        recall_by_variant,
+        bins=bins,
+        x_title=f"recall@{k} (share of the original {k} nearest neighbours kept)",
+        unit="",
+        provenance=provenance,
+        title=title or f"Neighbour recall@{k} over the whole vocabulary",
+    )
+
+
+# -- per-class bars -----------------------------------------------------------------------------------------
+def class_breakdown_bar(
+    values_by_variant: Mapping[str, Mapping[str, float | None]],
+    *,
+    metric: str = "mean angle (degrees)",
+    counts: Mapping[str, int] | None = None,
+    order: Sequence[str] | None = None,
+    provenance: str = "",
+    title: str | None = None,
+) -> go.Figure:
+    """Grouped bars: a metric (mean angle, recall, ...) per token class, one bar per variant.
+
+    ``values_by_variant`` is ``{variant: {class: value}}`` (a None value draws no bar); ``counts`` adds the
+    class sizes to the axis labels; ``order`` fixes the class order (default: first appearance).
+    """
+    classes = list(order or dict.fromkeys(c for values in values_by_variant.values() for c in values))
+    labels = [f"{c} ({counts[c]:,})" if counts and c in counts else c for c in classes]
+    colours = variant_colours(list(values_by_variant))
+    fig = go.Figure(
+        [
+            go.Bar(
+                x=labels,
+                y=[values.get(c) for c in classes],
+                name=name,
+                marker_color=colours[name],
+            )
+            for name, values in values_by_variant.items()
+        ]
+    )
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title="token class")
+    fig.update_yaxes(title=metric)
+    return _finish(fig, provenance, title=title or f"{metric[:1].upper()}{metric[1:]} by token class")
+
+
+# -- projection panels --------------------------------------------------------------------------------------
+def _shared_range(coords: Sequence[np.ndarray], axis: int, pad: float = 0.04) -> list[float]:
+    values = np.concatenate([_finite(c[:, axis]) for c in coords] or [np.zeros(1)])
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    margin = (high - low) * pad or 1.0
+    return [low - margin, high + margin]
+
+
+def projection_panels(
+    coords_by_variant: Mapping[str, np.ndarray],
+    tokens: Sequence[str],
+    focus_id: int | None = None,
+    *,
+    ids: np.ndarray | None = None,
+    sampled_note: str | None = None,
+    movement_lines: bool = False,
+    provenance: str = "",
+    title: str | None = None,
+    point_size: float = 3.0,
+) -> go.Figure:
+    """Side-by-side 2-D maps (original / SVD / AE ...) in one frame, with shared, linked axes.
+
+    ``coords_by_variant`` maps names to ``n x 2`` arrays for the token ids ``ids`` (default ``0..n-1``);
+    hovering a point shows its token. The focus token is drawn as a labelled star in every panel; with
+    ``movement_lines`` each variant panel also shows where it sat in the original panel, joined by a line.
+    ``sampled_note`` (e.g. :meth:`ProjectionMap.note`) is shown above the panels.
+    """
+    names = list(coords_by_variant)
+    coords = [np.asarray(coords_by_variant[name]) for name in names]
+    ids = np.arange(len(coords[0])) if ids is None else np.asarray(ids)
+    hover = [tokens[i] for i in ids]
+    colours = variant_colours(names)
+    focus_row = _row_of(ids, focus_id)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
+    for col, (name, xy) in enumerate(zip(names, coords, strict=True), start=1):
+        fig.add_trace(
+            go.Scattergl(
+                x=xy[:, 0],
+                y=xy[:, 1],
+                mode="markers",
+                name=name,
+                hovertext=hover,
+                customdata=ids,
+                hovertemplate="%{hovertext}<br>id %{customdata}<extra>" + name + "</extra>",
+                marker={"size": point_size, "color": colours[name], "opacity": 0.5},
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        if focus_row is None:
+            continue
+        if movement_lines and col > 1:
+            start, end = coords[0][focus_row], xy[focus_row]
+            fig.add_trace(
+                go.Scatter(
+                    x=[start[0], end[0]],
+                    y=[start[1], end[1]],
+                    mode="lines+markers",
+                    line={"color": FOCUS_COLOUR, "dash": "dot", "width": 1},
+                    marker={"size": [9, 0], "symbol": "circle-open", "color": FOCUS_COLOUR},
+                    name=f"{tokens[focus_id]} moved",  # type: ignore[index]
+                    hoverinfo="skip",
+                    showlegend=False,
+                ),
+                row=1,
+                col=col,
+            )
+        fig.add_trace(_focus_trace(xy[focus_row], tokens[focus_id], focus_id), row=1, col=col)  # type: ignore[index,arg-type]
+    x_range, y_range = _shared_range(coords, 0), _shared_range(coords, 1)
+    fig.update_xaxes(range=x_range, matches="x", showticklabels=False, zeroline=False)
+    fig.update_yaxes(range=y_range, matches="y", showticklabels=False, zeroline=False)
+    if sampled_note:
+        fig.add_annotation(
+            text=f"⚠ {sampled_note}",
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=1,
+            yshift=32,
+            xanchor="left",
+            yanchor="bottom",
+            showarrow=False,
+            font={"size": 12, "color": NOTE_COLOUR},
+            name="sampled_note",
+        )
+    fig = _finish(fig, provenance, title=title, height=460)
+    fig.update_layout(margin={"t": 90 if sampled_note or title else 50})
+    return fig
+
+
+def _row_of(ids: np.ndarray, token_id: int | None) -> int | None:
+    if token_id is None:
+        return None
+    rows = np.flatnonzero(ids == token_id)
+    return int(rows[0]) if rows.size else None
+
+
+def _focus_trace(xy: np.ndarray, token: str, token_id: int) -> go.Scattergl:
+    return go.Scattergl(
+        x=[xy[0]],
+        y=[xy[1]],
+        mode="markers+text",
+        text=[token],
+        textposition="top center",
+        hovertext=[token],
+        customdata=[token_id],
+        hovertemplate="%{hovertext}<br>id %{customdata} (focus)<extra></extra>",
+        marker={"size": 14, "symbol": "star", "color": FOCUS_COLOUR, "line": {"width": 1, "color": "white"}},
+        name=f"focus: {token}",
+        showlegend=False,
+    )
+
+
+__all__ = [
+    "angle_histogram",
+    "class_breakdown_bar",
+    "norm_ratio_histogram",
+    "perplexity_curve",
+    "projection_panels",
+    "provenance_line",
+    "recall_histogram",
+    "training_curve",
+    "variant_colours",
+]
+
+
+# -- training and perplexity curves ---------------------------------------------------------------------------
+def training_curve(
+    history: Sequence[Mapping[str, Any]], *, provenance: str = "", title: str | None = None
+) -> go.Figure:
+    """Per-epoch training loss (left axis, log) and validation mean cosine (right axis) of an AE fit."""
+    epochs = [record["epoch"] for record in history]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=epochs,
+            y=[record["loss"] for record in history],
+            name="training loss",
+            mode="lines+markers",
+            marker_color=PALETTE[0],
+        )
+    )
+    if any("val_mean_cosine" in record for record in history):
+        fig.add_trace(
+            go.Scatter(
+                x=epochs,
+                y=[record.get("val_mean_cosine") for record in history],
+                name="validation mean cosine",
+                mode="lines+markers",
+                yaxis="y2",
+                marker_color=PALETTE[2],
+            )
+        )
+    fig.update_layout(
+        xaxis={"title": "epoch"},
+        yaxis={"title": "loss", "type": "log"},
+        yaxis2={"title": "mean cosine", "overlaying": "y", "side": "right"},
+    )
+    return _finish(fig, provenance, title=title or "AutoEncoder training")
+
+
+def perplexity_curve(
+    rows: Sequence[Mapping[str, Any]], *, provenance: str = "", title: str | None = None
+) -> go.Figure:
+    """Perplexity (log scale) against compression ratio, one line per method, the uncompressed model dashed.
+
+    ``rows`` are sweep rows with ``method``, ``ratio`` and ``perplexity``; a row whose method is
+    ``uncompressed`` draws the horizontal reference line.
+    """
+    methods: dict[str, list[Mapping[str, Any]]] = {}
+    reference = None
+    for row in rows:
+        if row["method"] == "uncompressed":
+            reference = float(row["perplexity"])
+        else:
+            methods.setdefault(str(row.get("label") or row["method"]), []).append(row)
+    colours = variant_colours(list(methods))
+    fig = go.Figure()
+    for name, points in methods.items():
+        points = sorted(points, key=lambda r: r["ratio"])
+        fig.add_trace(
+            go.Scatter(
+                x=[p["ratio"] for p in points],
+                y=[p["perplexity"] for p in points],
+                name=name,
+                mode="lines+markers",
+                marker_color=colours[name],
+                text=[f"rank {p.get('rank')}" for p in points],
+                hovertemplate="ratio %{x:.2f}x · %{text}<br>perplexity %{y:.4g}<extra>" + name + "</extra>",
+            )
+        )
+    if reference is not None:
+        fig.add_hline(
+            y=reference,
+            line_dash="dash",
+            line_color=ORIGINAL_COLOUR,
+            annotation_text=f"uncompressed {reference:.3g}",
+            annotation_position="bottom right",
+        )
+    fig.update_xaxes(title="compression ratio of the embedding (x fewer parameters)", type="log")
+    fig.update_yaxes(title="perplexity (log scale)", type="log")
+    return _finish(fig, provenance, title=title or "Zero-shot perplexity vs compression ratio", height=440)

@@ -1,0 +1,579 @@
+"""Zero-shot perplexity of a backbone with its token embedding replaced by compressed variants.
+
+Two protocols, one per model kind, and every variant (the uncompressed model included) is scored on exactly
+the same tokens:
+
+* **Masked LMs** -- the paper's protocol. Each held-out line is one example (truncated to 512 tokens or the
+  model's limit; lines with fewer than 20 tokens, special tokens not counted, are dropped). Whole-word
+  masking as in Hugging Face's ``DataCollatorForWholeWordMask``: words are drawn in random order until 15%
+  of the line's tokens are selected; each selected token is replaced by the mask token (80%), a random
+  non-special token (10%) or kept (10%). The random draws of line ``i`` come from a generator seeded with
+  ``(seed, i)``, so masks do not depend on the budget or on the variant. Perplexity is
+  ``exp(mean cross-entropy over the selected tokens)``.
+* **Causal LMs** -- the held-out lines are joined with newlines (natural text, not chat or end-of-text
+  markers) and tokenized without special tokens; the first ``max_tokens`` tokens are cut into fixed,
+  non-overlapping windows (256 tokens, or the model's limit). Within a window every token after the first
+  is predicted; perplexity is ``exp(mean next-token NLL over all predicted tokens)``.
+
+The masked examples / windows are built once in an :class:`EvalSet` and reused for every variant.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from embviz.backbones import Backbone, Kind, Mode
+from embviz.cache import atomic_write_json, cache_dir, config_key
+from embviz.errors import BadInputError
+
+PROTOCOL_VERSION = 1
+DEFAULT_MAX_TOKENS = 2048
+CAUSAL_WINDOW = 256
+MASKED_MAX_LENGTH = 512
+MIN_LINE_TOKENS = 20
+MASK_RATE = 0.15
+REFERENCE = "original"
+# Upper bound on one batch's logits (batch x seq x V float32); cross-entropy roughly doubles it.
+LOGITS_BUDGET_BYTES = 200 * 2**20
+_IGNORE = -100
+_TOKENIZE_CHUNK = 256  # lines tokenized at a time, so a huge text file is only read as far as needed
+
+
+@dataclass(frozen=True)
+class EvalBatch:
+    """Padded inputs plus, per position, the token its logits must predict (``-100``: not scored)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The fixed evaluation data of one protocol run, shared by every variant."""
+
+    kind: Kind
+    batches: tuple[EvalBatch, ...]
+    tokens_read: int
+    tokens_scored: int
+    examples: int
+    lines_used: int
+    lines_dropped: int
+    max_tokens: int
+    seed: int
+    sequence_length: int
+    texts_sha: str
+    description: str
+
+    def settings(self) -> dict[str, Any]:
+        """The protocol parameters, for reports and cache keys."""
+        return {
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "sequence_length": self.sequence_length,
+            "texts_sha": self.texts_sha,
+            "tokens_read": self.tokens_read,
+            "tokens_scored": self.tokens_scored,
+            "examples": self.examples,
+            "lines_used": self.lines_used,
+            "lines_dropped": self.lines_dropped,
+        }
+
+
+@dataclass(frozen=True)
+class VariantPerplexity:
+    """The perplexity of one variant under an :class:`EvalSet`."""
+
+    perplexity: float
+    mean_nll: float
+    tokens: int
+    seconds: float
+    cached: bool = False
+
+
+@dataclass(frozen=True)
+class PerplexityProgress:
+    """Sent after every batch: ``variant`` is the ``variant_index``-th of ``variants`` being scored."""
+
+    variant: str
+    variant_index: int
+    variants: int
+    batch: int
+    batches: int
+
+    @property
+    def fraction(self) -> float:
+        return (self.variant_index + self.batch / max(self.batches, 1)) / max(self.variants, 1)
+
+
+PerplexityCallback = Callable[[PerplexityProgress], None]
+
+
+@dataclass(frozen=True)
+class PerplexityReport:
+    """Per-variant perplexities under one protocol; ``reference`` names the uncompressed model's entry."""
+
+    backbone: str
+    kind: Kind
+    mode: Mode
+    protocol: str
+    settings: dict[str, Any]
+    results: dict[str, VariantPerplexity]
+    reference: str = REFERENCE
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (what the CLI prints with ``--json`` and the app exports)."""
+        reference = self.results[self.reference].perplexity
+        return {
+            "backbone": self.backbone,
+            "kind": self.kind,
+            "mode": self.mode,
+            "protocol": self.protocol,
+            "protocol_version": PROTOCOL_VERSION,
+            "settings": dict(self.settings),
+            "reference": self.reference,
+            "seconds": round(self.seconds, 3),
+            "results": {
+                name: {**asdict(result), "vs_reference": result.perplexity / reference}
+                for name, result in self.results.items()
+            },
+        }
+
+
+# -- building the evaluation set -------------------------------------------------------------------------
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """A short hash of a text sequence (order and line breaks matter)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+def model_max_length(backbone: Backbone, cap: int) -> int:
+    """The model's position limit (from its config), at most ``cap``."""
+    limit = getattr(backbone.model.config, "max_position_embeddings", None)
+    return min(cap, int(limit)) if isinstance(limit, int) and limit > 0 else cap
+
+
+def build_eval_set(
+    backbone: Backbone,
+    texts: Sequence[str],
+    *,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seed: int = 0,
+    batch_size: int | None = None,
+    window: int = CAUSAL_WINDOW,
+) -> EvalSet:
+    """Tokenize (and, for masked models, mask) the held-out ``texts`` once, into padded batches.
+
+    ``max_tokens`` bounds the text read (tokens of kept lines / of the causal stream); ``batch_size`` is the
+    number of examples per batch (default: as many as fit a ~200 MB logits budget).
+
+    Raises:
+        BadInputError: empty text, a budget too small, or (masked) no line long enough / no mask token.
+    """
+    if not any(text.strip() for text in texts):
+        raise BadInputError("the evaluation text is empty")
+    if max_tokens < 2:
+        raise BadInputError(f"max_tokens must be at least 2, got {max_tokens}")
+    if batch_size is not None and batch_size < 1:
+        raise BadInputError(f"batch_size must be at least 1, got {batch_size}")
+    if backbone.kind == "masked":
+        return _masked_eval_set(backbone, texts, max_tokens, seed, batch_size)
+    return _causal_eval_set(backbone, texts, max_tokens, seed, batch_size, window)
+
+
+def _chunks(texts: Sequence[str], size: int) -> Iterator[tuple[int, list[str]]]:
+    for start in range(0, len(texts), size):
+        yield start, list(texts[start : start + size])
+
+
+def _masked_eval_set(
+    backbone: Backbone, texts: Sequence[str], max_tokens: int, seed: int, batch_size: int | None
+) -> EvalSet:
+    tokenizer = backbone.tokenizer
+    mask_id = tokenizer.mask_token_id
+    if mask_id is None:
+        raise BadInputError(f"{backbone.name} has no mask token, so it cannot be scored as a masked LM")
+    max_length = model_max_length(backbone, MASKED_MAX_LENGTH)
+    special = backbone.special_ids
+    random_pool = np.array([i for i in range(backbone.vocab_size) if i not in special], dtype=np.int64)
+    examples: list[tuple[list[int], list[int]]] = []
+    tokens_read = used = dropped = 0
+    for start, lines in _chunks(texts, _TOKENIZE_CHUNK):
+        encoded = tokenizer(lines, add_special_tokens=True, truncation=True, max_length=max_length)
+        for offset, ids in enumerate(encoded["input_ids"]):
+            words = _word_groups(encoded, offset, ids, tokenizer, special)
+            content = sum(len(word) for word in words)
+            if content < MIN_LINE_TOKENS:
+                dropped += 1
+                continue
+            rng = np.random.default_rng([seed, start + offset])
+            examples.append(_mask_line(ids, words, rng, mask_id, random_pool))
+            tokens_read += content
+            used += 1
+            if tokens_read >= max_tokens:
+                break
+        if tokens_read >= max_tokens:
+            break
+    if not examples:
+        raise BadInputError(
+            f"no line of the text has at least {MIN_LINE_TOKENS} tokens; masked-LM perplexity needs longer lines"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _batch(examples, pad_id, backbone.vocab_size, batch_size)
+    scored = sum(int((batch.labels != _IGNORE).sum()) for batch in batches)
+    description = (
+        f"masked LM, zero-shot: {used} held-out lines ({tokens_read:,} tokens; lines under {MIN_LINE_TOKENS} "
+        f"tokens dropped: {dropped}; each truncated to {max_length}), whole-word masking of "
+        f"{MASK_RATE:.0%} of tokens (80% mask / 10% random / 10% kept, seed {seed}); "
+        f"perplexity = exp(mean cross-entropy over the {scored:,} selected tokens)"
+    )
+    return EvalSet(
+        kind="masked",
+        batches=batches,
+        tokens_read=tokens_read,
+        tokens_scored=scored,
+        examples=len(examples),
+        lines_used=used,
+        lines_dropped=dropped,
+        max_tokens=max_tokens,
+        seed=seed,
+        sequence_length=max_length,
+        texts_sha=texts_fingerprint(texts),
+        description=description,
+    )
+
+
+def _word_groups(
+    encoded: Any, index: int, ids: list[int], tokenizer: Any, special: frozenset[int]
+) -> list[list[int]]:
+    """Positions of each whole word of one encoded line (special tokens excluded), in order."""
+    groups: list[list[int]] = []
+    if getattr(encoded, "is_fast", False) or getattr(tokenizer, "is_fast", False):
+        word_ids = encoded.word_ids(index)
+        previous = None
+        for position, word in enumerate(word_ids):
+            if word is None or ids[position] in special:
+                previous = None
+                continue
+            if word == previous and groups:
+                groups[-1].append(position)
+            else:
+                groups.append([position])
+            previous = word
+        return groups
+    # Slow tokenizers: WordPiece marks a word's continuation pieces with a leading '##'.
+    for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
+        if ids[position] in special:
+            continue
+        if token.startswith("##") and groups and groups[-1][-1] == position - 1:
+            groups[-1].append(position)
+        else:
+            groups.append([position])
+    return groups
+
+
+def _mask_line(
+    ids: list[int], words: list[list[int]], rng: np.random.Generator, mask_id: int, random_pool: np.ndarray
+) -> tuple[list[int], list[int]]:
+    """Whole-word masking of one line: (corrupted input ids, labels with -100 where not scored)."""
+    content = sum(len(word) for word in words)
+    target = max(1, round(content * MASK_RATE))
+    chosen: list[int] = []
+    for w in rng.permutation(len(words)):
+        if len(chosen) >= target:
+            break
+        if len(chosen) + len(words[w]) > target:  # never split a word to hit the target exactly
+            continue
+        chosen.extend(words[w])
+    chosen.sort()
+    draws = rng.random(len(chosen))
+    replacements = rng.choice(random_pool, size=len(chosen)) if len(random_pool) else np.zeros(len(chosen))
+    inputs, labels = list(ids), [_IGNORE] * len(ids)
+    for position, draw, replacement in zip(chosen, draws, replacements, strict=True):
+        labels[position] = ids[position]
+        if draw < 0.8:
+            inputs[position] = mask_id
+        elif draw < 0.9:
+            inputs[position] = int(replacement)
+    return inputs, labels
+
+
+def _causal_eval_set(
+    backbone: Backbone, texts: Sequence[str], max_tokens: int, seed: int, batch_size: int | None, window: int
+) -> EvalSet:
+    tokenizer = backbone.tokenizer
+    window = model_max_length(backbone, window)
+    if window < 2:
+        raise BadInputError(f"the causal window must be at least 2 tokens, got {window}")
+    # Lines tokenized one by one only estimate the joined stream's length; read a margin beyond the budget.
+    lines: list[str] = []
+    estimate = 0
+    for _, chunk in _chunks(texts, _TOKENIZE_CHUNK):
+        for line, ids in zip(chunk, tokenizer(chunk, add_special_tokens=False)["input_ids"], strict=True):
+            if line.strip():
+                lines.append(line)
+                estimate += len(ids) + 1
+            if estimate >= max_tokens * 1.05 + 16:
+                break
+        if estimate >= max_tokens * 1.05 + 16:
+            break
+    stream = tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"][:max_tokens]
+    windows = [stream[i : i + window] for i in range(0, len(stream), window)]
+    windows = [w for w in windows if len(w) >= 2]
+    if not windows:
+        raise BadInputError("the evaluation text is shorter than 2 tokens")
+    examples = [(w, [*w[1:], _IGNORE]) for w in windows]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = _batch(examples, pad_id, backbone.vocab_size, batch_size)
+    scored = sum(len(w) - 1 for w in windows)
+    description = (
+        f"causal LM: the first {len(stream):,} tokens of the held-out text ({len(lines)} lines joined with "
+        f"newlines, no special tokens) in {len(windows)} non-overlapping windows of {window} tokens; "
+        f"perplexity = exp(mean next-token NLL over the {scored:,} predicted tokens; "
+        "each window's first token is context only)"
+    )
+    return EvalSet(
+        kind="causal",
+        batches=batches,
+        tokens_read=len(stream),
+        tokens_scored=scored,
+        examples=len(windows),
+        lines_used=len(lines),
+        lines_dropped=0,
+        max_tokens=max_tokens,
+        seed=seed,
+        sequence_length=window,
+        texts_sha=texts_fingerprint(texts),
+        description=description,
+    )
+
+
+def _batch(
+    examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int, batch_size: int | None
+) -> tuple[EvalBatch, ...]:
+    """Length-sorted padded batches, each within ``batch_size`` examples or the logits memory budget."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
+    groups: list[list[int]] = [[]]
+    for i in order:
+        longest = len(examples[i][0])  # sorted, so the newest example is the longest of its group
+        if groups[-1] and (
+            len(groups[-1]) == batch_size
+            or (batch_size is None and (len(groups[-1]) + 1) * longest * vocab * 4 > LOGITS_BUDGET_BYTES)
+        ):
+            groups.append([])
+        groups[-1].append(i)
+    batches = []
+    for group in groups:
+        width = max(len(examples[i][0]) for i in group)
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(group), width), _IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            inputs, targets = examples[i]
+            ids[row, : len(inputs)] = torch.tensor(inputs)
+            labels[row, : len(targets)] = torch.tensor(targets)
+            mask[row, : len(inputs)] = 1
+        batches.append(EvalBatch(ids, mask, labels))
+    return tuple(batches)
+
+
+# -- scoring ---------------------------------------------------------------------------------------------
+def score_variant(
+    backbone: Backbone,
+    eval_set: EvalSet,
+    embedding: torch.Tensor | None = None,
+    *,
+    mode: Mode = "input",
+    progress: Callable[[int, int], None] | None = None,
+) -> VariantPerplexity:
+    """Perplexity of ``backbone`` with ``embedding`` substituted (None: the original) on ``eval_set``."""
+    start = time.perf_counter()
+    total_nll = 0.0
+    count = 0
+    with torch.inference_mode():
+        for index, batch in enumerate(eval_set.batches):
+            logits = backbone.logits(batch.input_ids, batch.attention_mask, embedding=embedding, mode=mode)
+            scored = batch.labels != _IGNORE
+            # Select scored positions first: log-softmax over V only where a loss is taken.
+            nll = F.cross_entropy(logits[scored].double(), batch.labels[scored], reduction="sum")
+            del logits
+            total_nll += float(nll)
+            count += int(scored.sum())
+            if progress is not None:
+                progress(index + 1, len(eval_set.batches))
+    mean = total_nll / count
+    return VariantPerplexity(
+        perplexity=math.exp(mean), mean_nll=mean, tokens=count, seconds=time.perf_counter() - start
+    )
+
+
+def evaluate_perplexity(
+    backbone: Backbone,
+    texts: Sequence[str] | EvalSet,
+    variants: Mapping[str, torch.Tensor | None] | None = None,
+    *,
+    mode: Mode = "input",
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    seed: int = 0,
+    batch_size: int | None = None,
+    window: int = CAUSAL_WINDOW,
+    progress: PerplexityCallback | None = None,
+    variant_keys: Mapping[str, str] | None = None,
+) -> PerplexityReport:
+    """Zero-shot perplexity of each variant (V x D replacement embedding; None = uncompressed).
+
+    The uncompressed model is always scored, first: if no variant is None it is added as ``"original"``.
+    ``texts`` may be a prebuilt :class:`EvalSet` (then ``max_tokens``, ``seed``, ``batch_size`` and
+    ``window`` are taken from it). With ``variant_keys`` (variant name -> fingerprint of its embedding, e.g.
+    an artifact hash) the original's result and every keyed variant's are cached on disk; without it nothing
+    is cached.
+    """
+    started = time.perf_counter()
+    named = with_reference(variants)
+    reference = next(iter(named))
+    eval_set = (
+        texts
+        if isinstance(texts, EvalSet)
+        else build_eval_set(
+            backbone, texts, max_tokens=max_tokens, seed=seed, batch_size=batch_size, window=window
+        )
+    )
+    results: dict[str, VariantPerplexity] = {}
+    for index, (name, embedding) in enumerate(named.items()):
+
+        def report(batch: int, batches: int, name: str = name, index: int = index) -> None:
+            if progress is not None:
+                progress(PerplexityProgress(name, index, len(named), batch, batches))
+
+        def compute(
+            embedding: torch.Tensor | None = embedding, report: Callable = report
+        ) -> VariantPerplexity:
+            return score_variant(backbone, eval_set, embedding, mode=mode, progress=report)
+
+        key = None
+        if variant_keys is not None:
+            key = "uncompressed" if embedding is None else variant_keys.get(name)
+        if key is None:
+            results[name] = compute()
+        else:
+            config = perplexity_cache_config(backbone, eval_set, key, "any" if embedding is None else mode)
+            results[name] = cached_perplexity(config, compute)
+            if results[name].cached:
+                report(1, 1)
+    return PerplexityReport(
+        backbone=backbone.name,
+        kind=backbone.kind,
+        mode=mode,
+        protocol=eval_set.description,
+        settings=eval_set.settings(),
+        results=results,
+        reference=reference,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def with_reference(variants: Mapping[str, torch.Tensor | None] | None) -> dict[str, torch.Tensor | None]:
+    """The variants with the uncompressed entry first (added as ``"original"`` when none is None)."""
+    named = dict(variants or {})
+    reference = next((name for name, value in named.items() if value is None), None)
+    if reference is None:
+        if REFERENCE in named:
+            raise BadInputError(f"the variant name {REFERENCE!r} is reserved for the uncompressed model")
+        reference = REFERENCE
+    named.pop(reference, None)
+    return {reference: None, **named}
+
+
+def perplexity_cache_config(
+    backbone: Backbone, eval_set: EvalSet, variant_key: str, mode: str
+) -> dict[str, Any]:
+    """The full configuration a cached perplexity is keyed by."""
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "backbone": backbone.name,
+        "source": backbone.source,
+        "kind": eval_set.kind,
+        "variant": variant_key,
+        "mode": mode,
+        "max_tokens": eval_set.max_tokens,
+        "seed": eval_set.seed,
+        "sequence_length": eval_set.sequence_length,
+        "texts_sha": eval_set.texts_sha,
+    }
+
+
+# -- disk cache ------------------------------------------------------------------------------------------
+def cached_perplexity(
+    key_config: Mapping[str, Any], compute: Callable[[], VariantPerplexity]
+) -> VariantPerplexity:
+    """The cached result for ``key_config`` (its full configuration), else ``compute()`` stored atomically.
+
+    A missing, corrupt or mismatching entry is recomputed and overwritten; a hit has ``cached=True``.
+    """
+    config = json.loads(json.dumps(dict(key_config), sort_keys=True, default=str))
+    path = cache_dir("perplexity") / f"{config_key(config)}.json"
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        if entry["config"] == config:
+            stored = entry["result"]
+            return VariantPerplexity(
+                perplexity=float(stored["perplexity"]),
+                mean_nll=float(stored["mean_nll"]),
+                tokens=int(stored["tokens"]),
+                seconds=float(stored["seconds"]),
+                cached=True,
+            )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no entry yet, or unreadable: recompute below
+    result = compute()
+    atomic_write_json(path, {"config": config, "result": {**asdict(result), "cached": False}})
+    return result
+
+
+# -- presentation ----------------------------------------------------------------------------------------
+def perplexity_table(report: PerplexityReport) -> list[dict[str, Any]]:
+    """One row per variant (reference first): perplexity, ratio to the uncompressed model, tokens, time."""
+    reference = report.results[report.reference].perplexity
+    return [
+        {
+            "variant": name,
+            "perplexity": round(result.perplexity, 3),
+            "x original": round(result.perplexity / reference, 3),
+            "tokens": result.tokens,
+            "seconds": round(result.seconds, 2),
+            "cached": result.cached,
+        }
+        for name, result in report.results.items()
+    ]
+
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "PROTOCOL_VERSION",
+    "EvalBatch",
+    "EvalSet",
+    "PerplexityProgress",
+    "PerplexityReport",
+    "VariantPerplexity",
+    "build_eval_set",
+    "cached_perplexity",
+    "evaluate_perplexity",
+    "perplexity_cache_config",
+    "perplexity_table",
+    "score_variant",
+    "with_reference",
+]

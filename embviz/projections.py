@@ -1,0 +1,423 @@
+"""2-D maps of the vocabulary in one shared frame: fitted on the original matrix, reconstructions transformed.
+
+Fitting one map on the original and pushing every reconstruction through the *same* fitted map is what makes
+the panels comparable: a token that moves between panels moved because its vector changed, not because a
+second fit laid the map out differently.
+
+* :func:`pca_map` -- exact PCA (eigh of the D x D covariance), full vocabulary, well under a second.
+* :func:`umap_map` -- UMAP (umap-learn, cosine distance, exact neighbour graphs) fitted on the original,
+  ``transform`` for each variant; optionally on a random sample of rows (always including requested ids),
+  reported via ``sampled``.
+* :func:`projection_map` -- either of them, cached on disk by the full configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse
+import torch
+
+from embviz.cache import cache_dir, config_key
+from embviz.compressors.base import CompressedEmbedding
+from embviz.errors import BadInputError
+from embviz.metrics import (
+    Matrix,
+    MatrixLike,
+    _as_tensor,
+    _matrix_fingerprint,
+    _safe_name,
+    cached_arrays,
+    cross_neighbours,
+    is_linear_low_rank,
+    nearest_neighbours,
+    neighbour_table_cached,
+)
+
+logger = logging.getLogger(__name__)
+
+ORIGINAL = "original"
+MapMethod = Literal["pca", "umap"]
+ProjectionProgress = Callable[[str, float], None]
+"""Receives ``(stage, fraction_done)`` at each stage of a map (fit, then one transform per variant)."""
+
+_CACHE_VERSION = 1
+_BLOCK_ROWS = 8192
+
+
+@dataclass(frozen=True)
+class ProjectionMap:
+    """2-D coordinates of the same rows in every variant.
+
+    Attributes:
+        method: ``pca`` or ``umap``.
+        coords: variant name -> ``len(ids) x 2`` float32 coordinates; ``original`` comes first.
+        ids: the vocabulary rows the coordinates belong to (all rows unless ``sampled``), sorted.
+        vocab_size: rows in the full vocabulary.
+        params: the map's parameters (for provenance).
+        seconds: time the computation took (as measured when it was computed, even if loaded from cache).
+        from_cache: whether this map was loaded from disk.
+    """
+
+    method: MapMethod
+    coords: dict[str, np.ndarray]
+    ids: np.ndarray
+    vocab_size: int
+    params: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    from_cache: bool = False
+
+    @property
+    def sampled(self) -> bool:
+        return len(self.ids) < self.vocab_size
+
+    def position(self, token_id: int) -> int | None:
+        """The row of ``token_id`` in the coordinate arrays, or None if it was not sampled."""
+        row = int(np.searchsorted(self.ids, token_id))
+        return row if row < len(self.ids) and self.ids[row] == token_id else None
+
+    def note(self) -> str | None:
+        """A sentence for the UI whenever not every token is shown; None for a full map."""
+        if not self.sampled:
+            return None
+        return (
+            f"{self.method.upper()} map of {len(self.ids):,} of {self.vocab_size:,} tokens "
+            f"(random sample, seed {self.params.get('seed')}; requested tokens always included)"
+        )
+
+
+# -- shared helpers ------------------------------------------------------------------------------------------
+def _check_variants(original: Matrix, variants: Mapping[str, MatrixLike]) -> torch.Tensor:
+    original = _as_tensor(original)
+    for name, variant in variants.items():
+        if name == ORIGINAL:
+            raise BadInputError(f"a variant cannot be called {ORIGINAL!r}")
+        if tuple(variant.shape) != tuple(original.shape):
+            raise BadInputError(
+                f"variant {name!r} has shape {tuple(variant.shape)}, not {tuple(original.shape)}"
+            )
+    return original
+
+
+def _take(matrix: MatrixLike, ids: np.ndarray | None) -> torch.Tensor:
+    """Rows ``ids`` (all rows if None) of a matrix or of a variant's reconstruction, float32."""
+    if isinstance(matrix, CompressedEmbedding):
+        rows = None if ids is None else torch.from_numpy(ids)
+        return matrix.reconstruct(rows).detach().float()
+    tensor = _as_tensor(matrix)
+    return tensor if ids is None else tensor[torch.from_numpy(ids)]
+
+
+def principal_axes(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, axes)``: the row mean and the top-``n`` principal axes (D x n), float64, exact.
+
+    Eigen-decomposition of the D x D covariance; each axis' sign is fixed (largest entry positive) so the
+    same matrix always gives the same picture.
+    """
+    rows = rows.double()
+    mean = rows.mean(dim=0)
+    centred = rows - mean
+    _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    axes = eigenvectors[:, -n:].flip(1)
+    signs = torch.sign(axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)))
+    return mean, axes * signs
+
+
+def _project(matrix: MatrixLike, mean: torch.Tensor, axes: torch.Tensor) -> np.ndarray:
+    """``(rows - mean) @ axes`` for every row; a low-rank variant is projected through its factors."""
+    if is_linear_low_rank(matrix):
+        offset = -mean if matrix.decoder_bias is None else matrix.decoder_bias.double() - mean
+        codes = matrix.codes.double()  # type: ignore[union-attr]
+        return (codes @ (matrix.decoder.double() @ axes) + offset @ axes).float().numpy()  # type: ignore[union-attr]
+    vocab = matrix.shape[0]
+    blocks = [
+        (_take(matrix, np.arange(s, min(s + _BLOCK_ROWS, vocab))).double() - mean) @ axes
+        for s in range(0, vocab, _BLOCK_ROWS)
+    ]
+    return torch.cat(blocks).float().numpy()
+
+
+def sample_ids(vocab_size: int, sample: int | None, seed: int, include: Iterable[int] = ()) -> np.ndarray:
+    """Sorted row ids: all rows, or ``sample`` random rows (by ``seed``) plus every id in ``include``."""
+    include = np.unique(np.asarray(list(include), dtype=np.int64))
+    if include.size and (include.min() < 0 or include.max() >= vocab_size):
+        raise BadInputError(f"requested token ids must be in 0..{vocab_size - 1}")
+    if sample is None or sample >= vocab_size:
+        return np.arange(vocab_size, dtype=np.int64)
+    if sample < 2:
+        raise BadInputError("a map needs a sample of at least 2 tokens")
+    chosen = np.random.default_rng(seed).choice(vocab_size, size=sample, replace=False)
+    return np.union1d(chosen, include).astype(np.int64)
+
+
+def _report(progress: ProjectionProgress | None, stage: str, done: float) -> None:
+    if progress is not None:
+        progress(stage, done)
+
+
+# -- PCA ----------------------------------------------------------------------------------------------------
+def pca_map(
+    original: Matrix, variants: Mapping[str, MatrixLike], progress: ProjectionProgress | None = None
+) -> ProjectionMap:
+    """Exact 2-D PCA of the original (its own mean and top two axes), every variant in the same frame."""
+    started = time.perf_counter()
+    original = _check_variants(original, variants)
+    _report(progress, "fitting PCA on the original", 0.0)
+    mean, axes = principal_axes(original, 2)
+    coords = {ORIGINAL: _project(original, mean, axes)}
+    for done, (name, variant) in enumerate(variants.items(), start=1):
+        coords[name] = _project(variant, mean, axes)
+        _report(progress, f"projected {name}", done / len(variants))
+    vocab = original.shape[0]
+    return ProjectionMap(
+        "pca", coords, np.arange(vocab, dtype=np.int64), vocab, {}, time.perf_counter() - started
+    )
+
+
+# -- UMAP ---------------------------------------------------------------------------------------------------
+def _cosine_distances(scores: np.ndarray) -> np.ndarray:
+    return np.clip(1.0 - scores.astype(np.float32), 0.0, 2.0)
+
+
+def _subset(matrix: MatrixLike, ids: np.ndarray | None) -> MatrixLike:
+    """The rows ``ids`` of a matrix or a variant, keeping a low-rank variant low-rank (shared decoder)."""
+    if ids is None:
+        return matrix
+    if is_linear_low_rank(matrix):
+        codes = matrix.codes[torch.from_numpy(ids)]  # type: ignore[index,union-attr]
+        return replace(matrix, codes=codes, history=[])  # type: ignore[type-var]
+    return _take(matrix, ids)
+
+
+def _knn_graph(indices: np.ndarray, distances: np.ndarray, width: int) -> scipy.sparse.csr_matrix:
+    """A sparse ``len(indices) x width`` matrix holding each row's neighbour distances (explicit zeros kept)."""
+    rows, k = indices.shape
+    return scipy.sparse.csr_matrix(
+        (distances.ravel(), indices.ravel().astype(np.int32), np.arange(0, rows * k + 1, k)),
+        shape=(rows, width),
+    )
+
+
+def umap_map(
+    original: Matrix,
+    variants: Mapping[str, MatrixLike],
+    *,
+    n_neighbors: int = 15,
+    min_dist: float = 0.1,
+    seed: int = 42,
+    sample: int | None = None,
+    include_ids: Iterable[int] = (),
+    original_neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    progress: ProjectionProgress | None = None,
+) -> ProjectionMap:
+    """UMAP fitted on the original's rows by cosine distance, each variant placed by the fitted ``transform``.
+
+    The neighbour graphs are exact (:mod:`embviz.metrics`' blocked search, low-rank variants through their
+    factors) and handed to umap-learn as precomputed distances, instead of umap's approximate NN-descent
+    search: that is both exact and several times faster on a 49k vocabulary. ``original_neighbours`` may
+    pass the original's cached :func:`~embviz.metrics.nearest_neighbours` table (full vocabulary only, at
+    least ``n_neighbors - 1`` columns). ``sample`` fits on that many random rows (seeded) plus
+    ``include_ids``; the result's ``ids`` / ``sampled`` / ``note()`` say so.
+    """
+    started = time.perf_counter()
+    original = _check_variants(original, variants)
+    vocab = original.shape[0]
+    ids = sample_ids(vocab, sample, seed, include_ids)
+    subset = None if len(ids) == vocab else ids
+    if len(ids) <= n_neighbors:
+        raise BadInputError(f"UMAP with n_neighbors={n_neighbors} needs more than {n_neighbors} tokens")
+    steps = 2 + len(variants)
+    _report(progress, f"finding the exact {n_neighbors - 1} nearest neighbours of {len(ids):,} tokens", 0.0)
+    keys = _take(original, subset)
+    if original_neighbours is None or subset is not None or original_neighbours[0].shape[1] < n_neighbors - 1:
+        original_neighbours = nearest_neighbours(keys, n_neighbors - 1)
+    neighbours, scores = (table[:, : n_neighbors - 1] for table in original_neighbours)
+    # umap-learn's neighbour lists start with the point itself, at distance 0.
+    knn_indices = np.hstack([np.arange(len(ids))[:, None], neighbours]).astype(np.int64)
+    knn_distances = np.hstack([np.zeros((len(ids), 1), np.float32), _cosine_distances(scores)])
+    graph = _knn_graph(knn_indices, knn_distances, len(ids))
+    graph = graph.maximum(graph.T).tocsr()  # umap wants a symmetric distance matrix with this metric
+
+    _report(progress, f"fitting UMAP on {len(ids):,} original rows", 1 / steps)
+    import umap  # imported here: its import compiles numba code (seconds); only pay that when used
+
+    model = umap.UMAP(
+        n_neighbors=n_neighbors,
+        min_dist=min_dist,
+        metric="precomputed",
+        random_state=seed,
+        transform_seed=seed,
+        precomputed_knn=(knn_indices, knn_distances),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(n_jobs|knn_search_index|precomputed).*")
+        coords = {ORIGINAL: model.fit_transform(graph).astype(np.float32)}
+        for done, (name, variant) in enumerate(variants.items(), start=2):
+            _report(progress, f"placing {name} in the map", done / steps)
+            found, similarity = cross_neighbours(_subset(variant, subset), keys, n_neighbors)
+            distances = _knn_graph(found, _cosine_distances(similarity), len(ids))
+            coords[name] = model.transform(distances).astype(np.float32)
+    _report(progress, "map ready", 1.0)
+    params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed, "sample": sample}
+    return ProjectionMap("umap", coords, ids, vocab, params, time.perf_counter() - started)
+
+
+# -- cached entry point -------------------------------------------------------------------------------------
+def variant_fingerprint(variant: MatrixLike) -> str:
+    """A sha256 of what a variant stores (codes, decoder, bias or dense rows)."""
+    if not isinstance(variant, CompressedEmbedding):
+        return _matrix_fingerprint(variant)
+    digest = hashlib.sha256(f"{variant.method}:{getattr(variant, 'decoder_activation', None)}".encode())
+    for tensor in (variant.codes, variant.decoder, variant.decoder_bias, variant.dense):
+        if tensor is not None:
+            array = np.ascontiguousarray(tensor.detach().float().numpy())
+            digest.update(f"{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def projection_map(
+    method: MapMethod,
+    original: Matrix,
+    variants: Mapping[str, MatrixLike],
+    *,
+    backbone_name: str = "matrix",
+    fingerprint: str | None = None,
+    variant_keys: Mapping[str, str] | None = None,
+    progress: ProjectionProgress | None = None,
+    **params: Any,
+) -> ProjectionMap:
+    """:func:`pca_map` or :func:`umap_map` (``params`` go to it), cached on disk by the full configuration.
+
+    The key covers the original's ``fingerprint``, one key per variant (``variant_keys``: e.g. artifact
+    hashes; default :func:`variant_fingerprint`), the method and its parameters. For a sampled UMAP only the
+    requested ids that the seeded sample lacks enter the key, so moving the focus among sampled tokens
+    reuses the map.
+    """
+    if method not in ("pca", "umap"):
+        raise BadInputError(f"unknown map method {method!r}; use pca or umap")
+    if "include_ids" in params:
+        params["include_ids"] = [int(i) for i in params["include_ids"]]
+    original = _check_variants(original, variants)
+    vocab = original.shape[0]
+    settings = _settings(method, original, variants, params)
+    keys = dict(variant_keys or {})
+    keys.update({n: variant_fingerprint(v) for n, v in variants.items() if n not in keys})
+    fingerprint = fingerprint or _matrix_fingerprint(original)
+    key_settings = dict(settings)
+    if method == "umap":
+        base = set(sample_ids(vocab, settings["sample"], settings["seed"]).tolist())
+        key_settings["include_ids"] = sorted(set(map(int, settings["include_ids"])) - base)
+    key = config_key(
+        {
+            "v": _CACHE_VERSION,
+            "method": method,
+            "original": fingerprint,
+            "variants": [[n, keys[n]] for n in variants],
+            "settings": key_settings,
+        }
+    )
+    path = cache_dir("maps") / f"{_safe_name(backbone_name)}-{method}-{key}.npz"
+    computed: list[ProjectionMap] = []
+
+    def compute() -> dict[str, np.ndarray]:
+        extra: dict[str, Any] = {}
+        if method == "umap" and (settings["sample"] is None or settings["sample"] >= vocab):
+            # The original's table is cached on its own: a new variant then costs only its own search.
+            k = settings["n_neighbors"] - 1
+            extra["original_neighbours"] = neighbour_table_cached(backbone_name, fingerprint, original, k)
+        result = _map_function(method)(original, variants, progress=progress, **params, **extra)
+        computed.append(result)
+        return _to_arrays(result)
+
+    required = settings.get("include_ids", ())
+    arrays = cached_arrays(path, compute, _valid_map([ORIGINAL, *variants], vocab, required))
+    return computed[0] if computed else _from_arrays(method, arrays, vocab)
+
+
+def _map_function(method: MapMethod) -> Callable[..., ProjectionMap]:
+    return pca_map if method == "pca" else umap_map
+
+
+_SIGNATURES = {"pca": inspect.signature(pca_map), "umap": inspect.signature(umap_map)}
+
+
+def _settings(
+    method: MapMethod, original: torch.Tensor, variants: Mapping[str, MatrixLike], params: dict[str, Any]
+) -> dict[str, Any]:
+    """The map's full parameter set (defaults filled in), for the cache key; unknown parameters refused."""
+    try:
+        bound = _SIGNATURES[method].bind(original, variants, **params)
+    except TypeError as exc:
+        raise BadInputError(f"bad parameters for a {method} map: {exc}") from None
+    bound.apply_defaults()
+    skip = {"original", "variants", "progress", "original_neighbours"}
+    return {name: value for name, value in bound.arguments.items() if name not in skip}
+
+
+def _to_arrays(result: ProjectionMap) -> dict[str, np.ndarray]:
+    arrays = {f"coords_{i}": coords for i, coords in enumerate(result.coords.values())}
+    return arrays | {
+        "names": np.array(list(result.coords)),
+        "ids": result.ids,
+        "seconds": np.array(result.seconds),
+        "params": np.array(json.dumps(result.params, sort_keys=True, default=str)),
+    }
+
+
+def _from_arrays(method: MapMethod, arrays: dict[str, np.ndarray], vocab: int) -> ProjectionMap:
+    coords = {str(name): arrays[f"coords_{i}"] for i, name in enumerate(arrays["names"])}
+    params = json.loads(str(arrays["params"]))
+    return ProjectionMap(method, coords, arrays["ids"], vocab, params, float(arrays["seconds"]), True)
+
+
+def _valid_map(
+    names: list[str], vocab: int, include_ids: Iterable[int]
+) -> Callable[[dict[str, np.ndarray]], bool]:
+    required = set(map(int, include_ids))
+
+    def valid(arrays: dict[str, np.ndarray]) -> bool:
+        try:
+            ids = arrays["ids"]
+            if arrays["names"].tolist() != names or ids.ndim != 1 or ids.dtype != np.int64:
+                return False
+            if ids.size < 2 or ids[0] < 0 or ids[-1] >= vocab or (np.diff(ids) <= 0).any():
+                return False
+            if not required <= set(ids.tolist()):
+                return False
+            for i in range(len(names)):
+                coords = arrays[f"coords_{i}"]
+                if (
+                    coords.shape != (ids.size, 2)
+                    or coords.dtype != np.float32
+                    or not np.isfinite(coords).all()
+                ):
+                    return False
+            json.loads(str(arrays["params"]))
+            return arrays["seconds"].shape == ()
+        except (KeyError, ValueError, AttributeError):
+            return False
+
+    return valid
+
+
+__all__ = [
+    "ORIGINAL",
+    "ProjectionMap",
+    "ProjectionProgress",
+    "pca_map",
+    "principal_axes",
+    "projection_map",
+    "sample_ids",
+    "umap_map",
+    "variant_fingerprint",
+]

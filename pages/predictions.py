@@ -1,0 +1,85 @@
+"""Predictions: fill in the blank with the original, SVD and AE embeddings side by side."""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from embviz.errors import EmbvizError
+from embviz.predictions import predict_blank, prediction_table
+from pages.common import (
+    current_backbone,
+    downloads,
+    explain,
+    reconstructions,
+    settings,
+    use_app_router,
+    variants_for,
+)
+
+EXAMPLES = (
+    "I went to the ___ to buy some bread.",
+    "The capital of France is ___.",
+    "In the beginning God created the heavens and the ___.",
+    "To be, or not to ___, that is the question.",
+    "She opened the door and saw a small ___ sitting on the floor.",
+)
+
+use_app_router()
+st.title("Fill in the blank")
+explain(
+    "Type a sentence with one blank (`___` or `[MASK]`). Each variant of the model proposes the most likely "
+    "tokens for the blank, with probabilities. For a masked model (BERT) this is its native fill-mask; for a "
+    "causal model (like SmolLM2, which reads left to right) the candidates for the next token at the blank "
+    "are **re-ranked by how likely the whole sentence becomes** with each candidate filled in, so the words "
+    "after the blank count too. Marked **new**: a token not in the original's list."
+)
+
+config = settings()
+backbone = current_backbone()
+if backbone is None:
+    st.stop()
+if not backbone.trained_head:
+    st.warning(f"{backbone.name}: {backbone.note}. Its predictions show what changes, not what is right.")
+variants = variants_for(backbone, config)
+if variants is None:
+    st.stop()
+
+if "sentence" not in st.session_state and "s" not in st.query_params:
+    st.session_state["sentence"] = EXAMPLES[0]
+example_columns = st.columns(len(EXAMPLES))
+for column, example in zip(example_columns, EXAMPLES, strict=True):
+    if column.button(example, key=f"example-{example}", width="stretch"):
+        st.session_state["sentence"] = example
+sentence = st.text_input("Sentence with a blank", key="sentence", bind="query-params")
+
+matrices = reconstructions(backbone, config, variants)
+try:
+    with st.spinner("Predicting with three variants…"):
+        result = predict_blank(backbone, sentence, {"original": None, **matrices}, k=config.k,
+                               mode=config.mode)  # type: ignore[arg-type]
+except EmbvizError as error:
+    st.error(str(error))
+    st.stop()
+
+for notice in result.notices:
+    st.info(notice)
+columns = st.columns(len(result.variants))
+for column, (name, predictions) in zip(columns, result.variants.items(), strict=True):
+    column.markdown(f"**{name}**")
+    if name != result.reference:
+        if predictions.top1_kept:
+            column.success("original top-1 kept")
+        elif predictions.reference_top1_rank:
+            column.warning(f"original top-1 now at rank {predictions.reference_top1_rank}")
+        else:
+            column.markdown(f":red[original top-1 not in its top {config.k}]")
+    frame = pd.DataFrame([
+        {"token": p.token, "probability": round(p.probability, 4), "new": "new" if p.new else ""}
+        for p in predictions.predictions
+    ])
+    column.dataframe(frame, hide_index=True, width="stretch")
+    if predictions.lost:
+        column.caption("lost: " + ", ".join(repr(t) for t in predictions.lost))
+st.caption(f"{result.method} · {backbone.name} · mode {config.mode} · {result.seconds:.2f} s")
+downloads("predictions", table=pd.DataFrame(prediction_table(result)), payload=result.to_dict())

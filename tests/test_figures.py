@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+
+from embviz.figures import (
+    ORIGINAL_COLOUR,
+    angle_histogram,
+    class_breakdown_bar,
+    norm_ratio_histogram,
+    perplexity_curve,
+    projection_panels,
+    provenance_line,
+    recall_histogram,
+    training_curve,
+    variant_colours,
+)
+
+PROVENANCE = "model tiny · method svd · rank 4 · seed 42"
+
+
+def _annotations(fig: go.Figure) -> list[str]:
+    return [a.text for a in fig.layout.annotations]
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def test_provenance_line_lists_facts_and_versions() -> None:
+    line = provenance_line("smollm2", method="svd", rank=64, seed=None)
+    assert line.startswith("model smollm2 · method svd · rank 64 · embviz ")
+    assert "seed" not in line and "torch" in line
+
+
+def test_colours_are_stable_and_original_is_grey() -> None:
+    colours = variant_colours(["original", "SVD", "AE"])
+    assert colours["original"] == ORIGINAL_COLOUR and len(set(colours.values())) == 3
+    assert variant_colours(["SVD", "AE"])["SVD"] == colours["SVD"]
+
+
+def test_angle_histogram_overlays_variants_on_shared_bins() -> None:
+    angles = {"SVD": _rng().uniform(0, 80, 500), "AE": np.append(_rng().uniform(0, 40, 499), np.nan)}
+    fig = angle_histogram(angles, provenance=PROVENANCE)
+    assert len(fig.data) == 2 and fig.layout.barmode == "overlay"
+    assert fig.data[0].xbins == fig.data[1].xbins and fig.data[0].xbins.start == 0
+    assert fig.data[0].name.startswith("SVD (mean") and "°" in fig.data[0].name
+    assert len(fig.data[1].x) == 499  # the NaN (a zero row) is left out
+    assert PROVENANCE in _annotations(fig)
+
+
+def test_norm_ratio_and_recall_histograms() -> None:
+    ratios = {"SVD": _rng().uniform(0.2, 1.0, 300), "AE": _rng().uniform(0.5, 1.5, 300)}
+    fig = norm_ratio_histogram(ratios, provenance=PROVENANCE)
+    assert len(fig.data) == 2 and fig.data[0].xbins.end >= 1.05 and PROVENANCE in _annotations(fig)
+
+    recall = {"SVD": _rng().integers(0, 11, 300) / 10, "AE": _rng().integers(5, 11, 300) / 10}
+    fig = recall_histogram(recall, 10, provenance=PROVENANCE)
+    assert len(fig.data) == 2 and fig.data[0].xbins.size == pytest.approx(0.1)
+    assert fig.data[0].xbins.start < 0 < 1 < fig.data[0].xbins.end
+    assert "recall@10" in fig.layout.title.text and PROVENANCE in _annotations(fig)
+
+
+def test_histograms_survive_all_nan_input() -> None:
+    fig = angle_histogram({"SVD": np.full(3, np.nan)})
+    assert fig.data[0].name == "SVD (no values)" and fig.data[0].xbins.end > 0
+
+
+def test_class_breakdown_bar_groups_classes_per_variant() -> None:
+    values = {"SVD": {"word": 30.0, "subword": 40.0, "special": None}, "AE": {"word": 20.0, "subword": 25.0}}
+    fig = class_breakdown_bar(
+        values,
+        counts={"word": 1200, "subword": 30},
+        order=["special", "word", "subword"],
+        provenance=PROVENANCE,
+    )
+    assert [t.name for t in fig.data] == ["SVD", "AE"] and fig.layout.barmode == "group"
+    assert list(fig.data[0].x) == ["special", "word (1,200)", "subword (30)"]
+    assert list(fig.data[0].y) == [None, 30.0, 40.0] and list(fig.data[1].y) == [None, 20.0, 25.0]
+    assert PROVENANCE in _annotations(fig)
+
+
+def _coords(n: int = 50) -> dict[str, np.ndarray]:
+    base = _rng().normal(size=(n, 2))
+    return {"original": base, "SVD": base * 3 + 1, "AE": base * 0.5}
+
+
+def test_projection_panels_share_axes_and_mark_the_focus_everywhere() -> None:
+    coords = _coords()
+    tokens = [f"tok{i}" for i in range(50)]
+    fig = projection_panels(coords, tokens, focus_id=7, provenance=PROVENANCE)
+    scatter = [t for t in fig.data if t.mode == "markers"]
+    focus = [t for t in fig.data if t.name == "focus: tok7"]
+    assert len(fig.data) == 6 and len(scatter) == 3 and len(focus) == 3
+    assert all(isinstance(t, go.Scattergl) for t in fig.data)
+    for trace, xy in zip(focus, coords.values(), strict=True):  # one star per panel, at the right place
+        assert (trace.x[0], trace.y[0]) == tuple(xy[7]) and trace.text == ("tok7",)
+    assert {t.xaxis for t in focus} == {"x", "x2", "x3"}
+    assert list(scatter[1].hovertext) == tokens
+    ranges = {tuple(fig.layout[f"xaxis{s}"].range) for s in ("", "2", "3")}
+    assert len(ranges) == 1
+    (x_range,) = ranges
+    assert x_range[0] <= min(c[:, 0].min() for c in coords.values())
+    assert x_range[1] >= max(c[:, 0].max() for c in coords.values())
+    assert len({tuple(fig.layout[f"yaxis{s}"].range) for s in ("", "2", "3")}) == 1
+    assert fig.layout.xaxis2.matches == "x" and fig.layout.yaxis3.matches == "y"
+    assert [a.text for a in fig.layout.annotations][:3] == ["original", "SVD", "AE"]
+    assert PROVENANCE in _annotations(fig)
+
+
+def test_projection_panels_with_sample_note_ids_and_movement_lines() -> None:
+    coords = _coords(20)
+    ids = np.arange(100, 300, 10)
+    tokens = [f"t{i}" for i in range(300)]
+    note = "UMAP map of 20 of 300 tokens (random sample)"
+    fig = projection_panels(coords, tokens, focus_id=150, ids=ids, sampled_note=note, movement_lines=True)
+    lines = [t for t in fig.data if t.mode == "lines+markers"]
+    assert len(lines) == 2  # one per variant panel
+    assert (lines[0].x[0], lines[0].y[0]) == tuple(coords["original"][5])
+    assert (lines[0].x[1], lines[0].y[1]) == tuple(coords["SVD"][5])
+    assert list(fig.data[0].hovertext) == [f"t{i}" for i in ids]
+    assert any(note in text for text in _annotations(fig))
+
+
+def test_projection_panels_without_focus_in_sample() -> None:
+    fig = projection_panels(_coords(10), [str(i) for i in range(10)], focus_id=None)
+    assert len(fig.data) == 3
+    fig = projection_panels(_coords(10), [str(i) for i in range(99)], focus_id=98, ids=np.arange(10))
+    assert len(fig.data) == 3
+
+
+def test_training_curve_shows_loss_and_validation_cosine() -> None:
+    history = [{"epoch": e, "loss": 1 / e, "val_mean_cosine": 0.5 + e / 10} for e in (1, 2, 3)]
+    fig = training_curve(history, provenance=PROVENANCE)
+    assert [t.name for t in fig.data] == ["training loss", "validation mean cosine"]
+    assert fig.data[1].yaxis == "y2" and fig.layout.yaxis.type == "log"
+    assert PROVENANCE in _annotations(fig)
+
+
+def test_perplexity_curve_has_one_line_per_method_and_the_uncompressed_reference() -> None:
+    rows = [
+        {"method": "uncompressed", "ratio": 1.0, "perplexity": 8.05},
+        {"method": "svd", "ratio": 8.0, "perplexity": 7538.0, "rank": 64},
+        {"method": "svd", "ratio": 2.0, "perplexity": 1502.0, "rank": 256},
+        {"method": "ae-paper", "ratio": 8.0, "perplexity": 3525.0, "rank": 64},
+    ]
+    fig = perplexity_curve(rows, provenance=PROVENANCE)
+    assert [t.name for t in fig.data] == ["svd", "ae-paper"]
+    assert list(fig.data[0].x) == [2.0, 8.0] and list(fig.data[0].y) == [1502.0, 7538.0]
+    assert fig.layout.shapes[0].y0 == 8.05 and fig.layout.yaxis.type == "log"
+    assert any("uncompressed" in text for text in _annotations(fig))
+    assert PROVENANCE in _annotations(fig)

@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import scipy.sparse
+import torch
+
+from embviz import projections
+from embviz.compressors.base import CompressedEmbedding
+from embviz.errors import BadInputError
+from embviz.projections import ORIGINAL, pca_map, projection_map, sample_ids, umap_map
+
+
+def _random(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+
+
+def _variant(matrix: torch.Tensor, rank: int = 3, bias: bool = True) -> CompressedEmbedding:
+    _, eigenvectors = torch.linalg.eigh(matrix.double().T @ matrix.double())
+    top = eigenvectors[:, -rank:].float()
+    return CompressedEmbedding(
+        "svd",
+        {"rank": rank},
+        codes=matrix @ top,
+        decoder=top.T.contiguous(),
+        decoder_bias=torch.full((matrix.shape[1],), 0.1) if bias else None,
+    )
+
+
+class _FakeUMAP:
+    """Stands in for umap.UMAP on precomputed distances: a point's x is its own row (fit) or its nearest
+    original row (transform), its y the number of neighbours it was given."""
+
+    calls: ClassVar[list[tuple[str, int]]] = []
+
+    def __init__(self, **params: object) -> None:
+        self.params = params
+
+    def fit_transform(self, graph: scipy.sparse.csr_matrix) -> np.ndarray:
+        assert self.params["metric"] == "precomputed" and (graph != graph.T).nnz == 0
+        indices, distances = self.params["precomputed_knn"]  # type: ignore[misc]
+        assert (indices[:, 0] == np.arange(graph.shape[0])).all() and (distances[:, 0] == 0).all()
+        self.calls.append(("fit", graph.shape[0]))
+        return np.stack([np.arange(graph.shape[0]), np.diff(graph.indptr)], axis=1).astype(np.float64)
+
+    def transform(self, distances: scipy.sparse.csr_matrix) -> np.ndarray:
+        self.calls.append(("transform", distances.shape[0]))
+        nearest = [row.indices[np.argmin(row.data)] for row in distances]
+        return np.stack([nearest, np.diff(distances.indptr)], axis=1)
+
+
+@pytest.fixture
+def fake_umap(monkeypatch: pytest.MonkeyPatch) -> type[_FakeUMAP]:
+    _FakeUMAP.calls = []
+    monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=_FakeUMAP))
+    return _FakeUMAP
+
+
+# -- PCA ----------------------------------------------------------------------------------------------------
+def test_pca_transform_of_the_original_equals_the_fit_coordinates() -> None:
+    matrix = _random(200, 12)
+    result = pca_map(matrix, {"same": matrix.clone(), "svd": _variant(matrix)})
+    assert list(result.coords) == [ORIGINAL, "same", "svd"]
+    np.testing.assert_allclose(result.coords["same"], result.coords[ORIGINAL], atol=1e-6)
+    assert result.coords["svd"].shape == (200, 2) and result.coords["svd"].dtype == np.float32
+    assert not result.sampled and result.note() is None and result.position(17) == 17
+
+
+def test_pca_is_exact_and_low_rank_variants_project_through_factors() -> None:
+    matrix = _random(300, 10) * torch.linspace(3, 0.5, 10)
+    coords = pca_map(matrix, {})
+    centred = (matrix - matrix.mean(0)).double()
+    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
+    reference = (centred @ vt[:2].T).numpy()
+    np.testing.assert_allclose(np.abs(coords.coords[ORIGINAL]), np.abs(reference), atol=1e-4)
+
+    variant = _variant(matrix)
+    dense = CompressedEmbedding("dense", {}, dense=variant.reconstruct())
+    result = pca_map(matrix, {"factors": variant, "dense": dense})
+    np.testing.assert_allclose(result.coords["factors"], result.coords["dense"], atol=1e-4)
+
+
+def test_pca_is_deterministic_and_reports_progress() -> None:
+    matrix = _random(100, 6)
+    stages: list[tuple[str, float]] = []
+    first = pca_map(matrix, {"a": matrix * 2}, progress=lambda stage, done: stages.append((stage, done)))
+    second = pca_map(matrix.clone(), {"a": matrix * 2})
+    np.testing.assert_array_equal(first.coords[ORIGINAL], second.coords[ORIGINAL])
+    assert stages[-1][1] == 1.0
+
+
+def test_variants_are_checked() -> None:
+    matrix = _random(20, 4)
+    with pytest.raises(BadInputError, match="shape"):
+        pca_map(matrix, {"bad": _random(20, 5)})
+    with pytest.raises(BadInputError, match="cannot be called"):
+        pca_map(matrix, {ORIGINAL: matrix})
+
+
+# -- sampling and UMAP --------------------------------------------------------------------------------------
+def test_sample_ids_are_seeded_and_include_requested_ids() -> None:
+    assert sample_ids(10, None, 0).tolist() == list(range(10))
+    assert sample_ids(10, 50, 0).tolist() == list(range(10))
+    ids = sample_ids(1000, 50, seed=3, include=[999, 5])
+    assert {5, 999} <= set(ids.tolist()) and 50 <= len(ids) <= 52
+    assert (np.diff(ids) > 0).all()
+    np.testing.assert_array_equal(ids, sample_ids(1000, 50, seed=3, include=[999, 5]))
+    with pytest.raises(BadInputError):
+        sample_ids(10, 5, 0, include=[10])
+
+
+def test_umap_plumbing_fits_original_and_transforms_each_variant(fake_umap: type[_FakeUMAP]) -> None:
+    matrix = _random(400, 8)
+    variants = {"same": _variant(matrix, rank=8, bias=False), "ae": matrix * 2}
+    result = umap_map(matrix, variants, n_neighbors=5, sample=100, include_ids=[399])
+    rows = len(result.ids)
+    assert fake_umap.calls == [("fit", rows), ("transform", rows), ("transform", rows)]
+    assert result.sampled and 399 in result.ids and result.position(399) is not None
+    assert "of 400 tokens" in (result.note() or "")
+    np.testing.assert_array_equal(result.coords[ORIGINAL][:, 0], np.arange(rows))
+    # an unchanged row's nearest original row is itself (rank 8 of 8 is exact), and it got 5 neighbours
+    for name in variants:
+        np.testing.assert_array_equal(result.coords[name][:, 0], np.arange(rows))
+        assert (result.coords[name][:, 1] == 5).all()
+    assert all(c.shape == (rows, 2) and c.dtype == np.float32 for c in result.coords.values())
+
+
+def test_umap_reuses_a_given_original_neighbour_table(
+    fake_umap: type[_FakeUMAP], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    matrix = _random(120, 6)
+    table = projections.nearest_neighbours(matrix, 9)
+    monkeypatch.setattr(projections, "nearest_neighbours", lambda *a, **k: pytest.fail("searched again"))
+    result = umap_map(matrix, {}, n_neighbors=6, original_neighbours=table)
+    assert not result.sampled and result.coords[ORIGINAL].shape == (120, 2)
+
+
+@pytest.mark.slow  # not a real model, but numba compiles umap's layout code first: 40-80 s on 2 cores
+def test_real_umap_on_a_small_random_matrix() -> None:
+    matrix = _random(300, 16)
+    result = umap_map(matrix, {"svd": _variant(matrix, rank=8)}, n_neighbors=10, sample=120, include_ids=[7])
+    assert result.sampled and 7 in result.ids and len(result.ids) in (120, 121)
+    assert set(result.coords) == {ORIGINAL, "svd"}
+    for coords in result.coords.values():
+        assert coords.shape == (len(result.ids), 2) and np.isfinite(coords).all()
+
+
+# -- cache --------------------------------------------------------------------------------------------------
+def _map_files() -> list[Path]:
+    return sorted(projections.cache_dir("maps").glob("*.npz"))
+
+
+def test_projection_map_is_cached_by_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = _random(150, 6)
+    variants = {"svd": _variant(matrix)}
+    first = projection_map("pca", matrix, variants, backbone_name="tiny")
+    assert not first.from_cache and len(_map_files()) == 1
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise AssertionError("recomputed instead of loading the cache")
+
+    monkeypatch.setattr(projections, "pca_map", fail)
+    second = projection_map("pca", matrix, variants, backbone_name="tiny")
+    assert second.from_cache and list(second.coords) == list(first.coords)
+    for name in first.coords:
+        np.testing.assert_array_equal(first.coords[name], second.coords[name])
+    np.testing.assert_array_equal(first.ids, second.ids)
+    with pytest.raises(AssertionError, match="recomputed"):  # another variant is another entry
+        projection_map("pca", matrix, {"svd": _variant(matrix, rank=2)}, backbone_name="tiny")
+
+
+def test_sampled_umap_cache_key_ignores_focus_tokens_already_sampled(fake_umap: type[_FakeUMAP]) -> None:
+    matrix = _random(300, 6)
+    base = sample_ids(300, 40, 42)
+    inside, outside = int(base[3]), int(np.setdiff1d(np.arange(300), base)[0])
+    projection_map("umap", matrix, {}, sample=40, seed=42, include_ids=[inside])
+    projection_map("umap", matrix, {}, sample=40, seed=42, include_ids=[int(base[5])])
+    assert len(_map_files()) == 1
+    third = projection_map("umap", matrix, {}, sample=40, seed=42, include_ids=[outside])
+    assert len(_map_files()) == 2 and outside in third.ids
+
+
+def test_corrupt_map_cache_is_recomputed() -> None:
+    matrix = _random(80, 5)
+    first = projection_map("pca", matrix, {"x": matrix * 0.5})
+    (path,) = _map_files()
+    path.write_bytes(b"\x00garbage")
+    again = projection_map("pca", matrix, {"x": matrix * 0.5})
+    assert not again.from_cache
+    np.testing.assert_array_equal(first.coords["x"], again.coords["x"])
+    assert projection_map("pca", matrix, {"x": matrix * 0.5}).from_cache
+
+
+def test_unknown_map_method() -> None:
+    with pytest.raises(BadInputError, match="unknown map method"):
+        projection_map("tsne", _random(10, 3), {})  # type: ignore[arg-type]
