@@ -200,6 +200,16 @@ def _chunks(texts: Sequence[str], size: int) -> Iterator[tuple[int, list[str]]]:
         yield start, list(texts[start : start + size])
 
 
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special ids the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP])."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a")["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    return [], []
+
+
 def _masked_eval_set(
     backbone: Backbone, texts: Sequence[str], max_tokens: int, seed: int, batch_size: int | None
 ) -> EvalSet:
@@ -208,21 +218,26 @@ def _masked_eval_set(
     if mask_id is None:
         raise BadInputError(f"{backbone.name} has no mask token, so it cannot be scored as a masked LM")
     max_length = model_max_length(backbone, MASKED_MAX_LENGTH)
+    leading, trailing = special_frame(tokenizer)
+    room = max_length - len(leading) - len(trailing)
     special = backbone.special_ids
     random_pool = np.array([i for i in range(backbone.vocab_size) if i not in special], dtype=np.int64)
     examples: list[tuple[list[int], list[int]]] = []
     tokens_read = used = dropped = 0
     for start, lines in _chunks(texts, _TOKENIZE_CHUNK):
-        encoded = tokenizer(lines, add_special_tokens=True, truncation=True, max_length=max_length)
-        for offset, ids in enumerate(encoded["input_ids"]):
-            words = _word_groups(encoded, offset, ids, tokenizer, special)
-            content = sum(len(word) for word in words)
-            if content < MIN_LINE_TOKENS:
+        # Special tokens and truncation are applied here, not by the tokenizer: a fast tokenizer's truncation
+        # setting is shared state, and flipping it races with other threads using the same tokenizer.
+        encoded = tokenizer(lines, add_special_tokens=False, verbose=False)
+        for offset, content in enumerate(encoded["input_ids"]):
+            words = _word_groups(encoded, offset, content[:room], tokenizer, special, shift=len(leading))
+            length = sum(len(word) for word in words)
+            if length < MIN_LINE_TOKENS:
                 dropped += 1
                 continue
             rng = np.random.default_rng([seed, start + offset])
+            ids = [*leading, *content[:room], *trailing]
             examples.append(_mask_line(ids, words, rng, mask_id, random_pool))
-            tokens_read += content
+            tokens_read += length
             used += 1
             if tokens_read >= max_tokens:
                 break
@@ -258,31 +273,24 @@ def _masked_eval_set(
 
 
 def _word_groups(
-    encoded: Any, index: int, ids: list[int], tokenizer: Any, special: frozenset[int]
+    encoded: Any, index: int, ids: list[int], tokenizer: Any, special: frozenset[int], shift: int
 ) -> list[list[int]]:
-    """Positions of each whole word of one encoded line (special tokens excluded), in order."""
+    """Positions (plus ``shift``) of each whole word of one line's ``ids``, special tokens excluded, in order."""
+    if getattr(encoded, "is_fast", False):
+        word_ids = encoded.word_ids(index)[: len(ids)]
+        # Consecutive pieces of one word share a word id.
+        starts = [p == 0 or word_ids[p] is None or word_ids[p] != word_ids[p - 1] for p in range(len(ids))]
+    else:
+        # Slow tokenizers: WordPiece marks a word's continuation pieces with a leading '##'.
+        tokens = tokenizer.convert_ids_to_tokens(ids)
+        starts = [p == 0 or not token.startswith("##") for p, token in enumerate(tokens)]
     groups: list[list[int]] = []
-    if getattr(encoded, "is_fast", False) or getattr(tokenizer, "is_fast", False):
-        word_ids = encoded.word_ids(index)
-        previous = None
-        for position, word in enumerate(word_ids):
-            if word is None or ids[position] in special:
-                previous = None
-                continue
-            if word == previous and groups:
-                groups[-1].append(position)
-            else:
-                groups.append([position])
-            previous = word
-        return groups
-    # Slow tokenizers: WordPiece marks a word's continuation pieces with a leading '##'.
-    for position, token in enumerate(tokenizer.convert_ids_to_tokens(ids)):
-        if ids[position] in special:
+    for position, token_id in enumerate(ids):
+        if token_id in special:
             continue
-        if token.startswith("##") and groups and groups[-1][-1] == position - 1:
-            groups[-1].append(position)
-        else:
-            groups.append([position])
+        if starts[position] or not groups or groups[-1][-1] != position - 1 + shift:
+            groups.append([])
+        groups[-1].append(position + shift)
     return groups
 
 
@@ -301,7 +309,7 @@ def _mask_line(
         chosen.extend(words[w])
     chosen.sort()
     draws = rng.random(len(chosen))
-    replacements = rng.choice(random_pool, size=len(chosen)) if len(random_pool) else np.zeros(len(chosen))
+    replacements = rng.choice(random_pool, size=len(chosen))
     inputs, labels = list(ids), [_IGNORE] * len(ids)
     for position, draw, replacement in zip(chosen, draws, replacements, strict=True):
         labels[position] = ids[position]
@@ -323,7 +331,9 @@ def _causal_eval_set(
     lines: list[str] = []
     estimate = 0
     for _, chunk in _chunks(texts, _TOKENIZE_CHUNK):
-        for line, ids in zip(chunk, tokenizer(chunk, add_special_tokens=False)["input_ids"], strict=True):
+        for line, ids in zip(
+            chunk, tokenizer(chunk, add_special_tokens=False, verbose=False)["input_ids"], strict=True
+        ):
             if line.strip():
                 lines.append(line)
                 estimate += len(ids) + 1
@@ -331,7 +341,7 @@ def _causal_eval_set(
                 break
         if estimate >= max_tokens * 1.05 + 16:
             break
-    stream = tokenizer("\n".join(lines), add_special_tokens=False)["input_ids"][:max_tokens]
+    stream = tokenizer("\n".join(lines), add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
     windows = [stream[i : i + window] for i in range(0, len(stream), window)]
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
@@ -407,12 +417,13 @@ def score_variant(
     with torch.inference_mode():
         for index, batch in enumerate(eval_set.batches):
             logits = backbone.logits(batch.input_ids, batch.attention_mask, embedding=embedding, mode=mode)
-            scored = batch.labels != _IGNORE
-            # Select scored positions first: log-softmax over V only where a loss is taken.
-            nll = F.cross_entropy(logits[scored].double(), batch.labels[scored], reduction="sum")
+            # One row at a time, scored positions only: the log-softmax copies stay a fraction of the logits.
+            for row, labels in zip(logits, batch.labels, strict=True):
+                scored = labels != _IGNORE
+                if scored.any():
+                    total_nll += float(F.cross_entropy(row[scored], labels[scored], reduction="sum"))
+                    count += int(scored.sum())
             del logits
-            total_nll += float(nll)
-            count += int(scored.sum())
             if progress is not None:
                 progress(index + 1, len(eval_set.batches))
     mean = total_nll / count
@@ -575,5 +586,6 @@ __all__ = [
     "perplexity_cache_config",
     "perplexity_table",
     "score_variant",
+    "special_frame",
     "with_reference",
 ]

@@ -38,6 +38,7 @@ from embviz.perplexity import (
     MASKED_MAX_LENGTH,
     REFERENCE,
     model_max_length,
+    special_frame,
     with_reference,
 )
 
@@ -225,16 +226,6 @@ def _display(tokenizer: Any, token_id: int) -> str:
     return tokenizer.convert_ids_to_tokens(token_id) if "\ufffd" in text else text
 
 
-def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special ids the tokenizer puts before and after a single sequence (e.g. [CLS] / [SEP])."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    framed = tokenizer("a")["input_ids"]
-    for start in range(len(framed) - len(plain) + 1):
-        if framed[start : start + len(plain)] == plain:
-            return framed[:start], framed[start + len(plain) :]
-    return [], []
-
-
 def _split_room(before: int, after: int, room: int, share: float) -> tuple[int, int]:
     """Tokens to keep before and after the blank: ``share`` of ``room`` before it, unless one side is short."""
     keep_before = min(before, max(round(room * share), room - after))
@@ -259,10 +250,13 @@ class _MaskedScorer:
 
     def __init__(self, backbone: Backbone, blank: Blank, mode: Mode, max_context: int | None) -> None:
         tokenizer = backbone.tokenizer
+        if tokenizer.mask_token_id is None:
+            raise BadInputError(f"{backbone.name} has no mask token to fill")
         self.backbone, self.mode, self.notices = backbone, mode, []
         limit = min(max_context or MASKED_MAX_LENGTH, model_max_length(backbone, MASKED_MAX_LENGTH))
-        leading, trailing = _special_frame(tokenizer)
-        left = tokenizer(blank.left, add_special_tokens=False, verbose=False)["input_ids"]
+        leading, trailing = special_frame(tokenizer)
+        # The mask stands for a whole word with its leading space (byte-level vocabularies: 'Ġword').
+        left = tokenizer(blank.left.rstrip(), add_special_tokens=False, verbose=False)["input_ids"]
         right = tokenizer(blank.right, add_special_tokens=False, verbose=False)["input_ids"]
         room = limit - len(leading) - len(trailing) - 1
         if room < 0:
@@ -302,7 +296,7 @@ class _CausalScorer:
         # The filler carries its own leading space (byte-level BPE: 'Ġstore'), so the left context ends at
         # the last non-space character.
         left_text = blank.left.rstrip() if blank.left[-1:].isspace() else blank.left
-        leading, _ = _special_frame(tokenizer)
+        leading, _ = special_frame(tokenizer)
         left = tokenizer(left_text, add_special_tokens=False, verbose=False)["input_ids"]
         right = tokenizer(blank.right, add_special_tokens=False, verbose=False)["input_ids"]
         room = limit - len(leading) - 1

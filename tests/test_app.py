@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import streamlit as st
+from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
 from embviz.artifacts import compress_cached
@@ -15,6 +16,24 @@ from embviz.compressors import make_compressor
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("compress", "neighbours", "angles", "map", "predictions", "perplexity")
 RANK = 8
+
+
+@pytest.fixture(autouse=True)
+def server_routing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Route every run through app.py's st.navigation, as a real server does.
+
+    AppTest resets Streamlit's legacy ``pages/`` flag before every run, so each run would first go through
+    :func:`pages.common.use_app_router`'s one-off rerun (and lose a button click); a server clears the
+    flag for good once any session has called ``st.navigation``. The rerun itself is covered by the
+    browser tests, which open pages directly on a fresh server.
+    """
+    original = PagesManager.__init__
+
+    def init(self: PagesManager, *args: object, **kwargs: object) -> None:
+        original(self, *args, **kwargs)
+        PagesManager.uses_pages_directory = False
+
+    monkeypatch.setattr(PagesManager, "__init__", init)
 
 
 @pytest.fixture(scope="module")

@@ -302,5 +302,7 @@ def test_smollm2_bible_perplexity_is_plausible() -> None:
 
     backbone = Backbone.from_pretrained("smollm2")
     report = evaluate_perplexity(backbone, resolve_texts("bible:test"))
-    assert 5 < report.results["original"].perplexity < 15
+    # Measured: 19.5 (256-token windows over the first 2,048 tokens; 20.2 over 8,192). SPEC's 8.05 came from
+    # another slice: the same protocol on the first 2,048 tokens of bible:train (Genesis 1) gives 7.4.
+    assert 12 < report.results["original"].perplexity < 30
     assert report.results["original"].tokens >= DEFAULT_MAX_TOKENS - 16

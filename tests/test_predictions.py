@@ -209,6 +209,34 @@ def test_threads_give_the_serial_predictions(tiny_backbone: Backbone) -> None:
     assert parallel == serial
 
 
+def test_perplexity_and_predictions_together_in_threads(tiny_backbone: Backbone) -> None:
+    from embviz.perplexity import evaluate_perplexity
+
+    texts = [" ".join(["the king of france lived in a great palace in paris"] * 3)] * 6
+    half = {"half": tiny_backbone.embedding * 0.5}
+
+    def perplexity() -> dict[str, float]:
+        report = evaluate_perplexity(tiny_backbone, texts, half, max_tokens=200)
+        return {name: result.perplexity for name, result in report.results.items()}
+
+    def predictions() -> list[int]:
+        result = predict_blank(tiny_backbone, "The king of ___ lived in a palace.", half, k=5)
+        return [p.token_id for p in result.variants["half"].predictions]
+
+    serial = [perplexity(), predictions()] * 3
+    parallel: dict[int, object] = {}
+    jobs = [perplexity, predictions] * 3
+    threads = [
+        threading.Thread(target=lambda i=i, job=job: parallel.__setitem__(i, job()))
+        for i, job in enumerate(jobs)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [parallel[i] for i in range(len(jobs))] == serial
+
+
 def test_bad_k_is_refused(tiny_backbone: Backbone) -> None:
     with pytest.raises(BadInputError, match="k must be"):
         predict_blank(tiny_backbone, "a ___ b", k=0)

@@ -6,6 +6,7 @@ own browser download does not work offline. SwiftShader flags let Plotly's WebGL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -54,17 +55,22 @@ def browser_type_launch_args() -> dict:
 
 
 @pytest.fixture(scope="session")
-def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A live `streamlit run app.py` on a tiny causal model, with its own empty cache."""
+def e2e_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny causal model and a cache holding the AE the pages show (trained before any server starts)."""
     model = build_tiny_model("causal", tmp_path_factory.mktemp("e2e-model"))
     home = tmp_path_factory.mktemp("e2e-home")
-    with pytest.MonkeyPatch.context() as patch:  # train the AE the pages show before the server starts
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EMBVIZ_HOME", str(home))
         backbone = Backbone.from_pretrained(str(model))
         compress_cached(backbone.name, backbone.embedding, make_compressor("ae-paper", RANK, recipe="fast"))
+    return model, home
+
+
+@contextlib.contextmanager
+def serve_app(model: Path, home: Path, log: Path) -> Iterator[str]:
+    """`streamlit run app.py` on a free port until the block ends; yields its URL once healthy."""
     port = _free_port()
     env = {**os.environ, "EMBVIZ_BACKBONE": str(model), "EMBVIZ_HOME": str(home)}
-    log = tmp_path_factory.mktemp("e2e-log") / "streamlit.log"
     with open(log, "wb") as log_file:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
@@ -88,6 +94,20 @@ def app_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         finally:
             server.terminate()
             server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def app_url(e2e_model: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A live app shared by the browser tests."""
+    with serve_app(*e2e_model, tmp_path_factory.mktemp("e2e-log") / "streamlit.log") as url:
+        yield url
+
+
+@pytest.fixture
+def fresh_app_url(e2e_model: tuple[Path, Path], tmp_path: Path) -> Iterator[str]:
+    """A live app that no browser has opened yet (for shared links landing on a page directly)."""
+    with serve_app(*e2e_model, tmp_path / "streamlit.log") as url:
+        yield url
 
 
 def wait_for_idle(page, timeout_ms: int = 120_000) -> None:

@@ -68,3 +68,12 @@ def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
     for name in ("original", "SVD", "AE"):
         assert page.get_by_text(name, exact=True).first.is_visible()
     assert page.locator("[data-testid='stDataFrame']").count() >= 3
+
+
+def test_a_shared_link_to_a_page_keeps_its_settings_on_a_fresh_server(page, fresh_app_url: str) -> None:
+    # Streamlit runs a `pages/` file bare until some session has used st.navigation; the app reroutes it.
+    open_page(page, fresh_app_url, "neighbours", "tok=went&k=5")
+    assert_no_exception(page)
+    expect(page.get_by_text("Neighbours of '␣went'")).to_be_visible(timeout=60_000)
+    expect(page.locator("input[aria-label='Focus token']")).to_have_value("went")
+    assert "k=5" in page.url
