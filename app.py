@@ -16,25 +16,65 @@ BOUND = ("model", "path", "rank", "loss", "recipe", "mode", "tok", "k")
 with st.sidebar:
     st.header("embviz")
     choices = backbone_choices()
-    model = st.selectbox("Backbone", choices, index=choices.index(default_backbone()), key="model",
-                         bind="query-params", help="Packaged models load offline; smollm2 is the default.")
+    model = st.selectbox(
+        "Backbone",
+        choices,
+        index=choices.index(default_backbone()),
+        key="model",
+        bind="query-params",
+        help="Packaged models load offline; smollm2 is the default.",
+    )
     if model == OTHER_MODEL:
-        st.text_input("Model folder or hub id", key="path", bind="query-params",
-                      placeholder="/path/to/bert-base-uncased or gpt2")
-    st.number_input("Rank (latent size r)", min_value=1, value=64, step=8, key="rank", bind="query-params",
-                    help="Both SVD and the AE keep r numbers per token plus an r x D decoder.")
-    st.selectbox("AE loss", AE_LOSSES, key="loss", bind="query-params",
-                 help="paper: cosine + annealed |error|^alpha (the paper's); cosine only; MSE only.")
-    st.selectbox("AE recipe", RECIPES, key="recipe", bind="query-params",
-                 help="fast: SVD warm start, large batches; paper: Adam 1e-3, batch 32, 30 epochs.")
-    st.selectbox("Substitution", MODES, key="mode", bind="query-params",
-                 help="input: only the input embedding is replaced (the paper); tied: the output layer too.")
-    st.text_input("Focus token", value="king", key="tok", bind="query-params",
-                  help="A word or token, e.g. paris; #123 for a raw id.")
+        st.text_input(
+            "Model folder or hub id",
+            key="path",
+            bind="query-params",
+            placeholder="/path/to/bert-base-uncased or gpt2",
+        )
+    st.number_input(
+        "Rank (latent size r)",
+        min_value=1,
+        value=64,
+        step=8,
+        key="rank",
+        bind="query-params",
+        help="Both SVD and the AE keep r numbers per token plus an r x D decoder.",
+    )
+    st.selectbox(
+        "AE loss",
+        AE_LOSSES,
+        key="loss",
+        bind="query-params",
+        help="paper: cosine + annealed |error|^alpha (the paper's); cosine only; MSE only.",
+    )
+    st.selectbox(
+        "AE recipe",
+        RECIPES,
+        key="recipe",
+        bind="query-params",
+        help="fast: SVD warm start, large batches; paper: Adam 1e-3, batch 32, 30 epochs.",
+    )
+    st.selectbox(
+        "Substitution",
+        MODES,
+        key="mode",
+        bind="query-params",
+        help="input: only the input embedding is replaced (the paper); tied: the output layer too.",
+    )
+    st.text_input(
+        "Focus token",
+        value="king",
+        key="tok",
+        bind="query-params",
+        help="A word or token, e.g. paris; #123 for a raw id.",
+    )
     st.number_input("Neighbours k", min_value=1, max_value=100, value=10, key="k", bind="query-params")
 
-ignored = {key: value for key, value in requested.items()
-           if key in BOUND and str(st.session_state.get(key, "")) != str(value)}
+ignored = {
+    key: value
+    for key, value in requested.items()
+    if key in BOUND and str(st.session_state.get(key, "")) != str(value)
+}
 for key, value in ignored.items():
     st.warning(f"Ignored the URL value {key}={value!r}: not a valid choice here, so the default is used.")
 

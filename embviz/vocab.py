@@ -18,7 +18,7 @@ def display_token(token: str) -> str:
     """A readable form of a vocabulary entry: ``Ġparis`` -> ``␣paris``, ``Ċ`` -> ``↵``."""
     for marker in WORD_START_MARKERS:
         if token.startswith(marker) and len(token) > 1:
-            return "␣" + token[len(marker):]
+            return "␣" + token[len(marker) :]
     return token.replace("Ċ", "↵").replace("ĉ", "⇥") or "∅"
 
 

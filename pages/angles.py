@@ -53,8 +53,9 @@ ratio_figure = norm_ratio_histogram({name: a.norm_ratio for name, a in angles.it
 right.plotly_chart(ratio_figure, width="stretch")
 
 st.subheader("By kind of token")
-split = st.radio("Split by", ["token class", "corpus frequency"], horizontal=True, key="split",
-                 bind="query-params")
+split = st.radio(
+    "Split by", ["token class", "corpus frequency"], horizontal=True, key="split", bind="query-params"
+)
 with st.spinner("Counting token frequencies in the Bible train slice (cached)…"):
     groups = token_groups(backbone.name, "class" if split == "token class" else "frequency")
 order = TOKEN_CLASSES if split == "token class" else FREQUENCY_BANDS
@@ -64,7 +65,9 @@ values = {
     for name, a in angles.items()
 }
 counts = {group: int((groups == group).sum()) for group in present}
-bars = class_breakdown_bar(values, metric="mean angle (degrees)", counts=counts, order=present, provenance=note)
+bars = class_breakdown_bar(
+    values, metric="mean angle (degrees)", counts=counts, order=present, provenance=note
+)
 st.plotly_chart(bars, width="stretch")
 
 st.subheader("Tokens in an angle range")
@@ -75,13 +78,15 @@ top = float(np.ceil(finite.max())) if finite.size else 90.0
 low, high = st.slider("Angle range (degrees)", 0.0, max(top, 1.0), (min(60.0, top), max(top, 1.0)), step=0.5)
 chosen = np.flatnonzero((degrees >= low) & (degrees <= high))
 order_ids = chosen[np.argsort(-degrees[chosen], kind="stable")]
-table = pd.DataFrame({
-    "token": [display_token(backbone.tokens[i]) for i in order_ids],
-    "id": order_ids,
-    "group": groups[order_ids],
-    **{f"{name} angle": np.round(a.degrees[order_ids], 2) for name, a in angles.items()},
-    **{f"{name} norm ratio": np.round(a.norm_ratio[order_ids], 3) for name, a in angles.items()},
-})
+table = pd.DataFrame(
+    {
+        "token": [display_token(backbone.tokens[i]) for i in order_ids],
+        "id": order_ids,
+        "group": groups[order_ids],
+        **{f"{name} angle": np.round(a.degrees[order_ids], 2) for name, a in angles.items()},
+        **{f"{name} norm ratio": np.round(a.norm_ratio[order_ids], 3) for name, a in angles.items()},
+    }
+)
 st.caption(f"{len(table):,} tokens with a {variant} angle between {low:g}° and {high:g}° (largest first).")
 st.dataframe(table.head(500), hide_index=True, width="stretch")
 downloads("angles", table=table, figure=angle_figure)

@@ -139,8 +139,10 @@ def check_rank(backbone: Backbone, rank: int) -> bool:
     """Show an error (and return False) when the rank does not fit this backbone."""
     if 1 <= rank < backbone.hidden_size:
         return True
-    st.error(f"Rank {rank} is out of range: it must be between 1 and {backbone.hidden_size - 1} "
-             f"(the hidden size of {backbone.name} is {backbone.hidden_size}).")
+    st.error(
+        f"Rank {rank} is out of range: it must be between 1 and {backbone.hidden_size - 1} "
+        f"(the hidden size of {backbone.name} is {backbone.hidden_size})."
+    )
     return False
 
 
@@ -183,7 +185,9 @@ def variant_key(model: str, method: str, rank: int, recipe: str) -> tuple:
     return (model, method, rank, recipe if method.startswith("ae") else "")
 
 
-def get_variant(backbone: Backbone, method: str, rank: int, recipe: str, *, train: bool) -> ArtifactResult | None:
+def get_variant(
+    backbone: Backbone, method: str, rank: int, recipe: str, *, train: bool
+) -> ArtifactResult | None:
     """The artifact for one configuration: from memory, from the disk cache, or trained here if allowed.
 
     Training draws a live progress bar and loss read-out under ``st.status``. Returns None when the
@@ -219,18 +223,25 @@ def _train_with_progress(backbone: Backbone, compressor: Any, label: str, rank: 
 
         def report(update: TrainingProgress) -> None:
             done = ((update.epoch - 1) + update.step / max(update.steps, 1)) / max(update.epochs, 1)
-            bar.progress(min(max(done, 0.0), 1.0),
-                         text=f"epoch {update.epoch}/{update.epochs} · step {update.step}/{update.steps}")
+            bar.progress(
+                min(max(done, 0.0), 1.0),
+                text=f"epoch {update.epoch}/{update.epochs} · step {update.step}/{update.steps}",
+            )
             terms = " · ".join(f"{name} {value:.4f}" for name, value in update.terms.items())
             readout.caption(f"loss {update.loss:.5f} · {terms} · {update.elapsed_s:.0f} s")
 
         result = compress_cached(backbone.name, backbone.embedding, compressor, progress=report)
-        status.update(label=f"Trained {label}, rank {rank} in {result.compressed.train_seconds:.1f} s",
-                      state="complete", expanded=False)
+        status.update(
+            label=f"Trained {label}, rank {rank} in {result.compressed.train_seconds:.1f} s",
+            state="complete",
+            expanded=False,
+        )
     return result
 
 
-def variants_for(backbone: Backbone, config: Settings, *, train_button: bool = True) -> dict[str, ArtifactResult] | None:
+def variants_for(
+    backbone: Backbone, config: Settings, *, train_button: bool = True
+) -> dict[str, ArtifactResult] | None:
     """SVD and AE artifacts for the current settings; offers a train button while the AE is missing."""
     if not check_rank(backbone, config.rank):
         return None
@@ -238,8 +249,10 @@ def variants_for(backbone: Backbone, config: Settings, *, train_button: bool = T
         svd = get_variant(backbone, "svd", config.rank, config.recipe, train=True)
         ae = get_variant(backbone, config.ae_method, config.rank, config.recipe, train=False)
         if ae is None:
-            st.info(f"The {METHODS[config.ae_method]} at rank {config.rank} ({config.recipe} recipe) is not "
-                    "trained yet. Train it here or on the Compress page; it is cached on disk afterwards.")
+            st.info(
+                f"The {METHODS[config.ae_method]} at rank {config.rank} ({config.recipe} recipe) is not "
+                "trained yet. Train it here or on the Compress page; it is cached on disk afterwards."
+            )
             if not (train_button and st.button("Train the AutoEncoder now", type="primary")):
                 return None
             ae = get_variant(backbone, config.ae_method, config.rank, config.recipe, train=True)
@@ -249,7 +262,9 @@ def variants_for(backbone: Backbone, config: Settings, *, train_button: bool = T
     return {"SVD": svd, "AE": ae}  # type: ignore[dict-item]
 
 
-def reconstructions(backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]) -> dict[str, torch.Tensor]:
+def reconstructions(
+    backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]
+) -> dict[str, torch.Tensor]:
     """V x D matrices of each variant (shared, LRU-bounded)."""
     store = variant_store()
     methods = {"SVD": "svd", "AE": config.ae_method}
@@ -266,11 +281,15 @@ def _original_neighbours(model: str, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def _variant_neighbours(key: tuple, k: int, _compressed: CompressedEmbedding) -> tuple[np.ndarray, np.ndarray]:
+def _variant_neighbours(
+    key: tuple, k: int, _compressed: CompressedEmbedding
+) -> tuple[np.ndarray, np.ndarray]:
     return nearest_neighbours(_compressed, k)
 
 
-def neighbour_tables(backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]) -> dict[str, tuple]:
+def neighbour_tables(
+    backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]
+) -> dict[str, tuple]:
     """Full-vocabulary top-k tables: ``original`` (disk-cached) and each variant (factor path, in memory)."""
     methods = {"SVD": "svd", "AE": config.ae_method}
     tables = {ORIGINAL: _original_neighbours(backbone.name, config.k)}
@@ -288,7 +307,9 @@ def _quality(key: tuple, _backbone: Backbone, _compressed: CompressedEmbedding) 
 def quality_of(backbone: Backbone, config: Settings, name: str, result: ArtifactResult) -> dict[str, float]:
     """Mean cosine and relative error of one variant (cached per configuration)."""
     method = "svd" if name == "SVD" else config.ae_method
-    return _quality(variant_key(backbone.name, method, config.rank, config.recipe), backbone, result.compressed)
+    return _quality(
+        variant_key(backbone.name, method, config.rank, config.recipe), backbone, result.compressed
+    )
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -300,8 +321,9 @@ def angles_of(backbone: Backbone, config: Settings, variants: dict[str, Artifact
     """Per-token angle and norm ratio of each variant (cached per configuration)."""
     methods = {"SVD": "svd", "AE": config.ae_method}
     return {
-        name: _angles(variant_key(backbone.name, methods[name], config.rank, config.recipe), backbone,
-                      result.compressed)
+        name: _angles(
+            variant_key(backbone.name, methods[name], config.rank, config.recipe), backbone, result.compressed
+        )
         for name, result in variants.items()
     }
 
@@ -322,8 +344,15 @@ def variant_labels(variants: dict[str, ArtifactResult]) -> dict[str, str]:
 # -- presentation helpers ----------------------------------------------------------------------------------
 def provenance(backbone: Backbone, config: Settings, **facts: Any) -> str:
     ratio = ratio_for_rank(backbone.vocab_size, backbone.hidden_size, config.rank)
-    return provenance_line(backbone.name, rank=config.rank, ratio=f"{ratio:.1f}x", ae_loss=config.loss,
-                           recipe=config.recipe, seed=1, **facts)
+    return provenance_line(
+        backbone.name,
+        rank=config.rank,
+        ratio=f"{ratio:.1f}x",
+        ae_loss=config.loss,
+        recipe=config.recipe,
+        seed=1,
+        **facts,
+    )
 
 
 def explain(text: str) -> None:
@@ -336,14 +365,26 @@ def downloads(name: str, table: pd.DataFrame | None = None, payload: Any = None,
     """CSV / JSON / figure-HTML download buttons for the data behind a view."""
     columns = st.columns(3)
     if table is not None:
-        columns[0].download_button("CSV", table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv")
+        columns[0].download_button(
+            "CSV", table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv"
+        )
     if payload is not None or table is not None:
         data = payload if payload is not None else table.to_dict(orient="records")
-        columns[1].download_button("JSON", json.dumps(data, indent=2, default=str), f"{name}.json",
-                                   "application/json", key=f"{name}-json")
+        columns[1].download_button(
+            "JSON",
+            json.dumps(data, indent=2, default=str),
+            f"{name}.json",
+            "application/json",
+            key=f"{name}-json",
+        )
     if figure is not None:
-        columns[2].download_button("Figure (HTML)", figure.to_html(include_plotlyjs="cdn"), f"{name}.html",
-                                   "text/html", key=f"{name}-html")
+        columns[2].download_button(
+            "Figure (HTML)",
+            figure.to_html(include_plotlyjs="cdn"),
+            f"{name}.html",
+            "text/html",
+            key=f"{name}-html",
+        )
 
 
 def focus_token_id(backbone: Backbone, config: Settings) -> int | None:

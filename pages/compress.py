@@ -40,7 +40,9 @@ columns = st.columns(5)
 columns[0].metric("Backbone", info.name if len(info.name) < 24 else "…" + info.name[-22:])
 columns[1].metric("Kind", info.kind)
 columns[2].metric("Embedding", f"{info.vocab_size:,} x {info.hidden_size}")
-columns[3].metric("Embedding share", f"{info.embedding_share:.0%}", help=f"{info.embedding_params:,} parameters")
+columns[3].metric(
+    "Embedding share", f"{info.embedding_share:.0%}", help=f"{info.embedding_params:,} parameters"
+)
 columns[4].metric("Tied output layer", "yes" if info.tied else "no")
 if info.note:
     st.warning(info.note)
@@ -55,25 +57,31 @@ rows = []
 for name, result in variants.items():
     compressed = result.compressed
     quality = quality_of(backbone, config, name, result)
-    rows.append({
-        "variant": name,
-        "method": compressed.label,
-        "rank": compressed.rank,
-        "params": compressed.params,
-        "bytes": compressed.bytes,
-        "ratio": round(compressed.ratio, 2),
-        "train_seconds": round(compressed.train_seconds, 1),
-        "mean_cosine": round(quality["mean_cosine"], 4),
-        "relative_error": round(quality["relative_error"], 4),
-        "from_cache": result.cached,
-    })
+    rows.append(
+        {
+            "variant": name,
+            "method": compressed.label,
+            "rank": compressed.rank,
+            "params": compressed.params,
+            "bytes": compressed.bytes,
+            "ratio": round(compressed.ratio, 2),
+            "train_seconds": round(compressed.train_seconds, 1),
+            "mean_cosine": round(quality["mean_cosine"], 4),
+            "relative_error": round(quality["relative_error"], 4),
+            "from_cache": result.cached,
+        }
+    )
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True, width="stretch")
 cosines = table.set_index("variant")["mean_cosine"]
 if cosines.get("AE", 0) > cosines.get("SVD", 0):
-    st.success(f"The AE keeps directions better: mean cosine {cosines['AE']:.3f} vs SVD {cosines['SVD']:.3f}.")
+    st.success(
+        f"The AE keeps directions better: mean cosine {cosines['AE']:.3f} vs SVD {cosines['SVD']:.3f}."
+    )
 else:
-    st.info(f"Mean cosine: AE {cosines.get('AE', float('nan')):.3f}, SVD {cosines.get('SVD', float('nan')):.3f}.")
+    st.info(
+        f"Mean cosine: AE {cosines.get('AE', float('nan')):.3f}, SVD {cosines.get('SVD', float('nan')):.3f}."
+    )
 
 history = variants["AE"].compressed.history
 figure = None

@@ -41,39 +41,67 @@ if variants is None:
     st.stop()
 
 controls = st.columns([2, 2, 1])
-method = controls[0].radio("Projection", ["pca", "umap"], horizontal=True, key="map", bind="query-params",
-                           format_func=lambda m: {"pca": "PCA (instant)", "umap": "UMAP"}[m])
+method = controls[0].radio(
+    "Projection",
+    ["pca", "umap"],
+    horizontal=True,
+    key="map",
+    bind="query-params",
+    format_func=lambda m: {"pca": "PCA (instant)", "umap": "UMAP"}[m],
+)
 sample_choices = {"all tokens": None, "20,000 tokens": 20_000, "5,000 tokens": 5_000}
-sample_label = controls[1].selectbox("Points", list(sample_choices), key="map_points",
-                                     help="UMAP on the full vocabulary is the honest default; a sample is "
-                                          "faster and is always announced under the figure.")
-lines = controls[2].checkbox("Movement lines", key="map_lines", help="Lines from original to variant positions")
+sample_label = controls[1].selectbox(
+    "Points",
+    list(sample_choices),
+    key="map_points",
+    help="UMAP on the full vocabulary is the honest default; a sample is "
+    "faster and is always announced under the figure.",
+)
+lines = controls[2].checkbox(
+    "Movement lines", key="map_lines", help="Lines from original to variant positions"
+)
 
 focus = focus_token_id(backbone, config)
 matrices = reconstructions(backbone, config, variants)
-params = {} if method == "pca" else {"sample": sample_choices[sample_label],
-                                     "include_ids": [focus] if focus is not None else []}
+params = (
+    {}
+    if method == "pca"
+    else {"sample": sample_choices[sample_label], "include_ids": [focus] if focus is not None else []}
+)
 keys = {name: result.path.name for name, result in variants.items() if result.path is not None}
 try:
-    with st.status(f"{method.upper()} map of {backbone.vocab_size:,} tokens…", expanded=method == "umap") as status:
+    with st.status(
+        f"{method.upper()} map of {backbone.vocab_size:,} tokens…", expanded=method == "umap"
+    ) as status:
         bar = st.progress(0.0)
         result = projection_map(
-            method, backbone.embedding, matrices, backbone_name=backbone.name,
+            method,
+            backbone.embedding,
+            matrices,
+            backbone_name=backbone.name,
             fingerprint=backbone_fingerprint(backbone.name),
             variant_keys=keys if len(keys) == len(matrices) else None,
             progress=lambda stage, done: bar.progress(min(max(done, 0.0), 1.0), text=stage),
             **params,
         )
-        status.update(label=f"{method.upper()} map ready ({'from cache' if result.from_cache else f'{result.seconds:.1f} s'})",
-                      state="complete", expanded=False)
+        status.update(
+            label=f"{method.upper()} map ready ({'from cache' if result.from_cache else f'{result.seconds:.1f} s'})",
+            state="complete",
+            expanded=False,
+        )
 except EmbvizError as error:
     st.error(str(error))
     st.stop()
 
 note = result.note()
 figure = projection_panels(
-    result.coords, [display_token(t) for t in backbone.tokens], focus, ids=result.ids, sampled_note=note,
-    movement_lines=lines, provenance=provenance(backbone, config, map=method, **result.params),
+    result.coords,
+    [display_token(t) for t in backbone.tokens],
+    focus,
+    ids=result.ids,
+    sampled_note=note,
+    movement_lines=lines,
+    provenance=provenance(backbone, config, map=method, **result.params),
 )
 st.plotly_chart(figure, width="stretch")
 if note:

@@ -41,7 +41,9 @@ variants = variants_for(backbone, config)
 if variants is None:
     st.stop()
 
-with st.spinner(f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"):
+with st.spinner(
+    f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"
+):
     tables = neighbour_tables(backbone, config, variants)
 original_indices, original_scores = tables["original"]
 
@@ -55,7 +57,9 @@ if focus is not None:
     columns = st.columns(len(variants))
     for column, name in zip(columns, variants, strict=True):
         indices, scores = tables[name]
-        rows = neighbour_comparison(original_indices, original_scores, indices, scores, focus, backbone.tokens)
+        rows = neighbour_comparison(
+            original_indices, original_scores, indices, scores, focus, backbone.tokens
+        )
         frame = pd.DataFrame(rows)
         frame["token"] = frame["token"].map(display_token)
         frame = frame[["token", "status", "original_rank", "variant_rank", "original_score", "variant_score"]]
@@ -75,19 +79,25 @@ recalls = {name: recall_at_k(original_indices, tables[name][0]) for name in vari
 metric_columns = st.columns(len(recalls))
 for column, (name, recall) in zip(metric_columns, recalls.items(), strict=True):
     column.metric(f"{name} mean recall@{config.k}", f"{recall.mean:.3f}")
-figure = recall_histogram({name: r.per_token for name, r in recalls.items()}, config.k,
-                          provenance=provenance(backbone, config, k=config.k))
+figure = recall_histogram(
+    {name: r.per_token for name, r in recalls.items()},
+    config.k,
+    provenance=provenance(backbone, config, k=config.k),
+)
 st.plotly_chart(figure, width="stretch")
 
 st.subheader("Tokens that lost most")
 worst = np.argsort(recalls["AE"].per_token + recalls["SVD"].per_token, kind="stable")[:50]
-losers = pd.DataFrame({
-    "token": [display_token(backbone.tokens[i]) for i in worst],
-    "id": worst,
-    **{f"{name} recall": np.round(recall.per_token[worst], 2) for name, recall in recalls.items()},
-    "original neighbours": [", ".join(display_token(backbone.tokens[j]) for j in original_indices[i][:5])
-                            for i in worst],
-})
+losers = pd.DataFrame(
+    {
+        "token": [display_token(backbone.tokens[i]) for i in worst],
+        "id": worst,
+        **{f"{name} recall": np.round(recall.per_token[worst], 2) for name, recall in recalls.items()},
+        "original neighbours": [
+            ", ".join(display_token(backbone.tokens[j]) for j in original_indices[i][:5]) for i in worst
+        ],
+    }
+)
 st.dataframe(losers, hide_index=True, width="stretch")
 downloads("neighbours", table=losers, figure=figure)
 st.caption(f"Original neighbour table: fingerprint {backbone_fingerprint(backbone.name)[:12]}")

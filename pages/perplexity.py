@@ -32,13 +32,17 @@ if backbone is None:
     st.stop()
 
 controls = st.columns([3, 2, 2])
-methods = controls[0].multiselect("Methods", SWEEP_METHODS, default=["svd", "ae-paper"], key="ppl_methods",
-                                  format_func=lambda m: METHODS[m])
-ratios = controls[1].multiselect("Compression ratios", RATIOS, default=[4.0, 8.0], key="ppl_ratios",
-                                 format_func=lambda r: f"{r:g}x")
+methods = controls[0].multiselect(
+    "Methods", SWEEP_METHODS, default=["svd", "ae-paper"], key="ppl_methods", format_func=lambda m: METHODS[m]
+)
+ratios = controls[1].multiselect(
+    "Compression ratios", RATIOS, default=[4.0, 8.0], key="ppl_ratios", format_func=lambda r: f"{r:g}x"
+)
 text = controls[2].selectbox("Held-out text", TEXTS, key="ppl_text")
-st.caption(f"Substitution mode: **{config.mode}** · AE recipe: **{config.recipe}** (change them in the "
-           "sidebar). Every variant is scored on the same tokens (and, for masked models, the same masks).")
+st.caption(
+    f"Substitution mode: **{config.mode}** · AE recipe: **{config.recipe}** (change them in the "
+    "sidebar). Every variant is scored on the same tokens (and, for masked models, the same masks)."
+)
 
 request = (backbone.name, tuple(methods), tuple(sorted(ratios)), text, config.mode, config.recipe)
 results: dict = st.session_state.setdefault("ppl_results", {})
@@ -46,23 +50,36 @@ if st.button("Compute the sweep", type="primary", disabled=not (methods and rati
     try:
         with st.status(f"Sweeping {len(methods)} methods x {len(ratios)} ratios…", expanded=True) as status:
             bar = st.progress(0.0)
-            rows = sweep(backbone, list(methods), ratios=sorted(ratios), text=text, mode=config.mode,
-                         k=config.k, recipe=config.recipe,
-                         progress=lambda done, total, message: bar.progress(done / max(total, 1), text=message))
-            status.update(label="Sweep done (artifacts and perplexities are cached on disk)", state="complete",
-                          expanded=False)
+            rows = sweep(
+                backbone,
+                list(methods),
+                ratios=sorted(ratios),
+                text=text,
+                mode=config.mode,
+                k=config.k,
+                recipe=config.recipe,
+                progress=lambda done, total, message: bar.progress(done / max(total, 1), text=message),
+            )
+            status.update(
+                label="Sweep done (artifacts and perplexities are cached on disk)",
+                state="complete",
+                expanded=False,
+            )
         results[request] = rows
     except EmbvizError as error:
         st.error(str(error))
 
 rows = results.get(request)
 if rows is None:
-    st.info("Pick methods and ratios, then compute. Trained AEs and perplexities are cached on disk, so a "
-            "repeated sweep is fast; the first AE per ratio trains for a while.")
+    st.info(
+        "Pick methods and ratios, then compute. Trained AEs and perplexities are cached on disk, so a "
+        "repeated sweep is fast; the first AE per ratio trains for a while."
+    )
     st.stop()
 
-figure = perplexity_curve(rows, provenance=provenance_line(backbone.name, text=text, mode=config.mode,
-                                                           recipe=config.recipe, seed=1))
+figure = perplexity_curve(
+    rows, provenance=provenance_line(backbone.name, text=text, mode=config.mode, recipe=config.recipe, seed=1)
+)
 st.plotly_chart(figure, use_container_width=True)
 table = pd.DataFrame(rows)
 st.dataframe(table, hide_index=True, use_container_width=True)

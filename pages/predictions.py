@@ -56,8 +56,9 @@ sentence = st.text_input("Sentence with a blank", key="sentence", bind="query-pa
 matrices = reconstructions(backbone, config, variants)
 try:
     with st.spinner("Predicting with three variants…"):
-        result = predict_blank(backbone, sentence, {"original": None, **matrices}, k=config.k,
-                               mode=config.mode)  # type: ignore[arg-type]
+        result = predict_blank(
+            backbone, sentence, {"original": None, **matrices}, k=config.k, mode=config.mode
+        )  # type: ignore[arg-type]
 except EmbvizError as error:
     st.error(str(error))
     st.stop()
@@ -74,10 +75,12 @@ for column, (name, predictions) in zip(columns, result.variants.items(), strict=
             column.warning(f"original top-1 now at rank {predictions.reference_top1_rank}")
         else:
             column.markdown(f":red[original top-1 not in its top {config.k}]")
-    frame = pd.DataFrame([
-        {"token": p.token, "probability": round(p.probability, 4), "new": "new" if p.new else ""}
-        for p in predictions.predictions
-    ])
+    frame = pd.DataFrame(
+        [
+            {"token": p.token, "probability": round(p.probability, 4), "new": "new" if p.new else ""}
+            for p in predictions.predictions
+        ]
+    )
     column.dataframe(frame, hide_index=True, width="stretch")
     if predictions.lost:
         column.caption("lost: " + ", ".join(repr(t) for t in predictions.lost))

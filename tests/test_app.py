@@ -72,8 +72,9 @@ def assert_clean(app: AppTest) -> None:
     assert not app.error, [e.value for e in app.error]
 
 
-def test_train_button_trains_and_caches_the_autoencoder(app_env: Path, tmp_path: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_train_button_trains_and_caches_the_autoencoder(
+    app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "fresh"))
     st.cache_resource.clear()
     app = run_app(rank="6")
@@ -113,7 +114,9 @@ def test_url_parameters_restore_the_shared_state(trained: Path) -> None:
         ({"rank": "999"}, "out of range"),
     ],
 )
-def test_bad_values_show_an_error_not_a_traceback(trained: Path, params: dict[str, str], message: str) -> None:
+def test_bad_values_show_an_error_not_a_traceback(
+    trained: Path, params: dict[str, str], message: str
+) -> None:
     app = run_app("neighbours", **params)
     assert not app.exception
     assert any(message in error.value for error in app.error)

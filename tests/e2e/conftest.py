@@ -73,9 +73,23 @@ def serve_app(model: Path, home: Path, log: Path) -> Iterator[str]:
     env = {**os.environ, "EMBVIZ_BACKBONE": str(model), "EMBVIZ_HOME": str(home)}
     with open(log, "wb") as log_file:
         server = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-             "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-            cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "streamlit",
+                "run",
+                "app.py",
+                "--server.port",
+                str(port),
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
         url = f"http://localhost:{port}"
         try:

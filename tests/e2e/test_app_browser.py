@@ -12,9 +12,14 @@ from tests.e2e.conftest import RANK, wait_for_idle
 
 pytestmark = pytest.mark.e2e
 
-PAGES = {"": "Compress", "neighbours": "Nearest neighbours", "angles": "Reconstruction angles",
-         "map": "Map of the vocabulary", "predictions": "Fill in the blank",
-         "perplexity": "Perplexity vs compression"}
+PAGES = {
+    "": "Compress",
+    "neighbours": "Nearest neighbours",
+    "angles": "Reconstruction angles",
+    "map": "Map of the vocabulary",
+    "predictions": "Fill in the blank",
+    "perplexity": "Perplexity vs compression",
+}
 
 
 def open_page(page, app_url: str, path: str = "", query: str = "") -> None:
@@ -26,7 +31,8 @@ def open_page(page, app_url: str, path: str = "", query: str = "") -> None:
 
 def assert_no_exception(page) -> None:
     assert page.locator("[data-testid='stException']").count() == 0, page.locator(
-        "[data-testid='stException']").first.inner_text()
+        "[data-testid='stException']"
+    ).first.inner_text()
 
 
 @pytest.mark.parametrize("path", list(PAGES))
