@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import AE_LOSSES, MODES, OTHER_MODEL, RECIPES, backbone_choices, default_backbone
+from pages.common import (
+    AE_LOSSES,
+    MODES,
+    OTHER_MODEL,
+    RECIPES,
+    backbone_choices,
+    cache_warning,
+    default_backbone,
+    remember_url_request,
+    warn_ignored_url_values,
+)
 
 st.set_page_config(page_title="embviz", page_icon="🧭", layout="wide")
 
 # Streamlit drops URL values a widget cannot take (rank=abc, model=zzz) and falls back to the default;
 # remember what the URL asked for so the user is told instead of silently ignored.
-requested = dict(st.query_params)
+remember_url_request()
 BOUND = ("model", "path", "rank", "loss", "recipe", "mode", "tok", "k")
 
 with st.sidebar:
@@ -70,13 +80,8 @@ with st.sidebar:
     )
     st.number_input("Neighbours k", min_value=1, max_value=100, value=10, key="k", bind="query-params")
 
-ignored = {
-    key: value
-    for key, value in requested.items()
-    if key in BOUND and str(st.session_state.get(key, "")) != str(value)
-}
-for key, value in ignored.items():
-    st.warning(f"Ignored the URL value {key}={value!r}: not a valid choice here, so the default is used.")
+warn_ignored_url_values(BOUND)
+cache_warning()
 
 pages = [
     st.Page("pages/compress.py", title="Compress", icon=":material/compress:", default=True),

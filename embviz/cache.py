@@ -10,9 +10,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,19 @@ from embviz.errors import EmbvizError
 
 HOME_ENV = "EMBVIZ_HOME"
 
+logger = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time this process meets it (one notice per broken cache)."""
+    with _WARNED_LOCK:
+        if message in _WARNED:
+            return
+        _WARNED.add(message)
+    logger.warning(message)
+
 
 def embviz_home() -> Path:
     """The cache root: ``$EMBVIZ_HOME`` if set, else the user's cache directory (``~/.cache/embviz``)."""
@@ -31,20 +46,50 @@ def embviz_home() -> Path:
     return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("embviz"))
 
 
+def _plain_name(part: str) -> str:
+    """A single folder name: no separators, no ``.`` / ``..``, no NUL (cache paths never leave the cache)."""
+    if part in ("", ".", "..") or any(bad in part for bad in ("/", "\\", "\x00")):
+        raise EmbvizError(f"path {part!r} escapes the cache ({HOME_ENV})")
+    return part
+
+
 def cache_dir(*parts: str) -> Path:
-    """A writable sub-directory of the cache, created on demand.
+    """A writable sub-directory of the cache, created on demand (``parts`` are plain folder names).
 
     Raises:
         EmbvizError: the cache cannot be created or written (read-only disk, a file in the way).
     """
-    path = embviz_home().joinpath(*parts)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EmbvizError(f"cache directory {path} is not usable ({exc.strerror}); set {HOME_ENV}") from exc
-    if not os.access(path, os.W_OK):
-        raise EmbvizError(f"cache directory {path} is read-only; set {HOME_ENV} to a writable folder")
+    home = embviz_home()
+    path = home.joinpath(*map(_plain_name, parts))
+    for folder in dict.fromkeys((home, path)):  # the root first, so its problem is the one reported
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except (OSError, ValueError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise EmbvizError(
+                f"cache directory {folder} is not usable ({reason}); set {HOME_ENV} to a writable folder"
+            ) from exc
+        if not os.access(folder, os.W_OK):
+            raise EmbvizError(f"cache directory {folder} is read-only; set {HOME_ENV} to a writable folder")
     return path
+
+
+def optional_cache_dir(*parts: str) -> Path | None:
+    """:func:`cache_dir`, or None when the cache is unusable (reported once): the caller computes uncached."""
+    try:
+        return cache_dir(*parts)
+    except EmbvizError as exc:
+        warn_once(f"{exc}; computing without caching")
+        return None
+
+
+def cache_problem() -> str | None:
+    """Why the cache cannot be used, in one line, or None when it can."""
+    try:
+        cache_dir()
+    except EmbvizError as exc:
+        return str(exc)
+    return None
 
 
 def config_key(config: dict[str, Any], length: int = 16) -> str:
@@ -85,6 +130,16 @@ def atomic_write_json(path: Path, payload: Any) -> None:
     atomic_write_bytes(path, json.dumps(payload, indent=2, sort_keys=True, default=str).encode())
 
 
+def write_if_possible(path: Path, data: bytes) -> bool:
+    """:func:`atomic_write_bytes` for a cache entry; a failure (disk full, read-only) is reported, not raised."""
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        warn_once(f"could not write to the cache folder {path.parent} ({exc.strerror or exc}); not cached")
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it replaces ``final`` in one rename."""
@@ -100,12 +155,37 @@ def atomic_directory(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temporaries(final: Path) -> None:
+    """Delete temporaries a killed writer left beside ``final`` (call while holding ``final``'s lock)."""
+    for stale in final.parent.glob(f".{final.name}.*.tmp"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+
 @contextlib.contextmanager
 def locked(path: Path, timeout: float = 1800.0) -> Iterator[None]:
-    """An inter-process lock on ``path`` (a ``.lock`` file beside it), so two processes build once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with filelock.FileLock(str(path) + ".lock", timeout=timeout):
+    """An inter-process lock on ``path`` (a ``.lock`` file beside it), so two processes build once.
+
+    Where the lock file cannot be created (a read-only cache) the block runs unlocked, reported once.
+    """
+    lock = filelock.FileLock(str(path) + ".lock", timeout=timeout)
+    acquired = False
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        acquired = True
+    except filelock.Timeout:
+        raise
+    except OSError as exc:
+        warn_once(f"cannot lock in the cache folder {path.parent} ({exc.strerror or exc}); running unlocked")
+    try:
         yield
+    finally:
+        if acquired:
+            lock.release()
 
 
 def resolve_inside(root: Path, name: str) -> Path:

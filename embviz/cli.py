@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from embviz.errors import EmbvizError
 
@@ -56,6 +56,11 @@ def _load_backbone(args: argparse.Namespace):
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="built-in name (smollm2, minilm), local HF folder, or hub id")
+    _add_trust(parser)
+
+
+def _add_trust(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code``, offered by every command that loads a model (off unless given)."""
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -87,6 +92,7 @@ def _corpora_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", help="count tokens with this backbone's tokenizer (default smollm2)", default="smollm2"
     )
     parser.add_argument("--no-tokens", action="store_true", help="skip token counts (words and units only)")
+    _add_trust(parser)
     _add_json(parser)
 
 
@@ -407,11 +413,56 @@ def _rank_text(rank: int | None) -> str:
     return "not in the top-k" if rank is None else f"at rank {rank}"
 
 
+# -- bench ---------------------------------------------------------------------------------------------
+@command(
+    "bench", "benchmark the default backbone: loads, AE recipes, neighbour search, maps, latency, memory"
+)
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a few minutes: fewer runs, a 3-epoch paper recipe, UMAP on a 5,000-token sample (all reported)",
+    )
+    parser.add_argument("--model", default="smollm2", help="backbone to measure (default smollm2)")
+    parser.add_argument("--stages", help="comma-separated subset of: load, ae, knn, maps, latency, memory")
+    parser.add_argument(
+        "--repeats", type=int, help="runs per figure (default: 5 cheap / 3 costly; quick 3 / 1)"
+    )
+    _add_json(parser)
+
+
+@_bench_arguments.runs
+def run_bench(args: argparse.Namespace) -> int:
+    from embviz.bench import BenchSettings, render
+    from embviz.bench import run_bench as bench
+    from embviz.errors import BadInputError
+
+    if args.repeats is not None and args.repeats < 1:
+        raise BadInputError(f"--repeats must be at least 1, got {args.repeats}")
+    stages = _parse_list(args.stages, str, "--stages", "stage names") if args.stages else None
+    settings = BenchSettings.for_mode(quick=args.quick, model=args.model, repeats=args.repeats)
+    command_line = "embviz " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "embviz bench"
+
+    def say(message: str) -> None:
+        print(f"embviz bench: {message}", file=sys.stderr, flush=True)
+
+    result = bench(settings, stages, command=command_line, progress=say)
+    emit(result, args.json, render)
+    return 1 if result["errors"] else 0
+
+
 # -- entry point ---------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other embviz error (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"embviz: error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from embviz import __version__
 
-    parser = argparse.ArgumentParser(prog="embviz", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="embviz", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"embviz {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -15,6 +15,7 @@ and the exports all share them.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -30,9 +31,18 @@ import numpy as np
 import torch
 
 from embviz.artifacts import matrix_fingerprint
-from embviz.cache import atomic_write_bytes, cache_dir, config_key, locked, sha256_bytes
+from embviz.backbones import reserved_token_ids
+from embviz.cache import (
+    config_key,
+    locked,
+    optional_cache_dir,
+    remove_stale_temporaries,
+    sha256_bytes,
+    write_if_possible,
+)
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError
+from embviz.resources import check_memory, neighbour_memory
 
 logger = logging.getLogger(__name__)
 
@@ -70,23 +80,36 @@ def default_block_rows(vocab_size: int) -> int:
     return int(max(64, min(MAX_BLOCK_ROWS, SIMILARITY_BLOCK_BYTES // (4 * max(vocab_size, 1)))))
 
 
-def _matrix_fingerprint(matrix: Matrix) -> str:
-    """:func:`embviz.artifacts.matrix_fingerprint` (sha256 of shape and float32 bytes), numpy accepted."""
-    return matrix_fingerprint(_as_tensor(matrix))
+def variant_fingerprint(matrix: MatrixLike) -> str:
+    """A sha256 of what a matrix or variant stores: :func:`embviz.artifacts.matrix_fingerprint` for a plain
+    matrix, else of its codes, decoder, bias, activation or dense rows."""
+    if not isinstance(matrix, CompressedEmbedding):
+        return matrix_fingerprint(_as_tensor(matrix))
+    digest = hashlib.sha256(f"{matrix.method}:{getattr(matrix, 'decoder_activation', None)}".encode())
+    for tensor in (matrix.codes, matrix.decoder, matrix.decoder_bias, matrix.dense):
+        if tensor is not None:
+            array = np.ascontiguousarray(tensor.detach().float().numpy())
+            digest.update(f"{array.shape}".encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 # -- on-disk array cache -----------------------------------------------------------------------------------
 def cached_arrays(
-    path: Path,
+    path: Path | None,
     compute: Callable[[], dict[str, np.ndarray]],
     valid: Callable[[dict[str, np.ndarray]], bool],
 ) -> dict[str, np.ndarray]:
     """Load the arrays stored at ``path`` (an ``.npz``), or compute, store atomically and return them.
 
     A file that cannot be read or fails ``valid`` is treated as missing and rewritten. A lock makes two
-    processes asking for the same entry compute it once.
+    processes asking for the same entry compute it once. With ``path`` None (no usable cache), or when the
+    entry cannot be written, the arrays are computed and returned uncached.
     """
+    if path is None:
+        return compute()
     with locked(path):
+        remove_stale_temporaries(path)
         stored = _load_npz(path)
         if stored is not None:
             if valid(stored):
@@ -95,7 +118,7 @@ def cached_arrays(
         arrays = compute()
         buffer = io.BytesIO()
         np.savez(buffer, **arrays)
-        atomic_write_bytes(path, buffer.getvalue())
+        write_if_possible(path, buffer.getvalue())
         return arrays
 
 
@@ -262,6 +285,15 @@ def _check_k(k: int, candidates: int) -> None:
         raise BadInputError(f"k must be between 1 and {candidates} here (the candidate tokens)")
 
 
+def _check_search_memory(queries: MatrixLike, keys: int, k: int, block_rows: int, factors: bool) -> None:
+    """Refuse (:class:`~embviz.errors.ResourceError`) a neighbour search that would not fit in memory."""
+    rows, width = _shape(queries)
+    if factors:
+        width = (queries.rank or 0) + 1  # type: ignore[union-attr]
+    needed = neighbour_memory(rows, width, keys, k, block_rows, _CHUNK)
+    check_memory(f"the {k} nearest neighbours of {rows:,} tokens among {keys:,}", needed)
+
+
 def nearest_neighbours(
     matrix: MatrixLike,
     k: int = 10,
@@ -281,10 +313,13 @@ def nearest_neighbours(
     vocab = _shape(matrix)[0]
     _check_k(k, vocab - 1)
     block_rows = block_rows or default_block_rows(vocab)
-    if _uses_factors(matrix, method):
-        unit = _unit_rows(factor_embedding(matrix)).float()  # type: ignore[arg-type]
-    else:
-        unit = _dense_unit_rows(matrix, block_rows)
+    factors = _uses_factors(matrix, method)
+    _check_search_memory(matrix, vocab, k, block_rows, factors)
+    unit = (
+        _unit_rows(factor_embedding(matrix)).float()  # type: ignore[arg-type]
+        if factors
+        else _dense_unit_rows(matrix, block_rows)
+    )
     return _blocked_topk(unit, unit, k, exclude_self=True, block_rows=block_rows, progress=progress)
 
 
@@ -306,7 +341,9 @@ def cross_neighbours(
     keys = _as_tensor(keys)
     _check_k(k, keys.shape[0])
     block_rows = block_rows or default_block_rows(keys.shape[0])
-    if _uses_factors(queries, method):
+    factors = _uses_factors(queries, method)
+    _check_search_memory(queries, keys.shape[0], k, block_rows, factors)
+    if factors:
         codes, factor = _augmented_factors(queries)  # type: ignore[arg-type]
         norms = factor_embedding(queries).norm(dim=1, keepdim=True)  # type: ignore[arg-type]
         query_rows = (codes / torch.where(norms > 0, norms, 1.0)).float()
@@ -337,18 +374,19 @@ def _valid_table(vocab: int, k: int) -> Callable[[dict[str, np.ndarray]], bool]:
 def neighbour_table_cached(
     backbone_name: str,
     fingerprint: str | None,
-    embedding: Matrix,
+    embedding: MatrixLike,
     k: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The original matrix's :func:`nearest_neighbours` table, computed once per matrix and k.
+    """:func:`nearest_neighbours` of the original matrix (or of a variant), computed once per matrix and k.
 
     Stored under ``cache_dir("neighbours")`` keyed by ``fingerprint`` (a hash of ``embedding``;
-    :func:`embviz.artifacts.matrix_fingerprint` when None) and k; a corrupt or mismatched file is recomputed.
+    :func:`variant_fingerprint` when None) and k; a corrupt or mismatched file is recomputed.
     """
     vocab = _shape(embedding)[0]
-    fingerprint = fingerprint or _matrix_fingerprint(embedding)
+    fingerprint = fingerprint or variant_fingerprint(embedding)
     key = config_key({"v": _CACHE_VERSION, "fingerprint": fingerprint, "k": k, "shape": _shape(embedding)})
-    path = cache_dir("neighbours") / f"{_safe_name(backbone_name)}-k{k}-{key}.npz"
+    folder = optional_cache_dir("neighbours")
+    path = folder / f"{_safe_name(backbone_name)}-k{k}-{key}.npz" if folder else None
 
     def compute() -> dict[str, np.ndarray]:
         indices, scores = nearest_neighbours(embedding, k)
@@ -486,17 +524,6 @@ def _classify(text: str | None, word_start: bool) -> str:
     return "word" if word_start else "subword"
 
 
-def reserved_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids a tokenizer reserves: its special tokens plus added tokens flagged special.
-
-    ``all_special_ids`` alone misses e.g. SmolLM2's ``<repo_name>`` / ``<jupyter_code>`` markers, which are
-    added tokens with ``special=True``; pass this to :func:`token_classes` as ``special_ids``.
-    """
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    flagged = {int(i) for i, token in added.items() if getattr(token, "special", False)}
-    return frozenset({int(i) for i in getattr(tokenizer, "all_special_ids", [])} | flagged)
-
-
 def token_classes(
     tokens: Sequence[str],
     special_ids: Iterable[int] = (),
@@ -561,7 +588,8 @@ def corpus_frequencies(
 
     vocab_hash = sha256_bytes("\x00".join(tokens).encode())
     key = config_key({"v": _CACHE_VERSION, "vocab": vocab_hash, "corpus": corpus, "split": split})
-    path = cache_dir("frequencies") / f"{_safe_name(corpus)}-{split}-{key}.npz"
+    folder = optional_cache_dir("frequencies")
+    path = folder / f"{_safe_name(corpus)}-{split}-{key}.npz" if folder else None
 
     def compute() -> dict[str, np.ndarray]:
         texts = load_texts(corpus, split)  # type: ignore[arg-type]
@@ -665,4 +693,5 @@ __all__ = [
     "summary",
     "token_classes",
     "token_frequencies",
+    "variant_fingerprint",
 ]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from embviz.backbones import Backbone, Kind, Mode
-from embviz.cache import atomic_write_json, cache_dir, config_key
+from embviz.cache import config_key, optional_cache_dir, write_if_possible
 from embviz.errors import BadInputError
 
 PROTOCOL_VERSION = 1
@@ -536,7 +536,10 @@ def cached_perplexity(
     A missing, corrupt or mismatching entry is recomputed and overwritten; a hit has ``cached=True``.
     """
     config = json.loads(json.dumps(dict(key_config), sort_keys=True, default=str))
-    path = cache_dir("perplexity") / f"{config_key(config)}.json"
+    folder = optional_cache_dir("perplexity")
+    if folder is None:
+        return compute()
+    path = folder / f"{config_key(config)}.json"
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
         if entry["config"] == config:
@@ -551,7 +554,8 @@ def cached_perplexity(
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no entry yet, or unreadable: recompute below
     result = compute()
-    atomic_write_json(path, {"config": config, "result": {**asdict(result), "cached": False}})
+    entry = {"config": config, "result": {**asdict(result), "cached": False}}
+    write_if_possible(path, json.dumps(entry, indent=2, sort_keys=True).encode())
     return result
 
 

@@ -159,8 +159,8 @@ def predict_blank(
     Raises:
         BadInputError: no blank / several blanks, bad ``k``, or a blank with no context a causal model can use.
     """
-    if k < 1:
-        raise BadInputError(f"k must be at least 1, got {k}")
+    if not 1 <= k <= backbone.vocab_size:
+        raise BadInputError(f"k must be between 1 and {backbone.vocab_size} (the vocabulary size), got {k}")
     if candidates < 1 or (variant_candidates is not None and variant_candidates < 0):
         raise BadInputError("candidates must be at least 1 and variant_candidates at least 0")
     started = time.perf_counter()

@@ -22,6 +22,12 @@ def display_token(token: str) -> str:
     return token.replace("Ċ", "↵").replace("ĉ", "⇥") or "∅"
 
 
+def visible_text(text: str) -> str:
+    """Decoded text with invisible characters shown: newline ``↵``, tab ``⇥``, a space-only text ``␣``."""
+    shown = text.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
+    return shown.replace(" ", "␣") if shown and not shown.strip() else shown or "∅"
+
+
 def _candidates(query: str) -> list[str]:
     return [marker + query for marker in WORD_START_MARKERS] + [query]
 
@@ -34,11 +40,11 @@ def find_token(tokens: Sequence[str], query: str, index: dict[str, int] | None =
     query = query.strip()
     if not query:
         raise BadInputError("type a token to focus on")
-    if query.startswith("#") and query[1:].isdigit():
-        token_id = int(query[1:])
-        if token_id >= len(tokens):
-            raise BadInputError(f"token id {token_id} is outside the vocabulary (0..{len(tokens) - 1})")
-        return token_id
+    digits = query[1:]
+    if query.startswith("#") and digits.isascii() and digits.isdigit():  # ASCII only: int('²') fails
+        if len(digits) > 18 or int(digits) >= len(tokens):
+            raise BadInputError(f"token id {digits[:20]} is outside the vocabulary (0..{len(tokens) - 1})")
+        return int(digits)
     index = index if index is not None else {token: i for i, token in enumerate(tokens)}
     if query.startswith("␣"):
         query = query[1:]

@@ -19,6 +19,7 @@ from pages.common import (
     token_groups,
     use_app_router,
     variants_for,
+    warn_ignored_url_values,
 )
 
 use_app_router()
@@ -56,6 +57,7 @@ st.subheader("By kind of token")
 split = st.radio(
     "Split by", ["token class", "corpus frequency"], horizontal=True, key="split", bind="query-params"
 )
+warn_ignored_url_values(("split",))
 with st.spinner("Counting token frequencies in the Bible train slice (cached)…"):
     groups = token_groups(backbone.name, "class" if split == "token class" else "frequency")
 order = TOKEN_CLASSES if split == "token class" else FREQUENCY_BANDS

@@ -20,6 +20,7 @@ import torch
 
 from embviz.artifacts import ArtifactResult, artifact_path, compress_cached, matrix_fingerprint
 from embviz.backbones import BUILTINS, DEFAULT_BACKBONE, Backbone
+from embviz.cache import cache_problem
 from embviz.compressors import (
     METHODS,
     CompressedEmbedding,
@@ -60,6 +61,33 @@ def use_app_router() -> None:
     if PagesManager.uses_pages_directory:
         PagesManager.uses_pages_directory = False
         st.rerun()
+
+
+_URL_REQUEST = "_embviz_url_request"
+
+
+def remember_url_request() -> None:
+    """Keep what the URL asked for at the start of this run: Streamlit drops values a widget cannot take
+    (``rank=abc``, ``model=zzz``) and falls back to the default; :func:`warn_ignored_url_values` tells the user."""
+    st.session_state[_URL_REQUEST] = dict(st.query_params)
+
+
+def warn_ignored_url_values(keys: tuple[str, ...]) -> None:
+    """One warning per URL value among ``keys`` that its (already drawn) widget could not take."""
+    requested = st.session_state.get(_URL_REQUEST, {})
+    for key in keys:
+        used = st.session_state.get(key, "")
+        if key in requested and str(used) != str(requested[key]):
+            st.warning(
+                f"Ignored the URL value {key}={requested[key]!r}: not a valid choice here; using {used!r}."
+            )
+
+
+def cache_warning() -> None:
+    """One warning when the disk cache is unusable: everything still works, it is just not kept."""
+    problem = cache_problem()
+    if problem:
+        st.warning(f"The disk cache is not usable, so nothing is kept between runs: {problem}.")
 
 
 def default_backbone() -> str:
@@ -210,7 +238,7 @@ def get_variant(
             result = compress_cached(backbone.name, backbone.embedding, compressor)
     else:
         result = _train_with_progress(backbone, compressor, label, rank)
-    if result.notice:
+    if result.notice and not (result.path is None and cache_problem()):  # cache_warning() says that once
         st.warning(result.notice)
     store.results[key] = result
     return result

@@ -16,10 +16,10 @@ from pages.common import (
     explain,
     focus_token_id,
     provenance,
-    reconstructions,
     settings,
     use_app_router,
     variants_for,
+    warn_ignored_url_values,
 )
 
 use_app_router()
@@ -46,9 +46,10 @@ method = controls[0].radio(
     ["pca", "umap"],
     horizontal=True,
     key="map",
-    bind="query-params",
-    format_func=lambda m: {"pca": "PCA (instant)", "umap": "UMAP"}[m],
+    bind="query-params",  # the URL holds what is shown, so the options are the ids (?map=umap)
+    captions=["instant, exact", "neighbourhoods; cached"],
 )
+warn_ignored_url_values(("map",))
 sample_choices = {"all tokens": None, "20,000 tokens": 20_000, "5,000 tokens": 5_000}
 sample_label = controls[1].selectbox(
     "Points",
@@ -62,7 +63,8 @@ lines = controls[2].checkbox(
 )
 
 focus = focus_token_id(backbone, config)
-matrices = reconstructions(backbone, config, variants)
+# Low-rank variants are placed through their factors (about 2.5x cheaper than dense rows for UMAP).
+matrices = {name: result.compressed for name, result in variants.items()}
 params = (
     {}
     if method == "pca"
@@ -101,7 +103,9 @@ figure = projection_panels(
     ids=result.ids,
     sampled_note=note,
     movement_lines=lines,
-    provenance=provenance(backbone, config, map=method, **result.params),
+    provenance=provenance(
+        backbone, config, map=method, **{f"{method}_{k}": v for k, v in result.params.items()}
+    ),
 )
 st.plotly_chart(figure, width="stretch")
 if note:

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from embviz.errors import EmbvizError
 from embviz.figures import recall_histogram
 from embviz.metrics import neighbour_comparison, recall_at_k
 from embviz.vocab import display_token, suggest
@@ -41,10 +42,14 @@ variants = variants_for(backbone, config)
 if variants is None:
     st.stop()
 
-with st.spinner(
-    f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"
-):
-    tables = neighbour_tables(backbone, config, variants)
+try:
+    with st.spinner(
+        f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"
+    ):
+        tables = neighbour_tables(backbone, config, variants)
+except EmbvizError as error:  # e.g. not enough memory for the full-vocabulary search
+    st.error(str(error))
+    st.stop()
 original_indices, original_scores = tables["original"]
 
 focus = focus_token_id(backbone, config)
@@ -63,7 +68,7 @@ if focus is not None:
         frame = pd.DataFrame(rows)
         frame["token"] = frame["token"].map(display_token)
         frame = frame[["token", "status", "original_rank", "variant_rank", "original_score", "variant_score"]]
-        frame = frame.astype({"original_rank": "Int64", "variant_rank": "Int64"}).round(3)
+        frame = frame.astype({"original_rank": "Int64", "variant_rank": "Int64"})
         kept = int((frame["status"] == "kept").sum())
         column.markdown(f"**{name}** keeps {kept} of {config.k}")
         column.dataframe(
@@ -72,6 +77,12 @@ if focus is not None:
             ),
             hide_index=True,
             width="stretch",
+            column_config={
+                "original_score": st.column_config.NumberColumn("original cos", format="%.3f"),
+                "variant_score": st.column_config.NumberColumn(f"{name} cos", format="%.3f"),
+                "original_rank": "original #",
+                "variant_rank": f"{name} #",
+            },
         )
 
 st.subheader(f"Recall@{config.k} over the whole vocabulary")

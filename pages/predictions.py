@@ -7,6 +7,7 @@ import streamlit as st
 
 from embviz.errors import EmbvizError
 from embviz.predictions import predict_blank, prediction_table
+from embviz.vocab import visible_text
 from pages.common import (
     current_backbone,
     downloads,
@@ -45,8 +46,9 @@ variants = variants_for(backbone, config)
 if variants is None:
     st.stop()
 
-if "sentence" not in st.session_state and "s" not in st.query_params:
-    st.session_state["sentence"] = EXAMPLES[0]
+if "sentence" not in st.session_state and "sentence" not in st.query_params:
+    # A shared link may carry the sentence as ?sentence=... (the bound key) or the short ?s=...
+    st.session_state["sentence"] = st.query_params.get("s", EXAMPLES[0])
 example_columns = st.columns(len(EXAMPLES))
 for column, example in zip(example_columns, EXAMPLES, strict=True):
     if column.button(example, key=f"example-{example}", width="stretch"):
@@ -77,12 +79,12 @@ for column, (name, predictions) in zip(columns, result.variants.items(), strict=
             column.markdown(f":red[original top-1 not in its top {config.k}]")
     frame = pd.DataFrame(
         [
-            {"token": p.token, "probability": round(p.probability, 4), "new": "new" if p.new else ""}
+            {"token": visible_text(p.token), "probability": round(p.probability, 4), "new": "new" if p.new else ""}
             for p in predictions.predictions
         ]
     )
     column.dataframe(frame, hide_index=True, width="stretch")
     if predictions.lost:
-        column.caption("lost: " + ", ".join(repr(t) for t in predictions.lost))
+        column.caption("lost: " + ", ".join(visible_text(t.strip()) for t in predictions.lost))
 st.caption(f"{result.method} · {backbone.name} · mode {config.mode} · {result.seconds:.2f} s")
 downloads("predictions", table=pd.DataFrame(prediction_table(result)), payload=result.to_dict())

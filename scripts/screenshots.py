@@ -40,7 +40,7 @@ def main() -> None:
             executable_path="/usr/bin/chromium",
             args=["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
         )
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        page = browser.new_page(viewport={"width": 1500, "height": 2000})
         for name in args.pages.split(","):
             path, heading = PAGES[name]
             page.goto(f"{args.url}/{path}?{args.query}")

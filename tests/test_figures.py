@@ -134,8 +134,22 @@ def test_training_curve_shows_loss_and_validation_cosine() -> None:
     history = [{"epoch": e, "loss": 1 / e, "val_mean_cosine": 0.5 + e / 10} for e in (1, 2, 3)]
     fig = training_curve(history, provenance=PROVENANCE)
     assert [t.name for t in fig.data] == ["training loss", "validation mean cosine"]
-    assert fig.data[1].yaxis == "y2" and fig.layout.yaxis.type == "log"
+    assert fig.data[1].yaxis == "y2"
+    assert list(fig.data[0].y) == [1.0, 0.5, 1 / 3]
     assert PROVENANCE in _annotations(fig)
+
+
+def test_training_curve_prefers_the_comparable_cosine_term_and_marks_the_kept_epoch() -> None:
+    # the paper loss anneals alpha, so its total is not comparable across epochs; its cosine term is
+    history = [
+        {"epoch": e, "loss": e, "terms": {"cosine": 0.4 - e / 10, "abs_power": e}, "val_mean_cosine": 0.6,
+         "selected": e == 2}
+        for e in (1, 2, 3)
+    ]
+    fig = training_curve(history)
+    assert fig.data[0].name == "training 1 − cos"
+    np.testing.assert_allclose(fig.data[0].y, [0.3, 0.2, 0.1])
+    assert [shape.x0 for shape in fig.layout.shapes] == [2]
 
 
 def test_perplexity_curve_has_one_line_per_method_and_the_uncompressed_reference() -> None:
@@ -146,8 +160,10 @@ def test_perplexity_curve_has_one_line_per_method_and_the_uncompressed_reference
         {"method": "ae-paper", "ratio": 8.0, "perplexity": 3525.0, "rank": 64},
     ]
     fig = perplexity_curve(rows, provenance=PROVENANCE)
-    assert [t.name for t in fig.data] == ["svd", "ae-paper"]
+    assert [t.name for t in fig.data] == ["svd", "ae-paper", "uncompressed (8.05)"]
     assert list(fig.data[0].x) == [2.0, 8.0] and list(fig.data[0].y) == [1502.0, 7538.0]
-    assert fig.layout.shapes[0].y0 == 8.05 and fig.layout.yaxis.type == "log"
-    assert any("uncompressed" in text for text in _annotations(fig))
+    # the reference is a trace in data units from ratio 1 to the largest ratio (a shape's y on a log axis
+    # would be read as log10 and stretch the axis to 1e8)
+    assert list(fig.data[2].x) == [1.0, 8.0] and list(fig.data[2].y) == [8.05, 8.05]
+    assert fig.layout.yaxis.type == "log" and not fig.layout.shapes
     assert PROVENANCE in _annotations(fig)

@@ -10,6 +10,7 @@ import torch
 
 from embviz import metrics
 from embviz.backbones import Backbone
+from embviz.cache import cache_dir
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError
 from embviz.metrics import (
@@ -184,7 +185,7 @@ def test_neighbour_comparison_marks_kept_lost_new() -> None:
 
 # -- cache --------------------------------------------------------------------------------------------------
 def _cache_files() -> list[Path]:
-    return sorted((metrics.cache_dir("neighbours")).glob("*.npz"))
+    return sorted((cache_dir("neighbours")).glob("*.npz"))
 
 
 def test_neighbour_table_is_cached_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,6 +202,31 @@ def test_neighbour_table_is_cached_on_disk(monkeypatch: pytest.MonkeyPatch) -> N
     np.testing.assert_array_equal(first[1], second[1])
     with pytest.raises(AssertionError, match="recomputed"):  # another k is another entry
         neighbour_table_cached("tiny/model", None, matrix, 6)
+
+
+def test_variant_tables_are_cached_too() -> None:
+    matrix = _random(150, 10)
+    svd = _low_rank(matrix, 3, bias=True)
+    indices, _ = neighbour_table_cached("tiny-svd", None, svd, 4)
+    np.testing.assert_array_equal(indices, nearest_neighbours(svd, 4)[0])
+    neighbour_table_cached("tiny-svd", None, _low_rank(matrix, 2, bias=True), 4)
+    assert len(_cache_files()) == 2
+
+
+def test_variant_fingerprints_see_every_stored_part() -> None:
+    matrix = _random(40, 6)
+    svd = _low_rank(matrix, 3, bias=True)
+    prints = {
+        metrics.variant_fingerprint(svd),
+        metrics.variant_fingerprint(_low_rank(matrix, 3, bias=False)),
+        metrics.variant_fingerprint(CompressedEmbedding("svd", {}, codes=svd.codes, decoder=svd.decoder,
+                                                        decoder_bias=svd.decoder_bias, decoder_activation="elu")),
+        metrics.variant_fingerprint(matrix),
+        metrics.variant_fingerprint(matrix * 2),
+    }  # fmt: skip
+    assert len(prints) == 5
+    assert metrics.variant_fingerprint(svd) == metrics.variant_fingerprint(_low_rank(matrix, 3, bias=True))
+    assert metrics.variant_fingerprint(matrix.numpy()) == metrics.variant_fingerprint(matrix)
 
 
 @pytest.mark.parametrize("damage", ["garbage", "wrong_shape"])

@@ -11,6 +11,7 @@ import scipy.sparse
 import torch
 
 from embviz import projections
+from embviz.cache import cache_dir
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError
 from embviz.projections import ORIGINAL, pca_map, projection_map, sample_ids, umap_map
@@ -140,19 +141,24 @@ def test_umap_reuses_a_given_original_neighbour_table(
     assert not result.sampled and result.coords[ORIGINAL].shape == (120, 2)
 
 
-@pytest.mark.slow  # not a real model, but numba compiles umap's layout code first: 40-80 s on 2 cores
 def test_real_umap_on_a_small_random_matrix() -> None:
+    # The costliest fast test: umap's import and numba compile of its layout code, ~12 CPU-seconds.
     matrix = _random(300, 16)
-    result = umap_map(matrix, {"svd": _variant(matrix, rank=8)}, n_neighbors=10, sample=120, include_ids=[7])
+    variants = {"svd": _variant(matrix, rank=8), "same": matrix.clone()}
+    result = umap_map(matrix, variants, n_neighbors=10, sample=120, include_ids=[7])
     assert result.sampled and 7 in result.ids and len(result.ids) in (120, 121)
-    assert set(result.coords) == {ORIGINAL, "svd"}
+    assert list(result.coords) == [ORIGINAL, "svd", "same"]
     for coords in result.coords.values():
         assert coords.shape == (len(result.ids), 2) and np.isfinite(coords).all()
+    # one frame: unchanged rows are placed where the fit put them
+    original = result.coords[ORIGINAL]
+    extent = np.ptp(original, axis=0).max()
+    assert np.median(np.linalg.norm(result.coords["same"] - original, axis=1)) < 0.2 * extent
 
 
 # -- cache --------------------------------------------------------------------------------------------------
 def _map_files() -> list[Path]:
-    return sorted(projections.cache_dir("maps").glob("*.npz"))
+    return sorted(cache_dir("maps").glob("*.npz"))
 
 
 def test_projection_map_is_cached_by_configuration(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from embviz.errors import BadInputError
-from embviz.vocab import display_token, find_token, suggest
+from embviz.vocab import display_token, find_token, suggest, visible_text
 
 BPE = ["<unk>", "Ġparis", "Paris", "par", "is", "Ġthe", "the", "Ċ", "Ġ"]
 WORDPIECE = ["[PAD]", "[MASK]", "paris", "##is", "the", "1"]
@@ -48,3 +48,10 @@ def test_find_token_never_crashes(query: str) -> None:
         assert str(error)
     else:
         assert 0 <= token_id < len(BPE)
+
+
+def test_visible_text_shows_whitespace() -> None:
+    assert visible_text(" market") == " market"
+    assert visible_text("\n") == "↵"
+    assert visible_text("  ") == "␣␣"
+    assert visible_text("") == "∅"

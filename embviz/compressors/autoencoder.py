@@ -31,10 +31,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embviz.compressors.base import CompressedEmbedding, ProgressCallback, TrainingCancelled, TrainingProgress
+from embviz.compressors.base import (
+    CompressedEmbedding,
+    ProgressCallback,
+    TrainingCancelled,
+    TrainingProgress,
+    check_device,
+    check_seed,
+)
 from embviz.compressors.losses import LOSS_NAMES, alpha_schedule, loss_with_weights, resolve_weights
 from embviz.compressors.svd import BLOCK_ROWS, top_right_singular_vectors
 from embviz.errors import BadInputError
+from embviz.rng import seeded
 
 VALIDATION_FRACTION = 0.05
 REPORTS_PER_EPOCH = 50
@@ -126,9 +134,9 @@ class AECompressor:
         self.loss = loss
         self.loss_weights = resolve_weights(loss, loss_weights)
         self.recipe_name = recipe
-        self.seed = seed
+        self.seed = check_seed(seed)
         self.nonlinear = nonlinear
-        self.device = device
+        self.device = check_device(device)
         base = RECIPES[recipe]
         overrides: dict[str, Any] = {}
         if epochs is not None:
@@ -173,8 +181,7 @@ class AECompressor:
         }
 
     def _build(self, train: torch.Tensor, hidden: int) -> _AutoEncoder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             model = _AutoEncoder(hidden, self.rank, self.nonlinear)
         if self.recipe.warm_start:
             mean = train.sum(dim=0, dtype=torch.float64) / train.shape[0]

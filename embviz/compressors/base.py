@@ -16,9 +16,28 @@ from typing import Any, Protocol
 import torch
 
 from embviz.compressors.budget import low_rank_params
-from embviz.errors import EmbvizError
+from embviz.errors import BadInputError, EmbvizError
 
 DECODER_ACTIVATIONS = ("elu",)
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: int) -> int:
+    """Validate a random seed: an integer in ``0 .. 2**63 - 1`` (what every generator used here accepts)."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise BadInputError(f"seed must be an integer between 0 and {MAX_SEED}, got {seed!r}")
+    return seed
+
+
+def check_device(device: str) -> str:
+    """Validate a torch device name (``cpu``, ``cuda``, ``cuda:1``, ...) that this machine can compute on."""
+    try:
+        probe = torch.ones(1, device=device)
+        probe.cpu()  # a device without data (``meta``) cannot hand results back
+    except (RuntimeError, AssertionError, NotImplementedError, ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInputError(f"device {device!r} cannot be used here ({reason[:160]})") from None
+    return device
 
 
 @dataclass(frozen=True)

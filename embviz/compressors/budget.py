@@ -7,8 +7,27 @@ parameters; quantised ones at equal bytes.
 from __future__ import annotations
 
 import math
+import numbers
 
 from embviz.errors import BadInputError
+
+
+def _whole(value: object) -> bool:
+    """Whether ``value`` is an integer (Python or numpy), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+_MAX_SIDE = 10**12
+
+
+def _check_shape(vocab_size: int, hidden_size: int) -> None:
+    """A V x D matrix that the budget rule applies to: 1 <= V and 2 <= D, both integers (and not absurd)."""
+    if not (_whole(vocab_size) and _whole(hidden_size)) or not (
+        1 <= vocab_size <= _MAX_SIDE and 2 <= hidden_size <= _MAX_SIDE
+    ):
+        raise BadInputError(
+            f"a {vocab_size!r} x {hidden_size!r} matrix cannot be compressed (needs >= 1 row and >= 2 columns)"
+        )
 
 
 def low_rank_params(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias: bool = False) -> int:
@@ -31,8 +50,14 @@ def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_b
     Raises:
         BadInputError: ``ratio`` <= 1, or so large that not even rank 1 fits.
     """
-    if not math.isfinite(ratio) or ratio <= 1:
+    _check_shape(vocab_size, hidden_size)
+    try:
+        value = float(ratio)
+    except (TypeError, ValueError, OverflowError):
+        raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}") from None
+    if isinstance(ratio, bool) or not math.isfinite(value) or value <= 1:
         raise BadInputError(f"compression ratio must be above 1, got {ratio}")
+    ratio = value
     budget = vocab_size * hidden_size / ratio - (hidden_size if decoder_bias else 0)
     rank = math.floor(budget / (vocab_size + hidden_size) + 1e-9)
     if rank < 1:
@@ -44,10 +69,12 @@ def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_b
 
 def check_rank(rank: int, hidden_size: int) -> int:
     """Validate a latent size: 1 <= rank < hidden size (rank = D is no compression)."""
-    if not isinstance(rank, int) or isinstance(rank, bool):
+    if not _whole(rank):
         raise BadInputError(f"rank must be an integer, got {rank!r}")
+    if not _whole(hidden_size):
+        raise BadInputError(f"the hidden size must be an integer, got {hidden_size!r}")
     if not 1 <= rank < hidden_size:
         raise BadInputError(
             f"rank must be between 1 and {hidden_size - 1} (the hidden size is {hidden_size}), got {rank}"
         )
-    return rank
+    return int(rank)

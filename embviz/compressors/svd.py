@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, ProgressCallback, TrainingProgress
+from embviz.compressors.base import CompressedEmbedding, ProgressCallback, TrainingProgress, check_seed
 from embviz.errors import BadInputError
+from embviz.rng import seeded
 
 BLOCK_ROWS = 8192
 RANDOMIZED_OVERSAMPLES = 10
@@ -80,7 +81,7 @@ class SVDCompressor:
         self.rank = rank
         self.randomized = randomized
         self.n_iter = n_iter
-        self.seed = seed
+        self.seed = check_seed(seed)
 
     @property
     def method(self) -> str:
@@ -102,8 +103,7 @@ class SVDCompressor:
             return top_right_singular_vectors(embedding, self.rank)[0]
         _check_matrix(embedding, self.rank)
         columns = min(self.rank + RANDOMIZED_OVERSAMPLES, *embedding.shape)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+        with seeded(self.seed):
             _, values, right = torch.svd_lowrank(embedding.to(torch.float64), q=columns, niter=self.n_iter)
         order = torch.argsort(values, descending=True)[: self.rank]
         return _sign_fix(right[:, order])

@@ -1,0 +1,827 @@
+"""``embviz bench``: how fast the engine is on the default backbone, as one JSON report.
+
+Stages (each can be run alone with ``--stages``):
+
+* ``load`` -- cold load (first load ever: the GGUF conversion included, in a fresh temporary ``EMBVIZ_HOME``)
+  and warm load (from the converted cache), each in a fresh subprocess so imports are counted honestly:
+  ``import_s`` (``embviz.backbones`` plus the transformers classes it uses), ``cold_load_s`` /
+  ``warm_load_s`` (``Backbone.from_pretrained`` after those imports), ``*_process_s`` (the whole process,
+  interpreter start included, measured from outside) and ``warm_reload_s`` (a second load in one process).
+* ``ae`` -- the AutoEncoder's paper recipe (batch 32, 30 epochs) against the fast recipe at rank 64: fit
+  time, mean cosine and perplexity on ``bible:valid``; the ``compare`` block states the speed-up.
+* ``knn`` -- full-vocabulary top-10 neighbours of a low-rank variant through its factors against the
+  dense baseline (reconstruct, then blocked products), and recall@10 against the original's table.
+* ``maps`` -- UMAP (numba compile timed apart, cold in a fresh cache, then served from the disk cache) and
+  PCA of the original with the SVD and AE variants in one frame.
+* ``latency`` -- fill-in-the-blank predictions for original / SVD / AE, and one perplexity evaluation.
+* ``memory`` -- peak RSS of an app-like process (backbone and three variants loaded, one prediction, one
+  perplexity evaluation).
+
+Every figure is the median of several runs (``runs`` gives the count, ``samples`` every run); ratios are
+taken within one run on one machine (``machine`` describes it, load average included). ``targets`` says
+which of the project's targets are met. ``--quick`` runs fewer repeats, a 3-epoch paper recipe and a
+sampled UMAP, and says so in the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_MODEL = "smollm2"
+RANK = 64
+K = 10
+QUALITY_TEXT = "bible:valid"
+EVAL_TEXT = "bible:test"
+SENTENCE = "The king of France lived in a great ___ in Paris."
+PERPLEXITY_SLACK = 1.02  # the fast recipe's perplexity may be at most 2% above the paper recipe's
+QUICK_PAPER_EPOCHS = 3
+QUICK_UMAP_SAMPLE = 5_000
+RECALL_TOLERANCE = 1e-3  # factor and dense recall@10 agree to 0.1 points (float32 near-ties at rank k)
+COMPILE_WARMUP_ROWS = 300
+MEBIBYTE = 2**20
+
+
+# -- timing helpers ------------------------------------------------------------------------------------
+def median(values: Sequence[float]) -> float:
+    """The median of ``values`` (NaN for none)."""
+    return float(statistics.median(values)) if values else math.nan
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of repeated runs of one piece of work."""
+
+    runs: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return median(self.runs)
+
+
+def measure(
+    work: Callable[[], T],
+    repeats: int,
+    *,
+    before: Callable[[], Any] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> tuple[Timing, list[T]]:
+    """Run ``work`` ``repeats`` times (``before()`` untimed ahead of each run): the times and every result."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
+    times, results = [], []
+    for _ in range(repeats):
+        if before is not None:
+            before()
+        started = clock()
+        results.append(work())
+        times.append(clock() - started)
+    return Timing(tuple(times)), results
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Floats rounded to ``digits`` significant digits (at least millisecond precision kept); others as is."""
+    if isinstance(value, bool) or not isinstance(value, float) or not math.isfinite(value) or value == 0:
+        return value
+    places = max(3, digits - 1 - math.floor(math.log10(abs(value))))
+    return round(value, places)
+
+
+# -- the report ----------------------------------------------------------------------------------------
+@dataclass
+class Report:
+    """Figures as they are measured: each timed figure keeps its median, its run count and every run."""
+
+    figures: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def record(self, name: str, samples: Sequence[float]) -> float:
+        """Store the median of ``samples`` as figure ``name`` (with the count and the runs); return it."""
+        values = [float(v) for v in samples]
+        self.samples[name] = [rounded(v) for v in values]
+        self.runs[name] = len(values)
+        self.figures[name] = rounded(median(values))
+        return median(values)
+
+    def timing(self, name: str, timing: Timing) -> float:
+        """Store a :class:`Timing` as figure ``name``; return its median."""
+        return self.record(name, timing.runs)
+
+    def set(self, name: str, value: Any) -> Any:
+        """Store a single value (a ratio, a flag, a quality figure) as figure ``name``."""
+        self.figures[name] = rounded(value)
+        return value
+
+    def detail(self, stage: str, **facts: Any) -> None:
+        """Add facts about how ``stage`` measured (protocols, settings, breakdowns)."""
+        self.details.setdefault(stage, {}).update({k: rounded(v) for k, v in facts.items()})
+
+
+# -- targets -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Target:
+    """One performance target: ``figure`` compared with ``limit`` by ``op`` (and ``requires`` all true).
+
+    ``unassessable`` returns a reason when the figures cannot honestly judge the target (e.g. a sampled map
+    for a full-vocabulary target); the target is then reported with ``met: null`` and that reason.
+    """
+
+    name: str
+    figure: str
+    op: str
+    limit: float
+    unit: str = "s"
+    requires: tuple[str, ...] = ()
+    unassessable: Callable[[Mapping[str, Any]], str | None] | None = None
+
+    def describe(self) -> str:
+        extra = "".join(f" and {flag}" for flag in self.requires)
+        return f"{self.figure} {self.op} {self.limit:g}{' ' + self.unit if self.unit else ''}{extra}"
+
+
+def _paper_truncated(figures: Mapping[str, Any]) -> str | None:
+    epochs = figures.get("paper_recipe_epochs")
+    full = figures.get("paper_recipe_full_epochs")
+    if figures.get("from_cache"):
+        return "the paper recipe's time came from a cached artifact"
+    if epochs is not None and full is not None and epochs < full:
+        return (
+            f"the paper recipe ran {epochs} of its {full} epochs (--quick): not a time-to-quality comparison"
+        )
+    return None
+
+
+def _umap_sampled(figures: Mapping[str, Any]) -> str | None:
+    if figures.get("umap_sampled"):
+        return (
+            f"UMAP ran on a sample of {figures.get('umap_points')} points (--quick), not the full vocabulary"
+        )
+    return None
+
+
+TARGETS: tuple[Target, ...] = (
+    Target("warm load", "warm_load_s", "<=", 2.0),
+    Target("cold load", "cold_load_s", "<=", 40.0),
+    Target(
+        "fast AE recipe: paper quality in <= 1/10 of its time",
+        "ae_speedup",
+        ">=",
+        10.0,
+        unit="x",
+        requires=("fast_quality_ok",),
+        unassessable=_paper_truncated,
+    ),
+    Target("full-vocabulary recall@10, low-rank variant", "knn_recall_s", "<=", 5.0),
+    Target("recall@10 speed-up over the dense baseline", "knn_speedup", ">=", 5.0, unit="x"),
+    Target("full-vocabulary UMAP map, cold", "umap_full_vocab_s", "<=", 90.0, unassessable=_umap_sampled),
+    Target("UMAP map from the cache", "umap_cached_s", "<=", 1.0),
+    Target("PCA map", "pca_map_s", "<=", 2.0),
+    Target("predictions, three variants", "predict_latency_s", "<=", 2.0),
+    Target("peak memory, backbone + three variants", "peak_rss_mb", "<=", 3072.0, unit="MiB"),
+)
+
+
+def evaluate_targets(
+    figures: Mapping[str, Any], targets: Sequence[Target] = TARGETS
+) -> dict[str, dict[str, Any]]:
+    """``{figure: {target, measured, met, ...}}``; ``met`` is None where a figure is missing or unassessable."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for target in targets:
+        measured = figures.get(target.figure)
+        entry: dict[str, Any] = {"name": target.name, "target": target.describe(), "measured": measured}
+        reason = target.unassessable(figures) if target.unassessable else None
+        missing = [name for name in (target.figure, *target.requires) if figures.get(name) is None]
+        if missing:
+            entry.update(met=None, note=f"not measured: {', '.join(missing)}")
+        elif reason:
+            entry.update(met=None, note=reason)
+        else:
+            value = float(measured)
+            within = value <= target.limit if target.op == "<=" else value >= target.limit
+            entry["met"] = bool(within and all(figures.get(flag) is True for flag in target.requires))
+            if target.requires:
+                entry.update({flag: figures.get(flag) for flag in target.requires})
+        verdicts[target.figure] = entry
+    return verdicts
+
+
+# -- the AE comparison ---------------------------------------------------------------------------------
+def time_to_reach(history: Sequence[Mapping[str, Any]], goal: float, setup_s: float = 0.0) -> float | None:
+    """Seconds (``setup_s`` plus whole epochs) until a fit's validation mean cosine first reaches ``goal``."""
+    elapsed = setup_s
+    for record in history:
+        elapsed += float(record["seconds"])
+        if float(record["val_mean_cosine"]) >= goal:
+            return elapsed
+    return None
+
+
+def quality_ok(
+    fast: Mapping[str, float], paper: Mapping[str, float], slack: float = PERPLEXITY_SLACK
+) -> bool:
+    """The fast recipe matches the paper's: mean cosine at least as high, perplexity within ``slack``."""
+    return fast["mean_cosine"] >= paper["mean_cosine"] and fast["perplexity"] <= paper["perplexity"] * slack
+
+
+def compare_block(figures: Mapping[str, Any], command: str) -> dict[str, Any] | None:
+    """The fast recipe against the original recipe's defaults (batch 32, 30 epochs), ready for the README."""
+    needed = ("ae_paper_recipe_s", "ae_fast_recipe_s", "ae_speedup", "fast_quality_ok")
+    if any(figures.get(name) is None for name in needed):
+        return None
+    reason = _paper_truncated(figures)
+    speedup, same = figures["ae_speedup"], figures["fast_quality_ok"]
+    quality = (
+        f"mean cosine {figures['ae_fast_mean_cosine']:.4f} vs {figures['ae_paper_mean_cosine']:.4f}, "
+        f"perplexity on {QUALITY_TEXT} {figures['ae_fast_perplexity']:.1f} vs {figures['ae_paper_perplexity']:.1f}"
+    )
+    if reason:
+        statement = f"not comparable: {reason}"
+    elif same:
+        statement = (
+            f"the fast AE recipe is {speedup:.1f}x faster than the original recipe (batch 32, 30 epochs) "
+            f"to the same quality ({quality}), rank {figures.get('ae_rank', RANK)}"
+        )
+    else:
+        statement = (
+            f"the fast AE recipe is {speedup:.1f}x faster than the original recipe (batch 32, 30 epochs) "
+            f"but does not reach its quality ({quality})"
+        )
+    return {
+        "baseline": "original recipe: Adam lr 1e-3, batch 32, 30 epochs, lr halved every 4 epochs, "
+        "PyTorch default initialisation",
+        "candidate": "fast recipe: SVD warm start, Adam lr 1e-3, batch 1024, 6 epochs, cosine decay",
+        "baseline_s": figures["ae_paper_recipe_s"],
+        "candidate_s": figures["ae_fast_recipe_s"],
+        "speedup": speedup,
+        "same_quality": same,
+        "quality_rule": f"fast mean cosine >= paper's and fast perplexity <= paper's x {PERPLEXITY_SLACK}",
+        "baseline_epochs": figures.get("paper_recipe_epochs"),
+        "comparable": reason is None,
+        "fast_time_to_paper_quality_s": figures.get("fast_time_to_paper_quality_s"),
+        "statement": statement,
+        "command": command,
+    }
+
+
+# -- machine facts -------------------------------------------------------------------------------------
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def load_average() -> list[float] | None:
+    """The 1 / 5 / 15-minute load averages (None where the platform has none)."""
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def machine_facts() -> dict[str, Any]:
+    """CPU count and model, torch threads, accelerator, library versions, memory, load average now."""
+    import torch
+
+    try:
+        memory_kb = next(
+            int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal:")
+        )  # fmt: skip
+    except (OSError, StopIteration, ValueError):
+        memory_kb = None
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "cpu_model": _cpu_model(),
+        "memory_gib": round(memory_kb / MEBIBYTE, 1) if memory_kb else None,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "umap_learn": _version("umap-learn"),
+        "numba": _version("numba"),
+        "load_average_start": load_average(),
+    }
+
+
+# -- settings and shared state -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure and how often: ``repeats`` for cheap figures, ``heavy_repeats`` for costly ones."""
+
+    model: str = DEFAULT_MODEL
+    quick: bool = False
+    rank: int = RANK
+    repeats: int = 5
+    heavy_repeats: int = 3
+    paper_epochs: int | None = None  # None: the recipe's own 30
+    umap_sample: int | None = None  # None: the full vocabulary
+    python: str = sys.executable
+
+    @classmethod
+    def for_mode(
+        cls, *, quick: bool, model: str = DEFAULT_MODEL, repeats: int | None = None
+    ) -> BenchSettings:
+        """Full mode, or ``--quick``: fewer repeats, a 3-epoch paper recipe and a sampled UMAP."""
+        base = (
+            cls(model=model, quick=True, repeats=3, heavy_repeats=1, paper_epochs=QUICK_PAPER_EPOCHS,
+                umap_sample=QUICK_UMAP_SAMPLE)
+            if quick else cls(model=model)
+        )  # fmt: skip
+        return replace(base, repeats=repeats, heavy_repeats=repeats) if repeats else base
+
+
+class BenchContext:
+    """The backbone and the rank-``r`` variants shared by the in-process stages, loaded on first use."""
+
+    def __init__(self, settings: BenchSettings, progress: Callable[[str], None]) -> None:
+        self.settings = settings
+        self.say = progress
+
+    @cached_property
+    def backbone(self) -> Any:
+        from embviz.backbones import Backbone
+
+        self.say(f"loading {self.settings.model} (not timed; the load stage times loads)")
+        return Backbone.from_pretrained(self.settings.model)
+
+    @cached_property
+    def variants(self) -> dict[str, Any]:
+        """``{"SVD": ..., "AE": ...}`` compressed embeddings (the app's defaults) from the artifact cache."""
+        from embviz.artifacts import compress_cached
+        from embviz.compressors import make_compressor
+
+        compressors = {
+            "SVD": make_compressor("svd", self.settings.rank),
+            "AE": make_compressor("ae-paper", self.settings.rank, recipe="fast"),
+        }
+        found = {}
+        for name, compressor in compressors.items():
+            self.say(f"variant {name}: {compressor.get_config()['label']} r={self.settings.rank}")
+            found[name] = compress_cached(self.backbone.name, self.backbone.embedding, compressor)
+        self.variant_sources = {
+            name: "artifact cache" if r.cached else "fitted now" for name, r in found.items()
+        }
+        return {name: result.compressed for name, result in found.items()}
+
+    @cached_property
+    def reconstructions(self) -> dict[str, Any]:
+        """The dense V x D matrices of the variants (what the app holds for predictions and perplexity)."""
+        return {name: variant.reconstruct() for name, variant in self.variants.items()}
+
+
+@contextlib.contextmanager
+def temporary_home() -> Iterator[Path]:
+    """A fresh, empty ``EMBVIZ_HOME`` for this process (restored and deleted afterwards)."""
+    from embviz.cache import HOME_ENV
+
+    previous = os.environ.get(HOME_ENV)
+    folder = Path(tempfile.mkdtemp(prefix="embviz-bench-"))
+    os.environ[HOME_ENV] = str(folder)
+    try:
+        yield folder
+    finally:
+        if previous is None:
+            os.environ.pop(HOME_ENV, None)
+        else:
+            os.environ[HOME_ENV] = previous
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# -- subprocesses --------------------------------------------------------------------------------------
+_IMPORTS = (
+    "import time\n"
+    "_t0 = time.perf_counter()\n"
+    "from embviz.backbones import Backbone\n"
+    "from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer\n"
+    "from transformers import PreTrainedModel\n"
+    "_import_s = time.perf_counter() - _t0\n"
+)
+LOAD_CHILD = _IMPORTS + (
+    "import json, sys\n"
+    "_t = time.perf_counter(); Backbone.from_pretrained(sys.argv[1]); _load_s = time.perf_counter() - _t\n"
+    "_t = time.perf_counter(); Backbone.from_pretrained(sys.argv[1]); _reload_s = time.perf_counter() - _t\n"
+    "print(json.dumps({'import_s': _import_s, 'load_s': _load_s, 'reload_s': _reload_s}))\n"
+)
+"""Child script: imports, then a first and a second ``from_pretrained`` of ``argv[1]``, timed apart."""
+
+MEMORY_CHILD = _IMPORTS + (
+    "import json, resource, sys\n"
+    "from embviz.artifacts import compress_cached\n"
+    "from embviz.compressors import make_compressor\n"
+    "from embviz.corpora import resolve_texts\n"
+    "from embviz.perplexity import evaluate_perplexity\n"
+    "from embviz.predictions import predict_blank\n"
+    "model, rank, sentence, text = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]\n"
+    "backbone = Backbone.from_pretrained(model)\n"
+    "compressors = {'SVD': make_compressor('svd', rank),\n"
+    "               'AE': make_compressor('ae-paper', rank, recipe='fast')}\n"
+    "variants = {name: compress_cached(backbone.name, backbone.embedding, c).compressed.reconstruct()\n"
+    "            for name, c in compressors.items()}\n"
+    "predict_blank(backbone, sentence, variants)\n"
+    "evaluate_perplexity(backbone, resolve_texts(text), {'SVD': variants['SVD']})\n"
+    "peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+    "print(json.dumps({'peak_rss_mb': peak / 1024}))\n"
+)
+"""Child script: an app-like session (backbone, SVD and AE reconstructions, one prediction, one
+perplexity evaluation); prints its peak resident set size (``ru_maxrss`` is in KiB on Linux)."""
+
+
+def run_child(settings: BenchSettings, script: str, args: Sequence[str], home: Path | None = None) -> dict:
+    """Run ``script`` in a fresh interpreter; its last stdout line (JSON) plus ``process_s`` (outside wall)."""
+    from embviz.cache import HOME_ENV
+
+    env = dict(os.environ)
+    if home is not None:
+        env[HOME_ENV] = str(home)
+    started = time.perf_counter()
+    done = subprocess.run(
+        [settings.python, "-c", script, *args], env=env, capture_output=True, text=True, check=False
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark subprocess failed ({done.returncode}): {tail}")
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process_s": elapsed}
+
+
+# -- stages --------------------------------------------------------------------------------------------
+def stage_load(context: BenchContext, report: Report) -> None:
+    """Cold load in a fresh home (conversion included), then warm loads from that home, in subprocesses."""
+    settings = context.settings
+    home = Path(tempfile.mkdtemp(prefix="embviz-bench-home-"))
+    try:
+        cold = []
+        for run in range(settings.heavy_repeats):
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            cold.append(run_child(settings, LOAD_CHILD, [settings.model], home))
+            context.say(f"cold load {run + 1}/{settings.heavy_repeats}: {cold[-1]['load_s']:.2f} s")
+        warm = []
+        for run in range(settings.repeats):
+            warm.append(run_child(settings, LOAD_CHILD, [settings.model], home))
+            context.say(f"warm load {run + 1}/{settings.repeats}: {warm[-1]['load_s']:.2f} s")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    report.record("import_s", [r["import_s"] for r in cold + warm])
+    report.record("cold_load_s", [r["load_s"] for r in cold])
+    report.record("cold_process_s", [r["process_s"] for r in cold])
+    report.record("warm_load_s", [r["load_s"] for r in warm])
+    report.record("warm_process_s", [r["process_s"] for r in warm])
+    report.record("warm_reload_s", [r["reload_s"] for r in cold + warm])
+    report.detail(
+        "load",
+        model=settings.model,
+        import_covers="from embviz.backbones import Backbone; transformers' Auto* classes and PreTrainedModel",
+        cold="first load ever: a fresh temporary EMBVIZ_HOME per run, GGUF conversion included",
+        warm="the first load in a fresh process, from the converted cache, after the imports",
+        warm_reload="a second load in the same process (everything imported and in the page cache)",
+        process="wall time of the whole subprocess measured from outside (interpreter start included)",
+    )
+
+
+def _fit_timed(context: BenchContext, report: Report, name: str, compressor: Any, repeats: int) -> Any:
+    embedding = context.backbone.embedding
+    timing, fits = measure(lambda: compressor.fit(embedding), repeats)
+    context.say(f"{name}: {', '.join(f'{t:.1f}' for t in timing.runs)} s")
+    report.timing(name, timing)
+    return fits[-1]
+
+
+def stage_ae(context: BenchContext, report: Report) -> None:
+    """The paper recipe against the fast recipe at rank r: time, mean cosine, perplexity on bible:valid."""
+    from embviz.compressors import RECIPES, make_compressor, reconstruction_quality
+    from embviz.corpora import resolve_texts
+    from embviz.perplexity import DEFAULT_MAX_TOKENS, evaluate_perplexity
+
+    settings = context.settings
+    backbone = context.backbone
+    paper = make_compressor("ae-paper", settings.rank, recipe="paper", epochs=settings.paper_epochs)
+    fast = make_compressor("ae-paper", settings.rank, recipe="fast")
+    report.set("ae_rank", settings.rank)
+    report.set("paper_recipe_epochs", paper.recipe.epochs)
+    report.set("paper_recipe_full_epochs", RECIPES["paper"].epochs)
+    report.set("from_cache", False)
+    fitted = {
+        "paper": _fit_timed(context, report, "ae_paper_recipe_s", paper, settings.heavy_repeats),
+        "fast": _fit_timed(context, report, "ae_fast_recipe_s", fast, settings.repeats),
+    }
+    context.say(f"perplexity of both fits on {QUALITY_TEXT}")
+    scored = evaluate_perplexity(
+        backbone,
+        resolve_texts(QUALITY_TEXT),
+        {name: compressed.reconstruct() for name, compressed in fitted.items()},
+        max_tokens=DEFAULT_MAX_TOKENS,
+    )
+    quality = {}
+    for name, compressed in fitted.items():
+        quality[name] = {
+            "mean_cosine": reconstruction_quality(backbone.embedding, compressed)["mean_cosine"],
+            "perplexity": scored.results[name].perplexity,
+        }
+        report.set(f"ae_{name}_mean_cosine", quality[name]["mean_cosine"])
+        report.set(f"ae_{name}_perplexity", quality[name]["perplexity"])
+    report.set("ae_original_perplexity", scored.results[scored.reference].perplexity)
+    report.set("ae_speedup", report.figures["ae_paper_recipe_s"] / report.figures["ae_fast_recipe_s"])
+    report.set("fast_quality_ok", quality_ok(quality["fast"], quality["paper"]))
+    goal = max(float(h["val_mean_cosine"]) for h in fitted["paper"].history)
+    fast_fit = fitted["fast"]
+    setup = fast_fit.train_seconds - sum(float(h["seconds"]) for h in fast_fit.history)
+    report.set("fast_time_to_paper_quality_s", time_to_reach(fast_fit.history, goal, setup))
+    report.detail(
+        "ae",
+        paper=paper.label,
+        fast=fast.label,
+        quality_text=QUALITY_TEXT,
+        perplexity_protocol=scored.protocol,
+        fast_time_to_paper_quality="seconds of the fast fit (warm start plus whole epochs) until its validation "
+        "mean cosine reached the paper fit's best validation mean cosine (from the last run of each)",
+        fits="compressor.fit on the backbone's matrix, no artifact cache (from_cache false)",
+    )
+
+
+def stage_knn(context: BenchContext, report: Report) -> None:
+    """Full-vocabulary top-k of a low-rank variant: factor path against reconstruct-then-dense, with recall."""
+    from embviz.artifacts import matrix_fingerprint
+    from embviz.metrics import nearest_neighbours, neighbour_table_cached, recall_at_k
+
+    settings = context.settings
+    backbone = context.backbone
+    variant = context.variants["SVD"]
+    started = time.perf_counter()
+    original, _ = neighbour_table_cached(
+        backbone.name, matrix_fingerprint(backbone.embedding), backbone.embedding, K
+    )
+    report.detail("knn", original_table_s=time.perf_counter() - started)
+
+    def search(method: str) -> float:
+        indices, _ = nearest_neighbours(variant, K, method=method)  # type: ignore[arg-type]
+        return recall_at_k(original, indices).mean
+
+    recalls = {}
+    for figure, method, repeats in (
+        ("knn_recall_s", "factors", settings.repeats),
+        ("knn_dense_baseline_s", "dense", settings.heavy_repeats),
+    ):
+        timing, results = measure(lambda method=method: search(method), repeats)
+        context.say(f"{figure}: {', '.join(f'{t:.2f}' for t in timing.runs)} s")
+        report.timing(figure, timing)
+        recalls[method] = results[-1]
+    report.set("knn_speedup", report.figures["knn_dense_baseline_s"] / report.figures["knn_recall_s"])
+    report.set("knn_recall_factors", recalls["factors"])
+    report.set("knn_recall_dense", recalls["dense"])
+    report.set("knn_same_recall", abs(recalls["factors"] - recalls["dense"]) <= RECALL_TOLERANCE)
+    report.detail(
+        "knn",
+        variant=f"{variant.label} r={variant.rank}",
+        k=K,
+        vocab=backbone.vocab_size,
+        factor_path=f"nearest_neighbours(method='factors'): {variant.rank + 1}-column factor rows, then recall@{K}",
+        dense_baseline="nearest_neighbours(method='dense'): reconstruct V x D, blocked dense products, recall",
+        same_recall_rule=f"|recall(factors) - recall(dense)| <= {RECALL_TOLERANCE}",
+        original_table="the original's top-k table from the neighbour cache (computed once per matrix)",
+    )
+
+
+def _warm_numba() -> float:
+    """Run a tiny UMAP fit + transform so numba compiles its kernels; the seconds it took."""
+    import numpy as np
+
+    from embviz.projections import umap_map
+
+    rows = np.random.default_rng(0).standard_normal((COMPILE_WARMUP_ROWS, 16)).astype(np.float32)
+    started = time.perf_counter()
+    umap_map(rows, {"warm-up": rows + 0.01})
+    return time.perf_counter() - started
+
+
+def stage_maps(context: BenchContext, report: Report) -> None:
+    """UMAP (compile apart, cold in a fresh cache, then cached) and PCA of original + SVD + AE."""
+    from embviz.projections import pca_map, projection_map
+
+    settings = context.settings
+    backbone = context.backbone
+    embedding, variants = backbone.embedding, context.variants
+    compile_s = _warm_numba()
+    report.set("umap_compile_s", compile_s)
+    context.say(f"umap_compile_s: {compile_s:.1f} s (umap import and numba compilation, on random rows)")
+    params = {"sample": settings.umap_sample} if settings.umap_sample else {}
+
+    def umap() -> Any:
+        return projection_map("umap", embedding, variants, backbone_name=backbone.name, **params)
+
+    cold_times, fit_times = [], []
+    for run in range(settings.heavy_repeats):
+        with temporary_home():
+            timing, (result,) = measure(umap, 1)
+            cold_times.append(timing.median)
+            fit_times.append(result.seconds)
+            context.say(f"umap cold {run + 1}/{settings.heavy_repeats}: {timing.median:.1f} s")
+            if run == settings.heavy_repeats - 1:
+                cached, hits = measure(umap, settings.repeats)
+    report.record("umap_full_vocab_s", cold_times)
+    report.record("umap_fit_s", fit_times)
+    report.timing("umap_cached_s", cached)
+    report.set("umap_points", len(result.ids))
+    report.set("umap_sampled", result.sampled)
+    report.set("umap_cache_hits", all(hit.from_cache for hit in hits))
+    timing, _ = measure(lambda: pca_map(embedding, variants), settings.repeats)
+    report.timing("pca_map_s", timing)
+    report.detail(
+        "maps",
+        variants=list(variants),
+        variant_form="compressed embeddings (low-rank factors), as projection_map accepts them",
+        umap_cold="projection_map in a fresh EMBVIZ_HOME per run: the original's neighbour table, the "
+        "UMAP fit and one transform per variant (numba already compiled)",
+        umap_fit="the map computation alone (projection_map's own seconds, the original's table excluded)",
+        umap_cached="the same call again, served from the disk cache",
+        umap_sample=settings.umap_sample,
+        pca="pca_map (exact PCA of the original, both variants projected), computed each run",
+    )
+
+
+def stage_latency(context: BenchContext, report: Report) -> None:
+    """Fill-in-the-blank for original / SVD / AE, and one perplexity evaluation (original + SVD)."""
+    from embviz.corpora import resolve_texts
+    from embviz.perplexity import evaluate_perplexity
+    from embviz.predictions import predict_blank
+
+    settings = context.settings
+    backbone, matrices = context.backbone, context.reconstructions
+    first, _ = measure(lambda: predict_blank(backbone, SENTENCE, matrices), 1)
+    report.set("predict_first_s", first.median)
+    timing, results = measure(lambda: predict_blank(backbone, SENTENCE, matrices), settings.repeats)
+    report.timing("predict_latency_s", timing)
+    context.say(f"predict_latency_s: {timing.median:.2f} s (first call {first.median:.2f} s)")
+    timing, scored = measure(
+        lambda: evaluate_perplexity(backbone, resolve_texts(EVAL_TEXT), {"SVD": matrices["SVD"]}),
+        settings.heavy_repeats,
+    )
+    report.timing("perplexity_eval_s", timing)
+    context.say(f"perplexity_eval_s: {timing.median:.1f} s")
+    report.detail(
+        "latency",
+        sentence=SENTENCE,
+        variants=list(results[-1].variants),
+        prediction_method=results[-1].method,
+        predict_first="the first prediction call (not in the median)",
+        perplexity_text=EVAL_TEXT,
+        perplexity_protocol=scored[-1].protocol,
+        perplexity="evaluate_perplexity of original + SVD, eval set built each run, no result cache",
+    )
+
+
+def stage_memory(context: BenchContext, report: Report) -> None:
+    """Peak RSS of an app-like subprocess: backbone, SVD and AE reconstructions, a prediction, a perplexity."""
+    settings = context.settings
+    context.variants  # noqa: B018 -- make sure both artifacts are in the cache the child reads
+    args = [settings.model, str(settings.rank), SENTENCE, EVAL_TEXT]
+    results = [run_child(settings, MEMORY_CHILD, args) for _ in range(settings.heavy_repeats)]
+    report.record("peak_rss_mb", [r["peak_rss_mb"] for r in results])
+    report.detail(
+        "memory",
+        measured="resource.getrusage(RUSAGE_SELF).ru_maxrss of a fresh process after loading the backbone, the "
+        "SVD and AE reconstructions (V x D each), one prediction and one perplexity evaluation; MiB",
+    )
+
+
+Stage = Callable[[BenchContext, Report], None]
+STAGES: dict[str, Stage] = {
+    "load": stage_load,
+    "ae": stage_ae,
+    "knn": stage_knn,
+    "maps": stage_maps,
+    "latency": stage_latency,
+    "memory": stage_memory,
+}
+
+
+# -- running -------------------------------------------------------------------------------------------
+def run_bench(
+    settings: BenchSettings,
+    stages: Sequence[str] | None = None,
+    *,
+    command: str = "embviz bench --json",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the named stages (default: all, in order) and return the JSON-ready report.
+
+    A stage that fails is recorded under ``errors`` and the others still run; its targets are then
+    reported as not measured.
+    """
+    say = progress or (lambda message: None)
+    names = list(stages or STAGES)
+    unknown = [name for name in names if name not in STAGES]
+    if unknown:
+        from embviz.errors import BadInputError
+
+        raise BadInputError(f"unknown bench stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+    started = time.perf_counter()
+    machine = machine_facts()
+    context, report = BenchContext(settings, say), Report()
+    children = resource.RUSAGE_CHILDREN
+    for name in names:
+        say(f"stage {name} (load average {load_average()})")
+        stage_started, cpu_started = time.perf_counter(), time.process_time()
+        child_cpu = _cpu_seconds(resource.getrusage(children))
+        load_before = load_average()
+        try:
+            STAGES[name](context, report)
+        except Exception as error:  # a benchmark reports a broken stage and goes on with the others
+            report.errors[name] = f"{type(error).__name__}: {error}"
+            say(f"stage {name} failed: {report.errors[name]}")
+        report.detail(
+            name,
+            wall_s=time.perf_counter() - stage_started,
+            cpu_s=time.process_time() - cpu_started + _cpu_seconds(resource.getrusage(children)) - child_cpu,
+            load_average_before=load_before,
+            load_average_after=load_average(),
+        )
+    if getattr(context, "variant_sources", None):
+        report.notes.append(f"shared variants (rank {settings.rank}): {context.variant_sources}")
+    if settings.quick:
+        report.notes.append(
+            f"--quick: {settings.repeats} runs of cheap figures and {settings.heavy_repeats} of costly ones; "
+            f"the paper recipe trains {settings.paper_epochs} epochs; UMAP on a sample of "
+            f"{settings.umap_sample} tokens. Use the full run for the README."
+        )
+    machine["load_average_end"] = load_average()
+    return {
+        "benchmark": "embviz bench",
+        "command": command,
+        "mode": "quick" if settings.quick else "full",
+        "backbone": settings.model,
+        "rank": settings.rank,
+        "stages": names,
+        "repeats": {"cheap": settings.repeats, "costly": settings.heavy_repeats},
+        "machine": machine,
+        "figures": report.figures,
+        "runs": report.runs,
+        "samples": report.samples,
+        "targets": evaluate_targets(report.figures),
+        "compare": compare_block(report.figures, command),
+        "details": report.details,
+        "notes": report.notes,
+        "errors": report.errors,
+        "seconds": rounded(time.perf_counter() - started),
+    }
+
+
+def _cpu_seconds(usage: resource.struct_rusage) -> float:
+    return usage.ru_utime + usage.ru_stime
+
+
+def render(result: Mapping[str, Any]) -> str:
+    """The report as text: targets (met / missed), then every figure with its run count."""
+    mark = {True: "met", False: "MISSED", None: "n/a"}
+    lines = [f"embviz bench ({result['mode']}) on {result['backbone']}, {result['machine'].get('cpu_model')}"]
+    lines.append("")
+    for verdict in result["targets"].values():
+        note = f"  ({verdict['note']})" if verdict.get("note") else ""
+        lines.append(
+            f"{mark[verdict['met']]:>6}  {verdict['target']:<48} measured {verdict['measured']}{note}"
+        )
+    lines.append("")
+    width = max((len(name) for name in result["figures"]), default=0)
+    for name, value in result["figures"].items():
+        runs = result["runs"].get(name)
+        lines.append(f"{name:<{width}}  {value}" + (f"  (median of {runs})" if runs else ""))
+    if result.get("compare"):
+        lines += ["", result["compare"]["statement"]]
+    lines += ["", *result["notes"], *(f"error in {k}: {v}" for k, v in result["errors"].items())]
+    return "\n".join(lines).rstrip()

@@ -1,0 +1,160 @@
+"""Memory guards: estimate what a job needs before starting it, and refuse with the numbers when it won't fit.
+
+A process that runs out of memory is killed without a word (or takes the machine down with it); a
+:class:`~embviz.errors.ResourceError` instead says what was asked, how much it needs and how much is free.
+Estimates are deliberately simple: a model needs ``parameters x 4 bytes (float32) x 1.3``, with the
+parameter count read from the safetensors headers (or the GGUF file, or the config); a neighbour search
+needs its unit rows, one block of similarities and the result table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from embviz.errors import ResourceError
+
+FLOAT32_BYTES = 4
+OVERHEAD = 1.3
+"""Working memory on top of the float32 parameters (activations, the tokenizer, allocator slack)."""
+_MAX_HEADER = 100 * 2**20
+
+
+def available_memory() -> int | None:
+    """Bytes free for new work: ``MemAvailable`` from /proc/meminfo (else psutil), capped by a cgroup limit.
+
+    None when it cannot be told (then nothing is refused).
+    """
+    free = _meminfo_available()
+    if free is None:
+        try:
+            import psutil
+
+            free = int(psutil.virtual_memory().available)
+        except (ImportError, OSError, AttributeError):
+            free = None
+    limited = _cgroup_available()
+    candidates = [value for value in (free, limited) if value is not None]
+    return min(candidates) if candidates else None
+
+
+def _meminfo_available() -> int | None:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """Room left under a cgroup v2 memory limit (containers), or None without one."""
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()), 0)
+    except (OSError, ValueError):
+        return None
+
+
+def format_bytes(count: float) -> str:
+    """``1536 * 2**20`` -> ``'1.5 GiB'``."""
+    if count < 1024:
+        return f"{count:.0f} B"
+    for unit in ("KiB", "MiB"):
+        count /= 1024
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} GiB"
+
+
+def check_memory(what: str, needed: int) -> None:
+    """Raise :class:`ResourceError` when ``needed`` bytes exceed the available memory (unknown: no check)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"{what} needs about {format_bytes(needed)} of memory, but only {format_bytes(available)} is "
+            "available; free some memory or choose something smaller"
+        )
+
+
+# -- estimates ---------------------------------------------------------------------------------------------
+def model_memory(parameters: int) -> int:
+    """Bytes to hold a model of ``parameters`` numbers as float32, with working overhead."""
+    return math.ceil(parameters * FLOAT32_BYTES * OVERHEAD)
+
+
+def safetensors_parameters(files: Iterable[Path]) -> int | None:
+    """Numbers stored in safetensors files, from their JSON headers (the tensors are not read)."""
+    total = 0
+    for path in files:
+        try:
+            with open(path, "rb") as handle:
+                (length,) = struct.unpack("<Q", handle.read(8))
+                if length > _MAX_HEADER:
+                    return None
+                header = json.loads(handle.read(length))
+            total += sum(
+                math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
+            )
+        except (OSError, ValueError, KeyError, TypeError, struct.error):
+            return None
+    return total
+
+
+def config_parameters(config: Any) -> int | None:
+    """A rough parameter count from a transformer config (embeddings + per-layer attention and MLP)."""
+    try:
+        vocab, hidden = int(config.vocab_size), int(config.hidden_size)
+        layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+        inner = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    return vocab * hidden * (1 if tied else 2) + layers * (4 * hidden * hidden + 3 * hidden * inner)
+
+
+def folder_model_memory(folder: Path) -> int | None:
+    """Memory to load the model in ``folder``: from its safetensors headers, else its GGUF file size."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if weights:
+        parameters = safetensors_parameters(weights)
+        return None if parameters is None else model_memory(parameters)
+    ggufs = sorted(folder.glob("*.gguf"))
+    if ggufs:
+        return gguf_memory(ggufs[0])
+    return None
+
+
+def gguf_memory(path: Path) -> int:
+    """Memory to dequantise a GGUF file to float32: its parameters (at least one per byte of a 4-bit
+    file's two) x 4 bytes x 1.3, plus the file itself."""
+    size = path.stat().st_size
+    return model_memory(2 * size) + size
+
+
+def neighbour_memory(rows: int, width: int, keys: int, k: int, block_rows: int, chunk: int = 64) -> int:
+    """Bytes for an exact blocked top-k search: unit rows (and their float64 source), the padded keys, one
+    ``block_rows x keys`` block of similarities and the ``rows x k`` result."""
+    padded = -(-keys // chunk) * chunk
+    return 12 * rows * width + 4 * padded * width + 4 * min(block_rows, rows) * padded + 8 * rows * k
+
+
+__all__ = [
+    "available_memory",
+    "check_memory",
+    "config_parameters",
+    "folder_model_memory",
+    "format_bytes",
+    "gguf_memory",
+    "model_memory",
+    "neighbour_memory",
+    "safetensors_parameters",
+]

@@ -1,0 +1,369 @@
+"""``embviz bench``: the timing helper, the targets, the AE comparison and the report's JSON shape.
+
+Stages are monkeypatched or run on a tiny model; nothing here asserts that anything is fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from embviz import bench
+from embviz.bench import (
+    TARGETS,
+    BenchContext,
+    BenchSettings,
+    Report,
+    Target,
+    compare_block,
+    evaluate_targets,
+    measure,
+    median,
+    quality_ok,
+    rounded,
+    run_bench,
+    run_child,
+    time_to_reach,
+)
+from embviz.cli import main
+from embviz.errors import BadInputError
+
+TOP_KEYS = {
+    "benchmark",
+    "command",
+    "mode",
+    "backbone",
+    "rank",
+    "stages",
+    "repeats",
+    "machine",
+    "figures",
+    "runs",
+    "samples",
+    "targets",
+    "compare",
+    "details",
+    "notes",
+    "errors",
+    "seconds",
+}
+MACHINE_KEYS = {
+    "cpu_count",
+    "cpu_model",
+    "torch_threads",
+    "python",
+    "torch",
+    "transformers",
+    "load_average_start",
+    "load_average_end",
+}
+
+
+# -- timing helpers ------------------------------------------------------------------------------------
+def test_median_of_odd_even_and_empty() -> None:
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert median([4.0, 1.0, 2.0, 3.0]) == 2.5
+    assert math.isnan(median([]))
+
+
+def test_measure_times_each_run_with_the_clock_and_keeps_results() -> None:
+    ticks = itertools.count()
+    clock = lambda: float(next(ticks) ** 2)  # noqa: E731 -- runs take 1, 5, 9 ... ticks
+    calls: list[str] = []
+    timing, results = measure(
+        lambda: calls.append("work") or len(calls), 3, before=lambda: calls.append("setup"), clock=clock
+    )
+    assert calls == ["setup", "work"] * 3
+    assert results == [2, 4, 6]
+    assert timing.runs == (1.0, 5.0, 9.0)
+    assert timing.median == 5.0
+
+
+def test_measure_refuses_zero_repeats() -> None:
+    with pytest.raises(ValueError):
+        measure(lambda: None, 0)
+
+
+def test_rounded_keeps_precision_and_leaves_other_values() -> None:
+    assert rounded(12.3456789) == 12.346
+    assert rounded(0.000123456) == 0.0001235
+    assert rounded(1234.5678) == 1234.568
+    assert rounded(True) is True
+    assert rounded(3) == 3
+    assert rounded(None) is None
+    assert math.isnan(rounded(math.nan))
+
+
+def test_report_records_median_runs_and_samples() -> None:
+    report = Report()
+    assert report.record("x_s", [3.0, 1.0, 2.0]) == 2.0
+    assert report.figures["x_s"] == 2.0
+    assert report.runs["x_s"] == 3
+    assert report.samples["x_s"] == [3.0, 1.0, 2.0]
+    report.set("flag", True)
+    report.detail("stage", what="this", seconds=1.23456)
+    assert report.figures["flag"] is True
+    assert "flag" not in report.runs
+    assert report.details["stage"] == {"what": "this", "seconds": 1.235}
+
+
+# -- targets -------------------------------------------------------------------------------------------
+def test_targets_met_missed_and_not_measured() -> None:
+    targets = (
+        Target("a", "a_s", "<=", 2.0),
+        Target("b", "b_x", ">=", 5.0, unit="x"),
+        Target("c", "c_s", "<=", 1),
+    )
+    verdicts = evaluate_targets({"a_s": 1.5, "b_x": 4.0}, targets)
+    assert verdicts["a_s"]["met"] is True
+    assert verdicts["a_s"]["target"] == "a_s <= 2 s"
+    assert verdicts["b_x"]["met"] is False
+    assert verdicts["c_s"]["met"] is None
+    assert "not measured" in verdicts["c_s"]["note"]
+
+
+def test_target_with_a_required_flag() -> None:
+    target = Target("ae", "speedup", ">=", 10.0, unit="x", requires=("quality_ok",))
+    assert evaluate_targets({"speedup": 12.0, "quality_ok": True}, [target])["speedup"]["met"] is True
+    assert evaluate_targets({"speedup": 12.0, "quality_ok": False}, [target])["speedup"]["met"] is False
+    assert evaluate_targets({"speedup": 12.0}, [target])["speedup"]["met"] is None
+
+
+def test_every_issue_target_is_evaluated() -> None:
+    figures = {target.figure: 1.0 for target in TARGETS}
+    verdicts = evaluate_targets(figures)
+    assert set(verdicts) == {
+        "warm_load_s",
+        "cold_load_s",
+        "ae_speedup",
+        "knn_recall_s",
+        "knn_speedup",
+        "umap_full_vocab_s",
+        "umap_cached_s",
+        "pca_map_s",
+        "predict_latency_s",
+        "peak_rss_mb",
+    }
+    assert all({"name", "target", "measured", "met"} <= set(v) for v in verdicts.values())
+
+
+def test_quick_mode_shortcuts_are_not_assessed() -> None:
+    figures = {
+        "ae_speedup": 3.0,
+        "fast_quality_ok": True,
+        "paper_recipe_epochs": 3,
+        "paper_recipe_full_epochs": 30,
+        "umap_full_vocab_s": 10.0,
+        "umap_sampled": True,
+        "umap_points": 5000,
+    }
+    verdicts = evaluate_targets(figures)
+    assert verdicts["ae_speedup"]["met"] is None
+    assert "3 of its 30 epochs" in verdicts["ae_speedup"]["note"]
+    assert verdicts["umap_full_vocab_s"]["met"] is None
+    assert "5000" in verdicts["umap_full_vocab_s"]["note"]
+    figures.update(paper_recipe_epochs=30, umap_sampled=False)
+    verdicts = evaluate_targets(figures)
+    assert verdicts["ae_speedup"]["met"] is False
+    assert verdicts["umap_full_vocab_s"]["met"] is True
+
+
+def test_a_cached_paper_fit_is_never_a_comparison() -> None:
+    figures = {"ae_speedup": 50.0, "fast_quality_ok": True, "from_cache": True}
+    assert evaluate_targets(figures)["ae_speedup"]["met"] is None
+
+
+# -- the AE comparison ---------------------------------------------------------------------------------
+def test_time_to_reach_counts_setup_and_whole_epochs() -> None:
+    history = [
+        {"seconds": 2.0, "val_mean_cosine": 0.5},
+        {"seconds": 3.0, "val_mean_cosine": 0.7},
+        {"seconds": 4.0, "val_mean_cosine": 0.9},
+    ]
+    assert time_to_reach(history, 0.7, setup_s=1.0) == 6.0
+    assert time_to_reach(history, 0.4) == 2.0
+    assert time_to_reach(history, 0.95) is None
+
+
+def test_quality_rule() -> None:
+    paper = {"mean_cosine": 0.80, "perplexity": 100.0}
+    assert quality_ok({"mean_cosine": 0.80, "perplexity": 101.9}, paper)
+    assert not quality_ok({"mean_cosine": 0.79, "perplexity": 90.0}, paper)
+    assert not quality_ok({"mean_cosine": 0.85, "perplexity": 102.5}, paper)
+
+
+def _ae_figures(**changes: Any) -> dict[str, Any]:
+    figures = {
+        "ae_paper_recipe_s": 90.0,
+        "ae_fast_recipe_s": 6.0,
+        "ae_speedup": 15.0,
+        "fast_quality_ok": True,
+        "ae_paper_mean_cosine": 0.81,
+        "ae_fast_mean_cosine": 0.82,
+        "ae_paper_perplexity": 3500.0,
+        "ae_fast_perplexity": 3400.0,
+        "paper_recipe_epochs": 30,
+        "paper_recipe_full_epochs": 30,
+        "ae_rank": 64,
+    }
+    return {**figures, **changes}
+
+
+def test_compare_block_states_the_speedup_with_its_command() -> None:
+    block = compare_block(_ae_figures(), "embviz bench --json")
+    assert block is not None
+    assert block["comparable"] is True
+    assert block["speedup"] == 15.0
+    assert block["command"] == "embviz bench --json"
+    assert "15.0x faster" in block["statement"]
+    assert "same quality" in block["statement"]
+
+
+def test_compare_block_says_when_quality_is_not_reached_or_not_comparable() -> None:
+    assert "does not reach" in compare_block(_ae_figures(fast_quality_ok=False), "c")["statement"]
+    quick = compare_block(_ae_figures(paper_recipe_epochs=3), "c")
+    assert quick["comparable"] is False
+    assert quick["statement"].startswith("not comparable")
+    assert compare_block({"ae_fast_recipe_s": 1.0}, "c") is None
+
+
+# -- settings ------------------------------------------------------------------------------------------
+def test_quick_settings_say_what_they_shrink() -> None:
+    quick = BenchSettings.for_mode(quick=True)
+    full = BenchSettings.for_mode(quick=False)
+    assert quick.paper_epochs == bench.QUICK_PAPER_EPOCHS and quick.umap_sample == bench.QUICK_UMAP_SAMPLE
+    assert full.paper_epochs is None and full.umap_sample is None
+    assert full.repeats > 1 and full.heavy_repeats > 1
+    forced = BenchSettings.for_mode(quick=False, repeats=2)
+    assert (forced.repeats, forced.heavy_repeats) == (2, 2)
+
+
+# -- the report's shape, with monkeypatched stages -----------------------------------------------------
+def _fake_timings(context: BenchContext, report: Report) -> None:
+    report.record("warm_load_s", [1.0, 3.0, 2.0])
+    report.set("knn_same_recall", True)
+    report.detail("fake", how="monkeypatched")
+
+
+def _broken(context: BenchContext, report: Report) -> None:
+    raise RuntimeError("boom")
+
+
+@pytest.fixture
+def fake_stages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bench, "STAGES", {"fake": _fake_timings, "broken": _broken})
+
+
+@pytest.mark.usefixtures("fake_stages")
+def test_run_bench_report_shape() -> None:
+    messages: list[str] = []
+    result = run_bench(BenchSettings(repeats=1, heavy_repeats=1), progress=messages.append)
+    assert set(result) == TOP_KEYS
+    assert set(result["machine"]) >= MACHINE_KEYS
+    assert result["mode"] == "full"
+    assert result["stages"] == ["fake", "broken"]
+    assert result["figures"]["warm_load_s"] == 2.0
+    assert result["runs"]["warm_load_s"] == 3
+    assert result["samples"]["warm_load_s"] == [1.0, 3.0, 2.0]
+    assert result["targets"]["warm_load_s"]["met"] is True
+    assert result["targets"]["cold_load_s"]["met"] is None
+    assert result["errors"] == {"broken": "RuntimeError: boom"}
+    assert {"wall_s", "cpu_s", "load_average_before", "load_average_after"} <= set(result["details"]["fake"])
+    assert result["details"]["fake"]["how"] == "monkeypatched"
+    assert result["compare"] is None
+    assert any("broken" in message for message in messages)
+    json.dumps(result)  # serialisable as is
+
+
+@pytest.mark.usefixtures("fake_stages")
+def test_run_bench_quick_mode_says_so() -> None:
+    result = run_bench(BenchSettings.for_mode(quick=True), ["fake"])
+    assert result["mode"] == "quick"
+    assert result["stages"] == ["fake"]
+    assert any("--quick" in note for note in result["notes"])
+
+
+@pytest.mark.usefixtures("fake_stages")
+def test_run_bench_refuses_unknown_stages() -> None:
+    with pytest.raises(BadInputError, match="unknown bench stage"):
+        run_bench(BenchSettings(), ["nope"])
+
+
+@pytest.mark.usefixtures("fake_stages")
+def test_cli_bench_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status = main(["bench", "--json", "--stages", "fake", "--repeats", "1"])
+    captured = capsys.readouterr()
+    assert status == 0
+    result = json.loads(captured.out)
+    assert set(result) == TOP_KEYS
+    assert result["repeats"] == {"cheap": 1, "costly": 1}
+    assert "stage fake" in captured.err
+
+
+@pytest.mark.usefixtures("fake_stages")
+def test_cli_bench_text_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--stages", "fake,broken"]) == 1
+    out = capsys.readouterr().out
+    assert "warm_load_s <= 2 s" in out and "met" in out
+    assert "error in broken: RuntimeError: boom" in out
+    assert main(["bench", "--stages", "nope"]) == 2
+    assert "unknown bench stage" in capsys.readouterr().err
+    assert main(["bench", "--repeats", "0"]) == 2
+
+
+# -- subprocesses --------------------------------------------------------------------------------------
+def test_run_child_reads_the_last_json_line_and_sets_the_home(tmp_path: Path) -> None:
+    script = "import json, os, sys; print('noise'); print(json.dumps({'home': os.environ['EMBVIZ_HOME'], 'arg': sys.argv[1]}))"
+    result = run_child(BenchSettings(python=sys.executable), script, ["x"], home=tmp_path)
+    assert result["home"] == str(tmp_path)
+    assert result["arg"] == "x"
+    assert result["process_s"] >= 0
+
+
+def test_run_child_failure_names_the_error() -> None:
+    with pytest.raises(RuntimeError, match="ZeroDivisionError"):
+        run_child(BenchSettings(python=sys.executable), "1 / 0", [])
+
+
+# -- real stages on a tiny model -----------------------------------------------------------------------
+def test_in_process_stages_on_a_tiny_model(tiny_causal_path: Path) -> None:
+    settings = BenchSettings(model=str(tiny_causal_path), rank=8, repeats=1, heavy_repeats=1, paper_epochs=1)
+    result = run_bench(settings, ["ae", "knn", "latency"])
+    assert result["errors"] == {}
+    figures = result["figures"]
+    for name in (
+        "ae_paper_recipe_s",
+        "ae_fast_recipe_s",
+        "ae_speedup",
+        "knn_recall_s",
+        "knn_dense_baseline_s",
+        "knn_speedup",
+        "predict_latency_s",
+        "perplexity_eval_s",
+    ):
+        assert figures[name] > 0, name
+    assert figures["paper_recipe_epochs"] == 1
+    assert figures["from_cache"] is False
+    assert isinstance(figures["fast_quality_ok"], bool)
+    assert figures["knn_same_recall"] is True
+    assert result["targets"]["ae_speedup"]["met"] is None  # a 1-epoch paper recipe is no comparison
+    assert result["compare"]["comparable"] is False
+    assert result["details"]["latency"]["variants"] == ["original", "SVD", "AE"]
+
+
+@pytest.mark.slow
+def test_every_stage_on_a_tiny_model(tiny_causal_path: Path) -> None:
+    settings = BenchSettings(
+        model=str(tiny_causal_path), rank=8, repeats=1, heavy_repeats=1, paper_epochs=1, umap_sample=200
+    )
+    result = run_bench(settings)
+    assert result["errors"] == {}
+    assert all(verdict["measured"] is not None for verdict in result["targets"].values())
+    assert result["figures"]["umap_cache_hits"] is True
+    assert result["figures"]["peak_rss_mb"] > 0
