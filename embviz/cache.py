@@ -2,7 +2,8 @@
 
 Everything expensive (converted backbones, artifacts, neighbour tables, maps, sweeps) is stored under
 ``embviz_home()`` keyed by a hash of its full configuration. Writes go to a temporary sibling first and are
-renamed into place, so a crash never leaves a half-written entry under the final name.
+renamed into place, so a crash never leaves a half-written entry under the final name. A cache that cannot
+be used (read-only, a file in the way, a full disk) is reported once and the work is done uncached.
 """
 
 from __future__ import annotations

@@ -328,7 +328,9 @@ __all__ = [
 
 
 # -- training and perplexity curves ---------------------------------------------------------------------------
-def training_curve(history: Sequence[Mapping[str, Any]], *, provenance: str = "", title: str | None = None) -> go.Figure:
+def training_curve(
+    history: Sequence[Mapping[str, Any]], *, provenance: str = "", title: str | None = None
+) -> go.Figure:
     """Per-epoch AE training: the training cosine error (left) and the validation mean cosine (right).
 
     The total loss is not plotted: the paper loss anneals its exponent alpha, so its value is not comparable
@@ -339,15 +341,34 @@ def training_curve(history: Sequence[Mapping[str, Any]], *, provenance: str = ""
     has_cosine = all("cosine" in record.get("terms", {}) for record in history)
     train = [record["terms"]["cosine"] if has_cosine else record["loss"] for record in history]
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=epochs, y=train, name="training 1 − cos" if has_cosine else "training loss",
-                             mode="lines+markers", marker_color=PALETTE[0]))
-    fig.add_trace(go.Scatter(x=epochs, y=[record.get("val_mean_cosine") for record in history],
-                             name="validation mean cosine", mode="lines+markers", yaxis="y2",
-                             marker_color=PALETTE[2]))
+    fig.add_trace(
+        go.Scatter(
+            x=epochs,
+            y=train,
+            name="training 1 − cos" if has_cosine else "training loss",
+            mode="lines+markers",
+            marker_color=PALETTE[0],
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=epochs,
+            y=[record.get("val_mean_cosine") for record in history],
+            name="validation mean cosine",
+            mode="lines+markers",
+            yaxis="y2",
+            marker_color=PALETTE[2],
+        )
+    )
     selected = [record for record in history if record.get("selected")]
     if selected:
-        fig.add_vline(x=selected[0]["epoch"], line_dash="dot", line_color=ORIGINAL_COLOUR,
-                      annotation_text="kept", annotation_position="top left")
+        fig.add_vline(
+            x=selected[0]["epoch"],
+            line_dash="dot",
+            line_color=ORIGINAL_COLOUR,
+            annotation_text="kept",
+            annotation_position="top left",
+        )
     fig.update_layout(
         xaxis={"title": "epoch", "dtick": 1},
         yaxis={"title": "1 − cos (train)" if has_cosine else "loss"},
@@ -389,12 +410,17 @@ def perplexity_curve(
     if reference is not None:
         # A trace, not add_hline: on a log axis a shape's y is read in log10 units.
         top = max((float(r["ratio"]) for r in rows), default=1.0)
-        fig.add_trace(go.Scatter(
-            x=[1.0, max(top, 1.0)], y=[reference, reference], name=f"uncompressed ({reference:.3g})",
-            mode="lines+markers", line={"dash": "dash", "color": ORIGINAL_COLOUR},
-            marker={"size": [8, 0], "color": ORIGINAL_COLOUR},
-            hovertemplate=f"uncompressed perplexity {reference:.4g}<extra></extra>",
-        ))
+        fig.add_trace(
+            go.Scatter(
+                x=[1.0, max(top, 1.0)],
+                y=[reference, reference],
+                name=f"uncompressed ({reference:.3g})",
+                mode="lines+markers",
+                line={"dash": "dash", "color": ORIGINAL_COLOUR},
+                marker={"size": [8, 0], "color": ORIGINAL_COLOUR},
+                hovertemplate=f"uncompressed perplexity {reference:.4g}<extra></extra>",
+            )
+        )
     fig.update_xaxes(title="compression ratio of the embedding (x fewer parameters)", type="log")
     fig.update_yaxes(title="perplexity (log scale)", type="log")
     return _finish(fig, provenance, title=title or "Zero-shot perplexity vs compression ratio", height=440)

@@ -79,7 +79,11 @@ for column, (name, predictions) in zip(columns, result.variants.items(), strict=
             column.markdown(f":red[original top-1 not in its top {config.k}]")
     frame = pd.DataFrame(
         [
-            {"token": visible_text(p.token), "probability": round(p.probability, 4), "new": "new" if p.new else ""}
+            {
+                "token": visible_text(p.token),
+                "probability": round(p.probability, 4),
+                "new": "new" if p.new else "",
+            }
             for p in predictions.predictions
         ]
     )

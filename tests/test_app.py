@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -9,9 +10,10 @@ import streamlit as st
 from streamlit.runtime.pages_manager import PagesManager
 from streamlit.testing.v1 import AppTest
 
+from embviz import resources
 from embviz.artifacts import compress_cached
 from embviz.backbones import Backbone
-from embviz.compressors import make_compressor
+from embviz.compressors import AECompressor, make_compressor
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = ("compress", "neighbours", "angles", "map", "predictions", "perplexity")
@@ -111,6 +113,8 @@ def test_url_parameters_restore_the_shared_state(trained: Path) -> None:
     ("params", "message"),
     [
         ({"tok": "zzzzqqq"}, "not a single token"),
+        ({"tok": "#99999"}, "outside the vocabulary"),
+        ({"tok": "#²"}, "not a single token"),
         ({"rank": "999"}, "out of range"),
     ],
 )
@@ -149,3 +153,139 @@ def test_perplexity_sweep_runs_on_demand_with_the_uncompressed_row(trained: Path
     assert "uncompressed" in set(table["method"])
     assert {"svd", "ae-paper"} <= set(table["method"])
     assert (table["perplexity"] > 0).all()
+
+
+# -- every URL-bound key, bad input, a broken cache, too little memory --------------------------------
+URL_GARBAGE = [
+    (None, "model", "no-such-model"),
+    (None, "rank", "abc"),
+    (None, "rank", "0"),
+    (None, "rank", "-3"),
+    (None, "loss", "nonsense"),
+    (None, "recipe", "slow"),
+    (None, "mode", "both"),
+    (None, "k", "0"),
+    (None, "k", "101"),
+    (None, "k", "many"),
+    ("angles", "split", "by colour"),
+    ("map", "map", "tsne"),
+]
+
+
+@pytest.mark.parametrize(("page", "key", "value"), URL_GARBAGE, ids=[f"{k}={v}" for _, k, v in URL_GARBAGE])
+def test_every_bound_key_falls_back_with_a_warning(
+    trained: Path, page: str | None, key: str, value: str
+) -> None:
+    app = run_app(page, **{key: value})
+    assert not app.exception, [e.message for e in app.exception]
+    assert any(f"{key}={value!r}" in warning.value for warning in app.warning)
+    assert str(app.session_state[key]) != value
+
+
+@pytest.mark.parametrize(
+    ("params", "expected"),
+    [({"model": "__default__"}, None), ({"split": "corpus frequency"}, "angles"), ({"map": "umap"}, "map")],
+)
+def test_valid_url_values_are_taken_without_a_warning(
+    trained: Path, params: dict[str, str], expected: str | None
+) -> None:
+    params = {key: str(trained) if value == "__default__" else value for key, value in params.items()}
+    app = run_app(expected, **params)
+    assert_clean(app)
+    assert not app.warning
+    assert all(app.session_state[key] == value for key, value in params.items())
+
+
+@pytest.mark.parametrize(
+    ("params", "check"),
+    [
+        ({"sentence": "The king of ___ lived in a palace."}, "three"),
+        ({"s": "The queen of ___ lived in London."}, "three"),
+        ({"sentence": "I 😀 love the ___ 🍞! 東京は Москва"}, "three"),
+        ({"sentence": "no blank at all"}, "no blank"),
+        ({"sentence": "two ___ blanks ___"}, "2 blanks"),
+        ({"sentence": "the king of paris " * 2500 + "the ___ of england"}, "long input"),
+    ],
+    ids=["sentence", "s", "emoji", "no-blank", "two-blanks", "10000-words"],
+)
+def test_sentences_from_the_url(trained: Path, params: dict[str, str], check: str) -> None:
+    app = run_app("predictions", **params)
+    assert not app.exception
+    assert app.session_state["sentence"] == next(iter(params.values()))
+    if check == "three":
+        assert_clean(app)
+        assert len(app.dataframe) == 3
+    elif check == "long input":
+        assert_clean(app)
+        assert any("long input" in info.value for info in app.info)
+    else:
+        assert any(check in error.value for error in app.error)
+
+
+def test_two_sessions_training_the_same_autoencoder_train_it_once(
+    app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two browser sessions share the server's caches: clicking "train" in both at once trains once."""
+    from pages import common
+
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "shared"))
+    common.variant_store.clear()
+    fits: list[int] = []
+    fit = AECompressor.fit
+
+    def counting_fit(self: AECompressor, *args: object, **kwargs: object) -> object:
+        fits.append(self.rank)
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(AECompressor, "fit", counting_fit)
+    backbone = common.load_backbone(str(app_env))
+    results: dict[int, object] = {}
+    sessions = [
+        threading.Thread(
+            target=lambda i=i: results.__setitem__(
+                i, common.get_variant(backbone, "ae-paper", 5, "fast", train=True)
+            )
+        )
+        for i in range(2)
+    ]
+    for session in sessions:
+        session.start()
+    for session in sessions:
+        session.join()
+    assert fits == [5]
+    assert sorted(result.cached for result in results.values()) == [False, True]
+    assert len(list((tmp_path / "shared" / "artifacts").rglob("manifest.json"))) == 1
+
+
+def test_an_unusable_cache_shows_one_warning_and_the_app_still_works(
+    app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "a-file" / "cache"))  # ENOTDIR, even for root
+    st.cache_resource.clear()
+    app = run_app(rank="6")
+    [button] = [b for b in app.button if b.label == "Train the AutoEncoder now"]
+    button.click().run()
+    assert_clean(app)
+    assert set(app.dataframe[0].value["variant"]) == {"SVD", "AE"}
+    for page in ("neighbours", "map"):
+        app.switch_page(f"pages/{page}.py").run()
+        assert_clean(app)
+        [warning] = [w.value for w in app.warning]
+        assert "disk cache is not usable" in warning and "Not a directory" in warning
+    st.cache_resource.clear()
+
+
+def test_a_neighbour_search_that_does_not_fit_is_an_error_not_a_crash(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pages import common
+
+    common.load_backbone(str(trained))  # the model itself fits
+    monkeypatch.setattr(resources, "available_memory", lambda: 600_000)
+    common._original_neighbours.clear()
+    common._variant_neighbours.clear()
+    app = run_app("neighbours")
+    assert not app.exception
+    assert any("needs about" in error.value and "available" in error.value for error in app.error)
+    common._original_neighbours.clear()

@@ -142,8 +142,13 @@ def test_training_curve_shows_loss_and_validation_cosine() -> None:
 def test_training_curve_prefers_the_comparable_cosine_term_and_marks_the_kept_epoch() -> None:
     # the paper loss anneals alpha, so its total is not comparable across epochs; its cosine term is
     history = [
-        {"epoch": e, "loss": e, "terms": {"cosine": 0.4 - e / 10, "abs_power": e}, "val_mean_cosine": 0.6,
-         "selected": e == 2}
+        {
+            "epoch": e,
+            "loss": e,
+            "terms": {"cosine": 0.4 - e / 10, "abs_power": e},
+            "val_mean_cosine": 0.6,
+            "selected": e == 2,
+        }
         for e in (1, 2, 3)
     ]
     fig = training_curve(history)
