@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from embviz.backbones import _OUTPUT_WEIGHT, Backbone, Kind, Mode
+from embviz.backbones import _OUTPUT_WEIGHT, MODES, Backbone, Kind, Mode
 from embviz.errors import BadInputError
 from embviz.perplexity import (
     LOGITS_BUDGET_BYTES,
@@ -331,7 +331,7 @@ class _CausalScorer:
 
     def score(self, embedding: torch.Tensor | None) -> _Scored:
         """The first call must be the reference (its candidates are shared with every later variant)."""
-        logits = self.backbone.logits(self.left, embedding=embedding, mode=self.mode)[0, -1]
+        logits, prefix = self._left_pass(embedding)
         next_token = torch.log_softmax(logits.double(), dim=0).masked_fill(self.excluded, float("-inf"))
         allowed = int((~self.excluded).sum())
         if self.reference_ids is None:
@@ -340,20 +340,21 @@ class _CausalScorer:
         else:
             own = torch.topk(next_token, min(self.own, allowed)).indices
             ids = torch.cat([self.reference_ids, own[~torch.isin(own, self.reference_ids)]])
-        return _Scored(ids, next_token[ids] + self._right_loglik(ids, embedding))
+        return _Scored(ids, next_token[ids] + self._right_loglik(ids, embedding, prefix))
 
-    def _right_loglik(self, ids: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
+    def _right_loglik(
+        self, ids: torch.Tensor, embedding: torch.Tensor | None, prefix: Any | None
+    ) -> torch.Tensor:
         """log p(right context | left, candidate) for each candidate, in memory-bounded chunks.
 
         Every candidate sentence is ``left + candidate + right`` with a one-token candidate, so they all have
         the same length (no padding) and share ``left``: where the model supports it, ``left`` is run once
-        and its key/value cache is reused by every candidate.
+        and its key/value cache (``prefix``, from :meth:`_left_pass`) is reused by every candidate.
         """
         span = len(self.right)
         if span == 0:
             return torch.zeros(len(ids), dtype=torch.float64)
         targets = self.right[None, :]
-        prefix = self._prefix_cache(embedding)
         start = 0 if prefix is not None else self.left.shape[1]
         length = start + span  # the right context's last token is only a target, never an input
         chunk = max(1, LOGITS_BUDGET_BYTES // (length * self.backbone.vocab_size * 4))
@@ -381,13 +382,19 @@ class _CausalScorer:
         finally:
             _OUTPUT_WEIGHT.reset(token)
 
-    def _prefix_cache(self, embedding: torch.Tensor | None) -> Any | None:
-        """The key/value cache of ``left`` under ``embedding``; None where the model cannot share one."""
+    def _left_pass(self, embedding: torch.Tensor | None) -> tuple[torch.Tensor, Any | None]:
+        """One forward pass over ``left``: the next-token logits at the blank and the key/value cache of
+        ``left`` under ``embedding`` (None where the model cannot share one)."""
         if self.cache_argument is None:
-            return None
+            return self.backbone.logits(self.left, embedding=embedding, mode=self.mode)[0, -1], None
+        # The checks Backbone.logits makes, since this path runs the model directly.
+        if self.mode not in MODES:
+            raise BadInputError(f"unknown substitution mode {self.mode!r}; use one of {', '.join(MODES)}")
+        if embedding is not None:
+            self.backbone._check_variant(embedding, self.mode)
         output = self._call_model(embedding, self.left)
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
-        return cache if hasattr(cache, "batch_repeat_interleave") else None
+        return output.logits[0, -1], cache if hasattr(cache, "batch_repeat_interleave") else None
 
     def _continue(self, prefix: Any, tail: torch.Tensor, embedding: torch.Tensor | None) -> torch.Tensor:
         """Logits of ``tail`` (rows x n) continuing the cached ``left``; the cache itself is not modified."""

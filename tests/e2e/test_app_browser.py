@@ -64,7 +64,7 @@ def test_map_draws_a_webgl_canvas_that_is_not_blank(page, app_url: str) -> None:
     image = Image.open(io.BytesIO(page.locator(".js-plotly-plot").first.screenshot())).convert("L")
     low, high = image.getextrema()
     assert high - low > 50, "the map is blank"
-    colours = len(set(image.getdata()))
+    colours = sum(1 for count in image.histogram() if count)
     assert colours > 20, f"only {colours} grey levels: nothing drawn"
 
 
