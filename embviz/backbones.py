@@ -203,17 +203,25 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.enable_progress_bar()
 
 
+def _kind_from_architectures(architectures: object) -> Kind | None:
+    """``masked`` / ``causal`` from a config's ``architectures`` names, or None when they do not say."""
+    for architecture in architectures if isinstance(architectures, list) else []:
+        if str(architecture).endswith("ForMaskedLM"):
+            return "masked"
+        if str(architecture).endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal"
+    return None
+
+
 def _kind_from_config(config: object) -> Kind:
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
     )
 
-    for architecture in getattr(config, "architectures", None) or []:
-        if architecture.endswith("ForMaskedLM"):
-            return "masked"
-        if architecture.endswith(("ForCausalLM", "LMHeadModel")):
-            return "causal"
+    kind = _kind_from_architectures(getattr(config, "architectures", None))
+    if kind is not None:
+        return kind
     model_type = getattr(config, "model_type", "")
     if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
         return "masked"
@@ -447,6 +455,50 @@ def reserved_token_ids(tokenizer: object) -> frozenset[int]:
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     flagged = {int(i) for i, token in added.items() if getattr(token, "special", False)}
     return frozenset({int(i) for i in getattr(tokenizer, "all_special_ids", [])} | flagged)
+
+
+def inspect_backbone(name_or_path: str, *, trust_remote_code: bool = False) -> BackboneInfo:
+    """Facts about a backbone read from its ``config.json`` and safetensors headers, without loading it.
+
+    About a second instead of several (no model classes are imported, no weights read). ``total_params``
+    then counts the parameters stored in the checkpoint (a head the loader would initialise, such as
+    minilm's masked-LM head, is not among them). Falls back to :meth:`Backbone.from_pretrained` for what
+    cannot be read that way (hub ids, folders without safetensors or without an explicit architecture).
+    """
+    builtin = BUILTINS.get(name_or_path)
+    folder = builtin.locate() if builtin else Path(name_or_path)
+    info = _info_from_files(folder, builtin) if folder.is_dir() else None
+    if info is None:
+        return Backbone.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).info()
+    return info
+
+
+def _info_from_files(folder: Path, builtin: BuiltinBackbone | None) -> BackboneInfo | None:
+    from embviz.resources import safetensors_parameters
+
+    weights = sorted(folder.glob("*.safetensors"))
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    kind = builtin.kind if builtin else _kind_from_architectures(config.get("architectures"))
+    vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
+    total = safetensors_parameters(weights) if weights else None
+    if kind is None or not isinstance(vocab, int) or not isinstance(hidden, int) or not total:
+        return None
+    return BackboneInfo(
+        name=builtin.name if builtin else str(folder),
+        kind=kind,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        tied=bool(config.get("tie_word_embeddings", True)),
+        embedding_params=vocab * hidden,
+        total_params=total,
+        embedding_share=round(vocab * hidden / total, 4),
+        source=str(folder),
+        trained_head=builtin.trained_head if builtin else True,
+        note=builtin.note if builtin else "",
+    )
 
 
 def _offline() -> bool:

@@ -81,7 +81,9 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
 
 @_info_arguments.runs
 def run_info(args: argparse.Namespace) -> int:
-    emit(_load_backbone(args).info().to_dict(), args.json)
+    from embviz.backbones import inspect_backbone
+
+    emit(inspect_backbone(args.model, trust_remote_code=args.trust_remote_code).to_dict(), args.json)
     return 0
 
 

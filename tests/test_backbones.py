@@ -83,3 +83,24 @@ def test_unknown_model_is_a_clear_error(tmp_path) -> None:
 def test_tokens_cover_the_vocabulary(tiny_masked: Backbone) -> None:
     assert tiny_masked.tokens[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     assert tiny_masked.special_ids >= {0, 1, 2, 3, 4}
+
+
+def test_inspect_reads_the_same_facts_as_loading(tiny_backbone: Backbone) -> None:
+    from embviz.backbones import inspect_backbone
+
+    assert inspect_backbone(tiny_backbone.source) == tiny_backbone.info()
+
+
+def test_inspect_falls_back_to_loading_when_files_do_not_say(tiny_masked_path, tmp_path) -> None:
+    import json
+    import shutil
+
+    from embviz.backbones import inspect_backbone
+
+    folder = tmp_path / "no-architectures"
+    shutil.copytree(tiny_masked_path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("architectures", None)
+    (folder / "config.json").write_text(json.dumps(config))
+    info = inspect_backbone(str(folder))
+    assert info.kind == "masked" and info.hidden_size == 32
