@@ -3,7 +3,9 @@
 An artifact is a folder holding ``weights.safetensors`` (``codes``, ``decoder``, ``decoder_bias`` or
 ``dense``) and ``manifest.json`` (backbone, method, full compressor config, rank, ratio, params, bytes,
 seed, library versions, training history, train seconds, the sha256 fingerprint of the source matrix and
-the sha256 of the weights file). The weights file's own metadata carries the sha256 of the manifest, so an
+the sha256 of the weights file). A quantised variant stores its integer ``qcodes`` and float16 ``qscales``
+in place of the float32 ``dense`` or ``codes`` (loading dequantises them), and a decoder that is exact in
+float16 is stored as float16, so the file's size reflects the deployed form. The weights file's own metadata carries the sha256 of the manifest, so an
 edit to either file is detected. Loading never unpickles anything: tensors come from safetensors.
 """
 
@@ -33,6 +35,7 @@ from embviz.cache import (
     sha256_bytes,
 )
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
+from embviz.compressors.quantize import dequantize_rows
 from embviz.errors import EmbvizError
 
 logger = logging.getLogger(__name__)
@@ -41,6 +44,16 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 TENSOR_NAMES = ("codes", "decoder", "decoder_bias", "dense")
+QUANTIZED_NAMES = ("qcodes", "qscales")
+STORED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "codes": (torch.float32,),
+    "decoder": (torch.float32, torch.float16),
+    "decoder_bias": (torch.float32,),
+    "dense": (torch.float32,),
+    "qcodes": (torch.int8, torch.uint8),
+    "qscales": (torch.float16,),
+}
+"""Every tensor name an artifact may hold, with the dtypes it may be stored in."""
 MANIFEST_HASH_KEY = "embviz_manifest_sha256"
 
 
@@ -116,11 +129,7 @@ def save_artifact(
 
     Returns the manifest written.
     """
-    tensors = {
-        name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
-        for name in TENSOR_NAMES
-        if (tensor := getattr(compressed, name)) is not None
-    }
+    tensors = _stored_tensors(compressed)
     vocab, hidden = compressed.shape
     manifest: dict[str, Any] = _json_roundtrip(
         {
@@ -150,6 +159,24 @@ def save_artifact(
         (tmp / WEIGHTS_FILE).write_bytes(weights)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
+
+
+def _stored_tensors(compressed: CompressedEmbedding) -> dict[str, torch.Tensor]:
+    """The tensors an artifact stores (float32 unless quantised or exactly representable in float16)."""
+    tensors = {
+        name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        for name in TENSOR_NAMES
+        if (tensor := getattr(compressed, name)) is not None
+    }
+    if compressed.qcodes is not None:
+        tensors.pop("codes" if compressed.low_rank else "dense")
+        tensors.update(
+            {name: getattr(compressed, name).detach().cpu().contiguous() for name in QUANTIZED_NAMES}
+        )
+    decoder = tensors.get("decoder")
+    if decoder is not None and torch.equal(decoder.half().float(), decoder):
+        tensors["decoder"] = decoder.half()
+    return tensors
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -218,12 +245,22 @@ def _load(path: Path, expected_fingerprint: str | None) -> tuple[CompressedEmbed
 
 
 def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CompressedEmbedding:
-    unknown = set(tensors) - set(TENSOR_NAMES)
+    unknown = set(tensors) - set(STORED_DTYPES)
     shapes = {name: list(tensor.shape) for name, tensor in tensors.items()}
     if unknown or shapes != manifest["tensors"]:
         raise ValueError(f"tensors {shapes} differ from the manifest's {manifest['tensors']}")
-    if any(tensor.dtype != torch.float32 for tensor in tensors.values()):
-        raise ValueError("tensors must be float32")
+    if any(tensor.dtype not in STORED_DTYPES[name] for name, tensor in tensors.items()):
+        raise ValueError("a tensor is stored in a dtype its role does not allow")
+    if "decoder" in tensors:
+        tensors["decoder"] = tensors["decoder"].to(torch.float32)
+    if "qcodes" in tensors:
+        target, columns = (
+            ("codes", manifest["rank"]) if "decoder" in tensors else ("dense", manifest["shape"][1])
+        )
+        if target in tensors:
+            raise ValueError(f"both {target} and its quantised codes are stored")
+        bits = manifest["config"]["bits"]
+        tensors[target] = dequantize_rows(tensors["qcodes"], tensors["qscales"], bits, columns)
     compressed = CompressedEmbedding(
         method=manifest["method"],
         config=manifest["config"],
@@ -235,6 +272,8 @@ def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> C
         train_seconds=float(manifest["train_seconds"]),
         stored_bytes=manifest["stored_bytes"],
         decoder_activation=manifest["decoder_activation"],
+        qcodes=tensors.get("qcodes"),
+        qscales=tensors.get("qscales"),
     )
     bias = compressed.decoder_bias
     if list(compressed.shape) != manifest["shape"] or compressed.rank != manifest["rank"]:

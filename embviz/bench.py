@@ -129,9 +129,9 @@ class Report:
         """Store a :class:`Timing` as figure ``name``; return its median."""
         return self.record(name, timing.runs)
 
-    def set(self, name: str, value: Any) -> Any:
+    def set(self, name: str, value: Any, digits: int = 4) -> Any:
         """Store a single value (a ratio, a flag, a quality figure) as figure ``name``."""
-        self.figures[name] = rounded(value)
+        self.figures[name] = rounded(value, digits)
         return value
 
     def detail(self, stage: str, **facts: Any) -> None:
@@ -554,7 +554,7 @@ def stage_ae(context: BenchContext, report: Report) -> None:
             "mean_cosine": reconstruction_quality(backbone.embedding, compressed)["mean_cosine"],
             "perplexity": scored.results[name].perplexity,
         }
-        report.set(f"ae_{name}_mean_cosine", quality[name]["mean_cosine"])
+        report.set(f"ae_{name}_mean_cosine", quality[name]["mean_cosine"], digits=6)
         report.set(f"ae_{name}_perplexity", quality[name]["perplexity"])
     report.set("ae_original_perplexity", scored.results[scored.reference].perplexity)
     report.set("ae_speedup", report.figures["ae_paper_recipe_s"] / report.figures["ae_fast_recipe_s"])
@@ -603,8 +603,8 @@ def stage_knn(context: BenchContext, report: Report) -> None:
         report.timing(figure, timing)
         recalls[method] = results[-1]
     report.set("knn_speedup", report.figures["knn_dense_baseline_s"] / report.figures["knn_recall_s"])
-    report.set("knn_recall_factors", recalls["factors"])
-    report.set("knn_recall_dense", recalls["dense"])
+    report.set("knn_recall_factors", recalls["factors"], digits=6)
+    report.set("knn_recall_dense", recalls["dense"], digits=6)
     report.set("knn_same_recall", abs(recalls["factors"] - recalls["dense"]) <= RECALL_TOLERANCE)
     report.detail(
         "knn",

@@ -37,14 +37,18 @@ from embviz.artifacts import (
 from embviz.backbones import MODES, Backbone, Mode
 from embviz.cache import sha256_bytes
 from embviz.compressors import (
+    DENSE_METHODS,
+    QUANTIZED_LOW_RANK,
     CompressedEmbedding,
     Compressor,
     TrainingProgress,
     check_rank,
     make_compressor,
+    method_bits,
     rank_for_ratio,
     reconstruction_quality,
 )
+from embviz.compressors.quantize import QuantizedLowRank, quantized_rows_bytes
 from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
 from embviz.metrics import neighbour_table_cached, recall_at_k, reconstruction_angles, summary
@@ -76,6 +80,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "rank",
     "params",
     "bytes",
+    "byte_ratio",
     "perplexity",
     "vs_original",
     "recall_at_k",
@@ -222,6 +227,7 @@ class _Evaluator:
             "ratio": round(compressed.ratio, 4),
             "params": compressed.params,
             "bytes": compressed.bytes,
+            "byte_ratio": round(compressed.byte_ratio, 4),
             "text": self.text,
             "mode": self.mode,
             "k": self.k,
@@ -283,7 +289,12 @@ def _plan(
     ranks: Sequence[int] | None,
     recipe: str,
 ) -> list[_Job]:
-    """Every (method, ratio -> rank) and (method, rank) pair, validated before anything runs."""
+    """Every (method, ratio -> rank) and (method, rank) pair, validated before anything runs.
+
+    A dense quantiser (:data:`DENSE_METHODS`) has no rank: it runs once, its target ratio its fixed byte
+    ratio. For a quantised low-rank method (:data:`QUANTIZED_LOW_RANK`) a ratio is a byte ratio against
+    float32 E, so it meets the float32 methods at that ratio at equal bytes (SPEC §2).
+    """
     if not methods:
         raise BadInputError("no method to sweep; name at least one")
     if ratios is None and ranks is None:
@@ -291,9 +302,19 @@ def _plan(
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
     jobs = []
     for method in methods:
+        if method in DENSE_METHODS:
+            byte_ratio = 4 * vocab * hidden / quantized_rows_bytes(vocab, hidden, method_bits(method))
+            jobs.append(_Job(method, make_compressor(method, None), round(byte_ratio, 4)))
+            continue
         ae = method.startswith("ae")
         options = {"recipe": recipe} if ae else {}
-        sizes = [(rank_for_ratio(vocab, hidden, r, decoder_bias=ae), float(r)) for r in ratios or ()]
+        if method in QUANTIZED_LOW_RANK:
+            bits = method_bits(method)
+            sizes = [
+                (QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, r, bits), float(r)) for r in ratios or ()
+            ]
+        else:
+            sizes = [(rank_for_ratio(vocab, hidden, r, decoder_bias=ae), float(r)) for r in ratios or ()]
         sizes += [(check_rank(rank, hidden), None) for rank in ranks or ()]
         jobs += [_Job(method, make_compressor(method, rank, **options), target) for rank, target in sizes]
     return jobs
@@ -367,6 +388,7 @@ def sweep(
         "ratio": 1.0,
         "params": vocab * hidden,
         "bytes": 4 * vocab * hidden,
+        "byte_ratio": 1.0,
         "text": text,
         "mode": mode,
         "k": k,
@@ -385,7 +407,8 @@ def sweep(
     for index, job in enumerate(jobs):
         started = time.perf_counter()
         base = 1 + 2 * index
-        tag = f"[{index + 1}/{len(jobs)}] {job.method} r={job.compressor.get_config()['rank']}"
+        rank = job.compressor.get_config()["rank"]
+        tag = f"[{index + 1}/{len(jobs)}] {job.method}" + (f" r={rank}" if rank is not None else "")
         report(base, total, f"{tag}: compressing")
         artifact = compress_cached(
             backbone.name,

@@ -576,7 +576,10 @@ def test_a_model_that_does_not_fit_is_refused_with_the_estimate(
         ResourceError, match=rf"needs about {estimate} of memory, but only 1000 B is available"
     ):
         Backbone.from_pretrained(str(tiny_causal_path))
-    assert main(["info", str(tiny_causal_path)]) == 2
+    # `info` reads only config and headers, so it still answers; a command that loads the model refuses
+    assert main(["info", str(tiny_causal_path)]) == 0
+    capsys.readouterr()
+    assert main(["compress", str(tiny_causal_path), "--method", "svd", "--rank", "4"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("embviz: error: loading") and estimate in err and err.count("\n") == 1
 

@@ -76,6 +76,9 @@ class CompressedEmbedding:
         dense: V x D stored matrix (dense methods such as quantisation), or None.
         history: per-epoch training records (empty for closed-form methods).
         stored_bytes: bytes the deployed form needs; defaults to float32 storage of its tensors.
+        qcodes: the deployable integer codes of a quantised variant (``dense`` or ``codes`` hold their
+            dequantised float32 values), or None; see :mod:`embviz.compressors.quantize`.
+        qscales: float16 per-row scales that go with ``qcodes``, or None.
     """
 
     method: str
@@ -88,6 +91,8 @@ class CompressedEmbedding:
     train_seconds: float = 0.0
     stored_bytes: int | None = None
     decoder_activation: str | None = None
+    qcodes: torch.Tensor | None = None
+    qscales: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.dense is None and (self.codes is None or self.decoder is None):
@@ -102,6 +107,8 @@ class CompressedEmbedding:
             )
         if self.decoder_activation not in (None, *DECODER_ACTIVATIONS):
             raise ValueError(f"unknown decoder activation {self.decoder_activation!r}")
+        if (self.qcodes is None) != (self.qscales is None):
+            raise ValueError("quantised codes and their scales come together")
 
     @property
     def low_rank(self) -> bool:
