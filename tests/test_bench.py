@@ -221,8 +221,10 @@ def test_compare_block_states_the_speedup_with_its_command() -> None:
     assert block["comparable"] is True
     assert block["speedup"] == 15.0
     assert block["command"] == "embviz bench --json"
-    assert "15.0x faster" in block["statement"]
+    assert "15.0x faster than the original recipe (batch 32, 30 epochs)" in block["statement"]
     assert "same quality" in block["statement"]
+    assert block["baseline"].startswith("original recipe: Adam lr 0.001, batch 32, 30 epochs")
+    assert "SVD warm start" in block["candidate"]
 
 
 def test_compare_block_says_when_quality_is_not_reached_or_not_comparable() -> None:
