@@ -11,14 +11,12 @@ from embviz.metrics import FREQUENCY_BANDS, TOKEN_CLASSES
 from embviz.vocab import display_token
 from pages.common import (
     angles_of,
-    current_backbone,
     downloads,
     explain,
     provenance,
-    settings,
+    require_variants,
     token_groups,
     use_app_router,
-    variants_for,
     warn_ignored_url_values,
 )
 
@@ -32,13 +30,7 @@ explain(
     "`train` slice) suffer most."
 )
 
-config = settings()
-backbone = current_backbone()
-if backbone is None:
-    st.stop()
-variants = variants_for(backbone, config)
-if variants is None:
-    st.stop()
+config, backbone, variants = require_variants()
 
 angles = angles_of(backbone, config, variants)
 note = provenance(backbone, config)

@@ -290,6 +290,19 @@ def variants_for(
     return {"SVD": svd, "AE": ae}  # type: ignore[dict-item]
 
 
+def require_variants() -> tuple[Settings, Backbone, dict[str, ArtifactResult]]:
+    """The settings, backbone and SVD / AE variants a page shows; stops the page (the reason is on screen)
+    while the backbone cannot load or the AE is not trained yet."""
+    config = settings()
+    backbone = current_backbone()
+    if backbone is None:
+        st.stop()
+    variants = variants_for(backbone, config)
+    if variants is None:
+        st.stop()
+    return config, backbone, variants
+
+
 def reconstructions(
     backbone: Backbone, config: Settings, variants: dict[str, ArtifactResult]
 ) -> dict[str, torch.Tensor]:

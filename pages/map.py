@@ -11,14 +11,12 @@ from embviz.projections import projection_map
 from embviz.vocab import display_token
 from pages.common import (
     backbone_fingerprint,
-    current_backbone,
     downloads,
     explain,
     focus_token_id,
     provenance,
-    settings,
+    require_variants,
     use_app_router,
-    variants_for,
     warn_ignored_url_values,
 )
 
@@ -32,13 +30,7 @@ explain(
     "is cached on disk afterwards). The focus token is highlighted in every panel."
 )
 
-config = settings()
-backbone = current_backbone()
-if backbone is None:
-    st.stop()
-variants = variants_for(backbone, config)
-if variants is None:
-    st.stop()
+config, backbone, variants = require_variants()
 
 controls = st.columns([2, 2, 1])
 method = controls[0].radio(

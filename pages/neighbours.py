@@ -12,15 +12,13 @@ from embviz.metrics import neighbour_comparison, recall_at_k
 from embviz.vocab import display_token, suggest
 from pages.common import (
     backbone_fingerprint,
-    current_backbone,
     downloads,
     explain,
     focus_token_id,
     neighbour_tables,
     provenance,
-    settings,
+    require_variants,
     use_app_router,
-    variants_for,
 )
 
 _STATUS_COLOURS = {"kept": "#e6f4ea", "lost": "#fde8e8", "new": "#e8f0fe"}
@@ -34,13 +32,7 @@ explain(
     "variant's. *Recall@k* is the share of the original k neighbours a variant keeps, for every token."
 )
 
-config = settings()
-backbone = current_backbone()
-if backbone is None:
-    st.stop()
-variants = variants_for(backbone, config)
-if variants is None:
-    st.stop()
+config, backbone, variants = require_variants()
 
 try:
     with st.spinner(
