@@ -70,10 +70,11 @@ def test_map_draws_a_webgl_canvas_that_is_not_blank(page, app_url: str) -> None:
 
 def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
     open_page(page, app_url, "predictions")
+    # the three tables are drawn after the predictions are computed: wait for them, don't sample once
+    expect(page.locator("[data-testid='stDataFrame']").nth(2)).to_be_visible(timeout=120_000)
     assert_no_exception(page)
     for name in ("original", "SVD", "AE"):
-        assert page.get_by_text(name, exact=True).first.is_visible()
-    assert page.locator("[data-testid='stDataFrame']").count() >= 3
+        expect(page.get_by_text(name, exact=True).first).to_be_visible()
 
 
 def test_a_shared_link_to_a_page_keeps_its_settings_on_a_fresh_server(page, fresh_app_url: str) -> None:
