@@ -178,12 +178,7 @@ def run_compress(args: argparse.Namespace) -> int:
     payload = {
         "artifact": str(result.path) if result.path else None,
         "backbone": backbone.name,
-        "method": compressed.method,
-        "label": compressed.label,
-        "rank": compressed.rank,
-        "ratio": round(compressed.ratio, 4),
-        "params": compressed.params,
-        "bytes": compressed.bytes,
+        **compressed.facts(),
         "train_seconds": round(compressed.train_seconds, 3),
         **{k: round(v, 6) for k, v in reconstruction_quality(backbone.embedding, compressed).items()},
         "cached": result.cached,

@@ -221,12 +221,7 @@ class _Evaluator:
         progress(stages, stages, "evaluated")
         return {
             "backbone": self.backbone.name,
-            "method": compressed.method,
-            "label": compressed.label,
-            "rank": compressed.rank,
-            "ratio": round(compressed.ratio, 4),
-            "params": compressed.params,
-            "bytes": compressed.bytes,
+            **compressed.facts(),
             "byte_ratio": round(compressed.byte_ratio, 4),
             "text": self.text,
             "mode": self.mode,

@@ -148,6 +148,17 @@ class CompressedEmbedding:
         vocab, hidden = self.shape
         return 4 * vocab * hidden / self.bytes
 
+    def facts(self) -> dict[str, Any]:
+        """What it is and what it costs: ``method``, ``label``, ``rank``, ``ratio``, ``params``, ``bytes``."""
+        return {
+            "method": self.method,
+            "label": self.label,
+            "rank": self.rank,
+            "ratio": round(self.ratio, 4),
+            "params": self.params,
+            "bytes": self.bytes,
+        }
+
     def reconstruct(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The reconstructed matrix (or the given rows of it), float32."""
         if self.dense is not None:
