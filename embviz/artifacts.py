@@ -35,7 +35,7 @@ from embviz.cache import (
     sha256_bytes,
 )
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
-from embviz.compressors.quantize import dequantize_rows
+from embviz.compressors.quantize import dequantize_mixed, dequantize_rows
 from embviz.errors import EmbvizError
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
 TENSOR_NAMES = ("codes", "decoder", "decoder_bias", "dense")
-QUANTIZED_NAMES = ("qcodes", "qscales")
+QUANTIZED_NAMES = ("qcodes", "qscales", "qbits")
 STORED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "codes": (torch.float32,),
     "decoder": (torch.float32, torch.float16),
@@ -52,6 +52,7 @@ STORED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
     "dense": (torch.float32,),
     "qcodes": (torch.int8, torch.uint8),
     "qscales": (torch.float16,),
+    "qbits": (torch.uint8,),
 }
 """Every tensor name an artifact may hold, with the dtypes it may be stored in."""
 MANIFEST_HASH_KEY = "embviz_manifest_sha256"
@@ -171,7 +172,11 @@ def _stored_tensors(compressed: CompressedEmbedding) -> dict[str, torch.Tensor]:
     if compressed.qcodes is not None:
         tensors.pop("codes" if compressed.low_rank else "dense")
         tensors.update(
-            {name: getattr(compressed, name).detach().cpu().contiguous() for name in QUANTIZED_NAMES}
+            {
+                name: tensor.detach().cpu().contiguous()
+                for name in QUANTIZED_NAMES
+                if (tensor := getattr(compressed, name)) is not None
+            }
         )
     decoder = tensors.get("decoder")
     if decoder is not None and torch.equal(decoder.half().float(), decoder):
@@ -259,8 +264,13 @@ def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> C
         )
         if target in tensors:
             raise ValueError(f"both {target} and its quantised codes are stored")
-        bits = manifest["config"]["bits"]
-        tensors[target] = dequantize_rows(tensors["qcodes"], tensors["qscales"], bits, columns)
+        if "qbits" in tensors:
+            tensors[target] = dequantize_mixed(
+                tensors["qcodes"], tensors["qscales"], tensors["qbits"], columns
+            )
+        else:
+            bits = manifest["config"]["bits"]
+            tensors[target] = dequantize_rows(tensors["qcodes"], tensors["qscales"], bits, columns)
     compressed = CompressedEmbedding(
         method=manifest["method"],
         config=manifest["config"],
@@ -274,6 +284,7 @@ def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> C
         decoder_activation=manifest["decoder_activation"],
         qcodes=tensors.get("qcodes"),
         qscales=tensors.get("qscales"),
+        qbits=tensors.get("qbits"),
     )
     bias = compressed.decoder_bias
     if list(compressed.shape) != manifest["shape"] or compressed.rank != manifest["rank"]:

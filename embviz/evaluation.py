@@ -37,12 +37,17 @@ from embviz.artifacts import (
 from embviz.backbones import MODES, Backbone, Mode
 from embviz.cache import sha256_bytes
 from embviz.compressors import (
+    BUDGETED_METHODS,
     DENSE_METHODS,
+    FREQUENCY_METHODS,
+    METHODS,
     QUANTIZED_LOW_RANK,
     CompressedEmbedding,
     Compressor,
     TrainingProgress,
+    base_method,
     check_rank,
+    has_decoder_bias,
     make_compressor,
     method_bits,
     rank_for_ratio,
@@ -51,6 +56,8 @@ from embviz.compressors import (
 from embviz.compressors.quantize import QuantizedLowRank, quantized_rows_bytes
 from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
+from embviz.frequency import frequency_weights
+from embviz.frontier import frontier
 from embviz.metrics import neighbour_table_cached, recall_at_k, reconstruction_angles, summary
 from embviz.perplexity import (
     DEFAULT_MAX_TOKENS,
@@ -68,6 +75,8 @@ DEFAULT_K = 10
 DEFAULT_RATIOS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
 UNCOMPRESSED = "uncompressed"
 _VARIANT = "compressed"
+SIZINGS: tuple[str, ...] = ("params", "bytes")
+"""How a sweep ratio sizes a quantised low-rank method: equal parameters or equal bytes with float32."""
 
 Progress = Callable[[float, int, str], None]
 """``(done, total, message)``: ``done`` of ``total`` steps finished (fractional while one runs)."""
@@ -83,6 +92,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "byte_ratio",
     "perplexity",
     "vs_original",
+    "frontier",
     "recall_at_k",
     "mean_angle_deg",
     "median_angle_deg",
@@ -283,35 +293,58 @@ def _plan(
     ratios: Sequence[float] | None,
     ranks: Sequence[int] | None,
     recipe: str,
+    by: str = "params",
 ) -> list[_Job]:
     """Every (method, ratio -> rank) and (method, rank) pair, validated before anything runs.
 
     A dense quantiser (:data:`DENSE_METHODS`) has no rank: it runs once, its target ratio its fixed byte
-    ratio. For a quantised low-rank method (:data:`QUANTIZED_LOW_RANK`) a ratio is a byte ratio against
-    float32 E, so it meets the float32 methods at that ratio at equal bytes (SPEC §2).
+    ratio; ``quant-mixed`` runs at every ratio, read as a byte ratio. With ``by="params"`` a quantised
+    low-rank method gets the rank of its float base at that ratio (equal parameters, fewer bytes); with
+    ``by="bytes"`` the largest rank whose bytes meet the ratio against float32 E, so every method at a
+    ratio has the same byte budget (SPEC §2). Frequency-aware methods get row weights from the corpora's
+    train slices.
     """
     if not methods:
         raise BadInputError("no method to sweep; name at least one")
+    if by not in SIZINGS:
+        raise BadInputError(f"sweep sizing must be one of {', '.join(SIZINGS)}, got {by!r}")
     if ratios is None and ranks is None:
         ratios = DEFAULT_RATIOS
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
+    unknown = [method for method in methods if method not in METHODS]
+    if unknown:
+        make_compressor(unknown[0], None)  # raises the one "unknown method" message
+    weights = frequency_weights(backbone) if set(methods) & set(FREQUENCY_METHODS) else None
     jobs = []
     for method in methods:
+        extra: dict[str, Any] = {"row_weights": weights} if method in FREQUENCY_METHODS else {}
         if method in DENSE_METHODS:
             byte_ratio = 4 * vocab * hidden / quantized_rows_bytes(vocab, hidden, method_bits(method))
             jobs.append(_Job(method, make_compressor(method, None), round(byte_ratio, 4)))
             continue
-        ae = method.startswith("ae")
-        options = {"recipe": recipe} if ae else {}
-        if method in QUANTIZED_LOW_RANK:
+        if method in BUDGETED_METHODS:
+            if not ratios:
+                raise BadInputError(f"{method} is sized by a byte ratio, not a rank: give ratios")
+            budgeted = [
+                _Job(method, make_compressor(method, None, ratio=r, **extra), float(r)) for r in ratios
+            ]
+            for job in budgeted:
+                job.compressor.check_fits(hidden)  # type: ignore[attr-defined]
+            jobs += budgeted
+            continue
+        bias = has_decoder_bias(method)
+        if base_method(method).startswith("ae"):
+            extra["recipe"] = recipe
+        if method in QUANTIZED_LOW_RANK and by == "bytes":
             bits = method_bits(method)
             sizes = [
-                (QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, r, bits), float(r)) for r in ratios or ()
+                (QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, r, bits, decoder_bias=bias), float(r))
+                for r in ratios or ()
             ]
         else:
-            sizes = [(rank_for_ratio(vocab, hidden, r, decoder_bias=ae), float(r)) for r in ratios or ()]
+            sizes = [(rank_for_ratio(vocab, hidden, r, decoder_bias=bias), float(r)) for r in ratios or ()]
         sizes += [(check_rank(rank, hidden), None) for rank in ranks or ()]
-        jobs += [_Job(method, make_compressor(method, rank, **options), target) for rank, target in sizes]
+        jobs += [_Job(method, make_compressor(method, rank, **extra), target) for rank, target in sizes]
     return jobs
 
 
@@ -351,6 +384,7 @@ def sweep(
     k: int = DEFAULT_K,
     max_tokens: int | None = None,
     recipe: str = "fast",
+    by: str = "params",
     progress: Progress | None = None,
 ) -> list[dict[str, Any]]:
     """Compress with every method at every ratio (and rank), evaluate each, plus the uncompressed model.
@@ -363,13 +397,15 @@ def sweep(
 
     Returns one flat row per pair (keys :data:`SWEEP_COLUMNS`, then ``original_perplexity``, ``text``,
     ``mode``, ``k``, ``protocol``), after the ``uncompressed`` row (ratio 1, its own perplexity, recall 1).
+    ``by`` (``params`` or ``bytes``) sizes quantised low-rank methods, see :func:`_plan`; ``frontier`` marks
+    the rows on the bytes-perplexity Pareto frontier.
 
     Raises:
         BadInputError: unknown method, ratio <= 1, rank out of range, or a bad text / mode / k; all checked
             before any model runs.
     """
     report = progress or _quiet
-    jobs = _plan(backbone, methods, ratios, ranks, recipe)
+    jobs = _plan(backbone, methods, ratios, ranks, recipe, by)
     evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
     total = 1 + 2 * len(jobs)
     started = time.perf_counter()
@@ -429,6 +465,8 @@ def sweep(
                 seconds=round(time.perf_counter() - started, 3),
             )
         )
+    for row, optimal in zip(rows, frontier(rows), strict=True):
+        row["frontier"] = optimal
     report(total, total, "sweep done")
     return rows
 
@@ -436,10 +474,12 @@ def sweep(
 __all__ = [
     "DEFAULT_RATIOS",
     "DEFAULT_TEXT",
+    "SIZINGS",
     "SWEEP_COLUMNS",
     "UNCOMPRESSED",
     "Progress",
     "evaluate_variant",
+    "frontier",
     "load_variant",
     "sweep",
     "variant_key",

@@ -8,6 +8,7 @@ original always grey).
 
 from __future__ import annotations
 
+import math
 import platform
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -15,6 +16,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
+
+from embviz.frontier import frontier
 
 ORIGINAL_COLOUR = "#7f7f7f"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -421,6 +424,111 @@ def perplexity_curve(
                 hovertemplate=f"uncompressed perplexity {reference:.4g}<extra></extra>",
             )
         )
-    fig.update_xaxes(title="compression ratio of the embedding (x fewer parameters)", type="log")
-    fig.update_yaxes(title="perplexity (log scale)", type="log")
+    ticks = sorted({1.0, *(round(float(r["ratio"]), 1) for r in rows)})
+    fig.update_xaxes(
+        title="compression ratio of the embedding (x fewer parameters)",
+        type="log",
+        tickvals=ticks,
+        ticktext=[f"{value:g}x" for value in ticks],
+    )
+    fig.update_yaxes(title="perplexity (log scale)", type="log", dtick=1)
     return _finish(fig, provenance, title=title or "Zero-shot perplexity vs compression ratio", height=440)
+
+
+def rate_distortion(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    metric: str = "perplexity",
+    provenance: str = "",
+    title: str | None = None,
+) -> go.Figure:
+    """``metric`` (perplexity, log scale; or recall@k) against stored bytes, one series per method.
+
+    The Pareto frontier over every method is drawn as a thick line, the uncompressed model as a star.
+    ``rows`` are sweep rows with ``method``, ``label``, ``bytes``, ``rank`` and ``metric``.
+    """
+    higher_is_better = metric != "perplexity"
+    methods: dict[str, list[Mapping[str, Any]]] = {}
+    reference = None
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        if row["method"] == "uncompressed":
+            reference = row
+        else:
+            methods.setdefault(str(row.get("label") or row["method"]), []).append(row)
+    colours = variant_colours(list(methods))
+    fig = go.Figure()
+    for name, points in methods.items():
+        points = sorted(points, key=lambda r: r["bytes"])
+        fig.add_trace(
+            go.Scatter(
+                x=[p["bytes"] / 2**20 for p in points],
+                y=[p[metric] for p in points],
+                name=name,
+                mode="lines+markers",
+                marker_color=colours[name],
+                line={"width": 1},
+                text=[_size_text(p) for p in points],
+                hovertemplate="%{x:.2f} MiB · %{text}<br>" + metric + " %{y:.4g}<extra>" + name + "</extra>",
+            )
+        )
+    kept = [row for row in rows if row.get(metric) is not None]
+    best = sorted(
+        (
+            row
+            for row, on in zip(kept, frontier(kept, y=metric, maximize=higher_is_better), strict=True)
+            if on
+        ),
+        key=lambda r: r["bytes"],
+    )
+    if best:
+        fig.add_trace(
+            go.Scatter(
+                x=[p["bytes"] / 2**20 for p in best],
+                y=[p[metric] for p in best],
+                name="frontier (best at its size)",
+                mode="lines",
+                line={"width": 6, "color": "rgba(40,40,40,0.22)"},
+                hoverinfo="skip",
+            )
+        )
+    if reference is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=[reference["bytes"] / 2**20],
+                y=[reference[metric]],
+                name=f"uncompressed ({reference[metric]:.4g})",
+                mode="markers",
+                marker={"symbol": "star", "size": 14, "color": ORIGINAL_COLOUR},
+                hovertemplate="uncompressed · %{x:.2f} MiB<br>" + metric + " %{y:.4g}<extra></extra>",
+            )
+        )
+    ticks = _log_ticks([float(row["bytes"]) / 2**20 for row in kept])
+    fig.update_xaxes(
+        title="stored size of the embedding (MiB, log scale)",
+        type="log",
+        tickvals=ticks,
+        ticktext=[f"{value:g}" for value in ticks],
+    )
+    if higher_is_better:
+        fig.update_yaxes(title=metric.replace("_at_k", "@k"), range=[0, 1.02])
+    else:
+        fig.update_yaxes(title=f"{metric} (log scale)", type="log", dtick=1)
+    default = f"{'Perplexity' if metric == 'perplexity' else 'Neighbour recall'} vs stored bytes"
+    return _finish(fig, provenance, title=title or default, height=440)
+
+
+def _log_ticks(values: Sequence[float]) -> list[float]:
+    """1-2-5 tick values spanning ``values`` on a log axis (plotly's own log ticks label every minor step)."""
+    positive = [value for value in values if value > 0]
+    if not positive:
+        return []
+    low, high = min(positive) / 1.5, max(positive) * 1.5
+    exponents = range(math.floor(math.log10(low)), math.ceil(math.log10(high)) + 1)
+    return [m * 10.0**e for e in exponents for m in (1, 2, 5) if low <= m * 10.0**e <= high]
+
+
+def _size_text(row: Mapping[str, Any]) -> str:
+    rank = f"rank {row['rank']} · " if row.get("rank") is not None else ""
+    return f"{rank}{float(row.get('byte_ratio') or 0):.2f}x fewer bytes"

@@ -19,6 +19,7 @@ PAGES = {
     "map": ("map", "Map of the vocabulary"),
     "predictions": ("predictions", "Fill in the blank"),
     "perplexity": ("perplexity", "Perplexity vs compression"),
+    "size": ("size", "Size vs quality"),
 }
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 

@@ -50,9 +50,22 @@ def test_compress_ae_progress_goes_to_stderr(
     assert "mean_cosine" in captured.out
 
 
+def test_compress_every_method_family(tiny_causal_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weighted = _compress(capsys, str(tiny_causal_path), "--method", "svd-freq", "--rank", "6")
+    assert weighted["method"] == "svd-freq" and weighted["rank"] == 6
+    mixed = _compress(capsys, str(tiny_causal_path), "--method", "quant-mixed", "--ratio", "6")
+    assert mixed["method"] == "quant-mixed" and mixed["rank"] is None and mixed["byte_ratio"] >= 6
+    int8 = _compress(capsys, str(tiny_causal_path), "--method", "svd-int8", "--rank", "6")
+    assert int8["bytes"] < weighted["bytes"] and load_artifact(Path(int8["artifact"])).qcodes is not None
+
+
 @pytest.mark.parametrize(
     "args",
     [
+        ["--method", "quant-int8", "--rank", "4"],
+        ["--method", "quant-mixed"],
+        ["--method", "quant-mixed", "--ratio", "100"],
+        ["--method", "ae-paper-freq", "--loss", "mse"],
         ["--rank", "0"],
         ["--rank", "32"],
         ["--rank", "-3"],

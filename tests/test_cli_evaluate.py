@@ -93,6 +93,18 @@ def test_sweep_json(tiny_causal_path: Path, text_file: str, capsys: pytest.Captu
     assert "sweep done" in err
 
 
+def test_sweep_by_bytes_marks_the_frontier(
+    tiny_causal_path: Path, text_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--methods", "svd,svd-int8,quant-mixed", "--ratios", "4", "--max-tokens", "256", "--by", "bytes"]
+    status, out, _ = _run(capsys, "sweep", str(tiny_causal_path), *argv, "--text", text_file, "--json")
+    assert status == 0
+    rows = {row["method"]: row for row in json.loads(out)}
+    assert rows["svd-int8"]["rank"] > rows["svd"]["rank"]  # more rank in the same bytes
+    assert all(rows[name]["byte_ratio"] >= 4 for name in ("svd", "svd-int8", "quant-mixed"))
+    assert any(row["frontier"] for row in rows.values())
+
+
 def test_sweep_csv_and_table(
     tiny_causal_path: Path, text_file: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -107,10 +119,12 @@ def test_sweep_csv_and_table(
     header, *lines = out.split("\n\n")[0].splitlines()
     assert header.split() == [
         "method",
-        "ratio",
         "rank",
+        "ratio",
+        "byte_ratio",
         "perplexity",
         "vs_original",
+        "frontier",
         "recall_at_k",
         "mean_angle_deg",
     ]

@@ -12,6 +12,7 @@ from embviz.figures import (
     perplexity_curve,
     projection_panels,
     provenance_line,
+    rate_distortion,
     recall_histogram,
     training_curve,
     variant_colours,
@@ -171,4 +172,26 @@ def test_perplexity_curve_has_one_line_per_method_and_the_uncompressed_reference
     # would be read as log10 and stretch the axis to 1e8)
     assert list(fig.data[2].x) == [1.0, 8.0] and list(fig.data[2].y) == [8.05, 8.05]
     assert fig.layout.yaxis.type == "log" and not fig.layout.shapes
+    assert PROVENANCE in _annotations(fig)
+
+
+def test_rate_distortion_draws_methods_frontier_and_uncompressed_star() -> None:
+    rows = [
+        {"method": "uncompressed", "label": "uncompressed", "bytes": 4 * 2**20, "perplexity": 19.5,
+         "recall_at_k": 1.0, "rank": 576, "byte_ratio": 1.0},
+        {"method": "svd", "label": "SVD", "bytes": 2**20, "perplexity": 4000.0, "recall_at_k": 0.2,
+         "rank": 64, "byte_ratio": 4.0},
+        {"method": "quant-int8", "label": "int8", "bytes": 2**20, "perplexity": 19.6, "recall_at_k": 0.9,
+         "rank": None, "byte_ratio": 4.0},
+        {"method": "quant-mixed", "label": "mixed", "bytes": 2**19, "perplexity": 21.0, "recall_at_k": 0.5,
+         "rank": None, "byte_ratio": 8.0},
+    ]  # fmt: skip
+    fig = rate_distortion(rows, provenance=PROVENANCE)
+    names = [trace.name for trace in fig.data]
+    assert names == ["SVD", "int8", "mixed", "frontier (best at its size)", "uncompressed (19.5)"]
+    frontier_trace = fig.data[3]
+    assert list(frontier_trace.x) == [0.5, 1.0, 4.0] and list(frontier_trace.y) == [21.0, 19.6, 19.5]
+    assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
+    recall = rate_distortion(rows, metric="recall_at_k")
+    assert list(recall.data[3].y) == [0.5, 0.9, 1.0] and recall.layout.yaxis.type != "log"
     assert PROVENANCE in _annotations(fig)

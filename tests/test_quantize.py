@@ -46,7 +46,7 @@ def test_row_quantizer_byte_count_is_exact(bits: int, row_bytes: int) -> None:
 
 def test_quantized_low_rank_byte_count_and_factors() -> None:
     matrix = _matrix(40, 9)
-    compressed = QuantizedLowRank(rank=3).fit(matrix)
+    compressed = QuantizedLowRank(SVDCompressor(3)).fit(matrix)
     assert compressed.method == "svd-int8" and compressed.rank == 3
     assert compressed.bytes == 40 * 3 + 40 * 2 + 3 * 9 * 2
     assert is_linear_low_rank(compressed)
@@ -87,9 +87,9 @@ def test_bad_input_is_refused() -> None:
     with pytest.raises(BadInputError):
         RowQuantizer(bits=5)
     with pytest.raises(BadInputError):
-        QuantizedLowRank(rank=3, bits=16)
+        QuantizedLowRank(SVDCompressor(3), bits=16)
     with pytest.raises(BadInputError):
-        QuantizedLowRank(rank=3, base_method="ae-paper")
+        QuantizedLowRank(RowQuantizer())  # not low-rank
     with pytest.raises(BadInputError):
         RowQuantizer().fit(torch.zeros(3))
 
@@ -163,13 +163,17 @@ def test_rank_for_byte_ratio_meets_float32_svd_at_equal_bytes() -> None:
 
 def test_sweep_plan_runs_dense_quantisers_once_at_their_byte_ratio(tiny_causal: Backbone) -> None:
     vocab, hidden = tiny_causal.vocab_size, tiny_causal.hidden_size
-    jobs = _plan(tiny_causal, ["quant-int8", "svd-int8", "svd"], [2.0, 4.0], [3], "fast")
+    jobs = _plan(tiny_causal, ["quant-int8", "svd-int8", "svd"], [2.0, 4.0], [3], "fast", by="bytes")
     dense = [job for job in jobs if job.method == "quant-int8"]
     assert len(dense) == 1 and dense[0].target_ratio == pytest.approx(4 * hidden / (hidden + 2), abs=1e-4)
     int8 = [job.compressor.get_config()["rank"] for job in jobs if job.method == "svd-int8"]
     assert int8[-1] == 3
     for rank, ratio in zip(int8[:2], (2.0, 4.0), strict=True):
         assert rank == QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, ratio)
+    # By parameters, the quantised method gets its float base's rank: same numbers, fewer bytes.
+    by_params = _plan(tiny_causal, ["svd-int8", "svd"], [2.0, 4.0], None, "fast", by="params")
+    ranks = [job.compressor.get_config()["rank"] for job in by_params]
+    assert ranks[:2] == ranks[2:] and ranks[:2] != int8[:2]
 
 
 @pytest.mark.parametrize(("method", "atol"), [("quant-int8", 0.05), ("quant-int4", None)])

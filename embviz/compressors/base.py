@@ -79,6 +79,8 @@ class CompressedEmbedding:
         qcodes: the deployable integer codes of a quantised variant (``dense`` or ``codes`` hold their
             dequantised float32 values), or None; see :mod:`embviz.compressors.quantize`.
         qscales: float16 per-row scales that go with ``qcodes``, or None.
+        qbits: uint8 code width of every row of a mixed-precision variant (its ``qcodes`` is then one flat
+            buffer), or None.
     """
 
     method: str
@@ -93,6 +95,7 @@ class CompressedEmbedding:
     decoder_activation: str | None = None
     qcodes: torch.Tensor | None = None
     qscales: torch.Tensor | None = None
+    qbits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.dense is None and (self.codes is None or self.decoder is None):
@@ -109,6 +112,8 @@ class CompressedEmbedding:
             raise ValueError(f"unknown decoder activation {self.decoder_activation!r}")
         if (self.qcodes is None) != (self.qscales is None):
             raise ValueError("quantised codes and their scales come together")
+        if self.qbits is not None and self.qcodes is None:
+            raise ValueError("row widths come with quantised codes")
 
     @property
     def low_rank(self) -> bool:

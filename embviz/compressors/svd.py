@@ -1,5 +1,9 @@
 """Truncated SVD of the embedding matrix, not mean-centred (SPEC §2): codes A = U_r S_r = E V_r, decoder V_r^T.
 
+With row weights w (``svd-freq``, issue 7) the basis minimises the weighted error sum_i w_i |x_i - x^_i|^2:
+it is the top right singular space of diag(sqrt(w)) E, and every row's code is still its orthogonal
+projection E V_r, the best code for that basis whatever the row's weight.
+
 The exact variant eigen-decomposes the D x D Gram matrix E^T E in float64 (well under a second for
 D <= 1024, memory bounded by accumulating it over row blocks). The randomised variant reproduces the
 original code's weaker baseline (``torch.svd_lowrank`` with ``n_iter`` power iterations), labelled as such.
@@ -15,6 +19,7 @@ from typing import Any
 import torch
 
 from embviz.compressors.base import CompressedEmbedding, ProgressCallback, TrainingProgress, check_seed
+from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
 from embviz.rng import seeded
 
@@ -37,27 +42,33 @@ def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def gram_matrix(embedding: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
-    """``(E - c)^T (E - c)`` in float64, accumulated over row blocks (``c`` a D-vector or None)."""
+def gram_matrix(
+    embedding: torch.Tensor, center: torch.Tensor | None = None, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(E - c)^T W (E - c)`` in float64, accumulated over row blocks (``c`` a D-vector, ``W`` diagonal)."""
     hidden = embedding.shape[1]
     gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=embedding.device)
     for start in range(0, embedding.shape[0], BLOCK_ROWS):
         block = embedding[start : start + BLOCK_ROWS].to(torch.float64)
         if center is not None:
             block = block - center
-        gram.addmm_(block.T, block)
+        weighted = block if weights is None else block * weights[start : start + BLOCK_ROWS, None].to(block)
+        gram.addmm_(weighted.T, block)
     return gram
 
 
 def top_right_singular_vectors(
-    embedding: torch.Tensor, rank: int, center: torch.Tensor | None = None
+    embedding: torch.Tensor,
+    rank: int,
+    center: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-``rank`` right singular vectors (D x r, float64) and singular values of ``E - c``.
+    """The top-``rank`` right singular vectors (D x r, float64) and singular values of ``sqrt(W) (E - c)``.
 
     Exact, via ``eigh`` of the float64 Gram matrix; sorted by descending singular value, sign-normalised.
     """
     _check_matrix(embedding, rank)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram_matrix(embedding, center))
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_matrix(embedding, center, weights))
     order = torch.argsort(eigenvalues, descending=True)[:rank]
     singular_values = eigenvalues[order].clamp_min(0).sqrt()
     return _sign_fix(eigenvectors[:, order]), singular_values
@@ -75,20 +86,34 @@ def project(embedding: torch.Tensor, basis: torch.Tensor, center: torch.Tensor |
 
 
 class SVDCompressor:
-    """Truncated SVD: exact (default) or the original code's randomised variant."""
+    """Truncated SVD: exact (default), frequency-weighted (``row_weights``), or the original randomised one."""
 
-    def __init__(self, rank: int, randomized: bool = False, n_iter: int = 5, seed: int = 1) -> None:
+    def __init__(
+        self,
+        rank: int,
+        randomized: bool = False,
+        n_iter: int = 5,
+        seed: int = 1,
+        row_weights: RowWeights | None = None,
+    ) -> None:
+        if randomized and row_weights is not None:
+            raise BadInputError("the randomised SVD baseline does not take row weights")
         self.rank = rank
         self.randomized = randomized
         self.n_iter = n_iter
         self.seed = check_seed(seed)
+        self.row_weights = row_weights
 
     @property
     def method(self) -> str:
+        if self.row_weights is not None:
+            return "svd-freq"
         return "svd-randomized" if self.randomized else "svd"
 
     @property
     def label(self) -> str:
+        if self.row_weights is not None:
+            return "SVD, frequency-weighted"
         return "randomised SVD (original baseline)" if self.randomized else "SVD (exact)"
 
     def get_config(self) -> dict[str, Any]:
@@ -96,11 +121,14 @@ class SVDCompressor:
         config: dict[str, Any] = {"method": self.method, "label": self.label, "rank": self.rank}
         if self.randomized:
             config.update(n_iter=self.n_iter, seed=self.seed, oversamples=RANDOMIZED_OVERSAMPLES)
+        if self.row_weights is not None:
+            config["row_weights"] = self.row_weights.describe()
         return config
 
     def _basis(self, embedding: torch.Tensor) -> torch.Tensor:
         if not self.randomized:
-            return top_right_singular_vectors(embedding, self.rank)[0]
+            weights = None if self.row_weights is None else self.row_weights.check(embedding.shape[0])
+            return top_right_singular_vectors(embedding, self.rank, weights=weights)[0]
         _check_matrix(embedding, self.rank)
         columns = min(self.rank + RANDOMIZED_OVERSAMPLES, *embedding.shape)
         with seeded(self.seed):

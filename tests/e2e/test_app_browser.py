@@ -19,6 +19,7 @@ PAGES = {
     "map": "Map of the vocabulary",
     "predictions": "Fill in the blank",
     "perplexity": "Perplexity vs compression",
+    "size": "Size vs quality",
 }
 
 

@@ -1,0 +1,240 @@
+"""Frequency-aware compressors (issue 7): weighted SVD, the weighted AE, mixed-precision rows, and the
+quantised low-rank wrappers around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from embviz.artifacts import load_artifact, save_artifact
+from embviz.backbones import Backbone
+from embviz.compressors import (
+    FREQUENCY_METHODS,
+    METHODS,
+    AECompressor,
+    MixedPrecisionRows,
+    QuantizedLowRank,
+    RowWeights,
+    SVDCompressor,
+    compressor_from_config,
+    make_compressor,
+)
+from embviz.compressors.quantize import (
+    MIXED_BITS,
+    allocate_bits,
+    dequantize_mixed,
+    mixed_rows_bytes,
+    pack_subbyte,
+    row_bytes,
+    unpack_subbyte,
+)
+from embviz.errors import BadInputError
+from embviz.evaluation import _plan
+from embviz.frequency import frequency_weights, train_counts
+from embviz.frontier import frontier
+
+
+def _matrix(rows: int = 200, cols: int = 12, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=generator) * torch.linspace(2.0, 0.3, cols)
+
+
+def _skewed_weights(rows: int = 200, heavy: int = 10) -> RowWeights:
+    values = torch.ones(rows)
+    values[:heavy] = 1000.0
+    return RowWeights(values, source="test")
+
+
+def _weighted_error(matrix: torch.Tensor, approx: torch.Tensor, weights: RowWeights) -> float:
+    return float((weights.values * ((matrix - approx).double() ** 2).sum(dim=1)).sum())
+
+
+# -- row weights -----------------------------------------------------------------------------------------
+def test_row_weights_are_normalised_and_validated() -> None:
+    weights = RowWeights(torch.tensor([1.0, 3.0]), source="x")
+    assert torch.allclose(weights.values, torch.tensor([0.5, 1.5], dtype=torch.float64))
+    assert weights.describe() == {"source": "x", "power": 1.0, "sha256": weights.sha256}
+    for bad in ([0.0, 0.0], [1.0, -1.0], [1.0, float("nan")], []):
+        with pytest.raises(BadInputError):
+            RowWeights(torch.tensor(bad), source="x")
+    with pytest.raises(BadInputError):
+        weights.check(3)
+
+
+def test_frequency_weights_count_train_slices(tiny_causal: Backbone) -> None:
+    counts = train_counts(tiny_causal)
+    weights = frequency_weights(tiny_causal)
+    assert counts.shape == (tiny_causal.vocab_size,) and counts.sum() > 0
+    expected = torch.from_numpy(counts).double() + 1
+    assert torch.allclose(weights.values, expected / expected.mean())
+    assert "train slices" in weights.source
+
+
+# -- weighted SVD ----------------------------------------------------------------------------------------
+def test_uniform_weights_give_the_plain_svd() -> None:
+    matrix = _matrix()
+    plain = SVDCompressor(4).fit(matrix)
+    uniform = SVDCompressor(4, row_weights=RowWeights(torch.full((200,), 7.0), source="u")).fit(matrix)
+    torch.testing.assert_close(uniform.reconstruct(), plain.reconstruct(), atol=1e-5, rtol=0)
+    assert uniform.method == "svd-freq" and "row_weights" in uniform.config
+
+
+def test_weighted_svd_is_the_optimum_of_the_weighted_error() -> None:
+    matrix, weights = _matrix(), _skewed_weights()
+    weighted = SVDCompressor(3, row_weights=weights).fit(matrix)
+    plain = SVDCompressor(3).fit(matrix)
+    # The closed form: truncated SVD of sqrt(W) E, un-weighted (codes are each row's projection).
+    scaled = matrix.double() * weights.values.sqrt().unsqueeze(1)
+    _, _, vh = torch.linalg.svd(scaled, full_matrices=False)
+    basis = vh[:3].T
+    optimum = (matrix.double() @ basis @ basis.T).float()
+    assert _weighted_error(matrix, weighted.reconstruct(), weights) == pytest.approx(
+        _weighted_error(matrix, optimum, weights), rel=1e-5
+    )
+    assert _weighted_error(matrix, weighted.reconstruct(), weights) < _weighted_error(
+        matrix, plain.reconstruct(), weights
+    )
+    # The heavy rows are reconstructed much better than by the plain SVD.
+    heavy = slice(0, 10)
+    assert (matrix[heavy] - weighted.reconstruct()[heavy]).norm() < (
+        matrix[heavy] - plain.reconstruct()[heavy]
+    ).norm()
+
+
+def test_randomised_svd_refuses_weights() -> None:
+    with pytest.raises(BadInputError):
+        SVDCompressor(3, randomized=True, row_weights=_skewed_weights())
+
+
+# -- weighted AE -----------------------------------------------------------------------------------------
+def test_weighted_ae_favours_heavy_rows_and_is_deterministic() -> None:
+    matrix, weights = _matrix(), _skewed_weights()
+    options = {"epochs": 3, "batch_size": 32, "loss": "mse"}
+    weighted = AECompressor(3, row_weights=weights, **options).fit(matrix)
+    again = AECompressor(3, row_weights=weights, **options).fit(matrix)
+    plain = AECompressor(3, **options).fit(matrix)
+    assert torch.equal(weighted.codes, again.codes)
+    assert weighted.method == "ae-mse-freq" and "frequency-weighted" in weighted.label
+    heavy = slice(0, 10)
+    assert (matrix[heavy] - weighted.reconstruct()[heavy]).norm() < (
+        matrix[heavy] - plain.reconstruct()[heavy]
+    ).norm()
+
+
+def test_elu_ae_method_id_is_non_linear() -> None:
+    compressor = make_compressor("ae-paper-elu", 3, epochs=1, batch_size=64)
+    compressed = compressor.fit(_matrix())
+    assert compressed.method == "ae-paper-elu" and compressed.decoder_activation == "elu"
+    assert compressed.params == make_compressor("ae-paper", 3).fit(_matrix()).params  # same budget
+
+
+# -- packing and mixed precision ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("bits", "columns"), [(2, 1), (2, 7), (2, 8), (4, 5)])
+def test_subbyte_packing_round_trips(bits: int, columns: int) -> None:
+    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
+    codes = torch.randint(low, high, (9, columns), generator=torch.Generator().manual_seed(2)).to(torch.int8)
+    packed = pack_subbyte(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (9, row_bytes(columns, bits))
+    assert torch.equal(unpack_subbyte(packed, bits, columns), codes)
+
+
+def test_allocation_fits_the_budget_and_prefers_heavy_rows() -> None:
+    errors = torch.tensor([[0.0, 1.0, 4.0]] * 6, dtype=torch.float64)
+    weights = torch.tensor([100.0, 1, 1, 1, 1, 1])
+    costs = torch.tensor([8.0, 4.0, 2.0])
+    choice = allocate_bits(errors, weights, costs, budget=6 * 2 + 6)
+    assert float(costs[choice].sum()) <= 18
+    assert int(choice[0]) == 0  # the heavy row gets the widest codes
+    assert torch.equal(allocate_bits(errors, weights, costs, budget=1e9), torch.zeros(6, dtype=torch.long))
+    with pytest.raises(BadInputError):
+        allocate_bits(errors, weights, costs, budget=11)
+
+
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 6.5])
+def test_mixed_rows_meet_the_byte_budget_exactly_counted(ratio: float, tmp_path) -> None:
+    matrix, weights = _matrix(300, 10), _skewed_weights(300, heavy=20)
+    compressed = MixedPrecisionRows(ratio, weights).fit(matrix)
+    assert compressed.bytes == mixed_rows_bytes(compressed.qbits, 10)
+    assert compressed.bytes <= 4 * 300 * 10 / ratio and compressed.byte_ratio >= ratio
+    assert compressed.qcodes.numel() + 300 * 3 == compressed.bytes  # the buffer is what is counted
+    assert set(compressed.qbits.unique().tolist()) <= set(MIXED_BITS)
+    heavy_bits = compressed.qbits[:20].float().mean()
+    assert heavy_bits >= compressed.qbits[20:].float().mean()
+    restored = dequantize_mixed(compressed.qcodes, compressed.qscales, compressed.qbits, 10)
+    assert torch.equal(restored, compressed.dense)
+    save_artifact(tmp_path / "m", compressed, "tiny", "f" * 64)
+    loaded = load_artifact(tmp_path / "m", "f" * 64)
+    assert torch.equal(loaded.reconstruct(), compressed.reconstruct()) and loaded.bytes == compressed.bytes
+    assert torch.equal(loaded.qbits, compressed.qbits)
+
+
+def test_mixed_rows_beat_uniform_int4_at_its_own_size() -> None:
+    matrix, weights = _matrix(400, 16), _skewed_weights(400, heavy=40)
+    int4 = make_compressor("quant-int4", None).fit(matrix)
+    mixed = MixedPrecisionRows(int4.byte_ratio, weights).fit(matrix)
+    assert mixed.bytes <= int4.bytes
+    assert _weighted_error(matrix, mixed.dense, weights) < _weighted_error(matrix, int4.dense, weights)
+
+
+def test_mixed_rows_refuse_impossible_budgets() -> None:
+    with pytest.raises(BadInputError):
+        MixedPrecisionRows(9.0, _skewed_weights()).fit(_matrix())  # 12 columns: at most 8x
+    with pytest.raises(BadInputError):
+        MixedPrecisionRows(1.0, _skewed_weights())
+    with pytest.raises(ValueError):
+        dequantize_mixed(
+            torch.zeros(3, dtype=torch.uint8), torch.zeros(2).half(), torch.tensor([8, 4]).byte(), 4
+        )
+
+
+# -- registry and sweep plan -----------------------------------------------------------------------------
+def test_registry_builds_every_frequency_method_and_rebuilds_it_from_config() -> None:
+    weights = _skewed_weights()
+    for method in FREQUENCY_METHODS:
+        options = {"ratio": 4.0} if method == "quant-mixed" else {}
+        compressor = make_compressor(
+            method, None if method == "quant-mixed" else 3, row_weights=weights, **options
+        )
+        assert compressor.method == method and METHODS[method]
+        rebuilt = compressor_from_config(compressor.get_config(), row_weights=weights)
+        assert rebuilt.get_config() == compressor.get_config()
+        with pytest.raises(BadInputError):
+            make_compressor(method, 3)  # no weights
+    with pytest.raises(BadInputError):
+        make_compressor("svd", 3, row_weights=weights)
+
+
+@pytest.mark.parametrize("method", ["svd-freq-int8", "ae-paper-int8"])
+def test_quantised_low_rank_wraps_any_low_rank_base(method: str) -> None:
+    matrix = _matrix()
+    options = {"row_weights": _skewed_weights()} if "freq" in method else {"epochs": 1, "batch_size": 64}
+    compressed = make_compressor(method, 3, **options).fit(matrix)
+    bias = compressed.decoder_bias is not None
+    assert bias == method.startswith("ae")
+    assert compressed.bytes == QuantizedLowRank.stored_bytes(200, 12, 3, 8, decoder_bias=bias)
+    assert compressed.config["base"]["method"] == method.removesuffix("-int8")
+
+
+def test_sweep_plan_sizes_mixed_rows_by_bytes_and_needs_ratios(tiny_causal: Backbone) -> None:
+    jobs = _plan(tiny_causal, ["quant-mixed", "svd-freq"], [4.0, 8.0], None, "fast")
+    assert [(job.method, job.target_ratio) for job in jobs][:2] == [
+        ("quant-mixed", 4.0),
+        ("quant-mixed", 8.0),
+    ]
+    with pytest.raises(BadInputError):
+        _plan(tiny_causal, ["quant-mixed"], None, [3], "fast")
+    with pytest.raises(BadInputError, match="at most"):
+        _plan(tiny_causal, ["quant-mixed", "svd"], [4.0, 20.0], None, "fast")  # refused before any fit
+    with pytest.raises(BadInputError):
+        _plan(tiny_causal, ["svd"], [2.0], None, "fast", by="flops")
+
+
+def test_frontier_marks_pareto_optimal_rows() -> None:
+    rows = [
+        {"bytes": 100, "perplexity": 10.0},
+        {"bytes": 50, "perplexity": 12.0},
+        {"bytes": 60, "perplexity": 13.0},  # dominated by the 50-byte row
+        {"bytes": 25, "perplexity": 40.0},
+        {"bytes": 30, "perplexity": None},
+    ]
+    assert frontier(rows) == [True, True, False, True, False]
