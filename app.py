@@ -9,9 +9,11 @@ from pages.common import (
     MODES,
     OTHER_MODEL,
     RECIPES,
+    apply_pending_model,
     backbone_choices,
     cache_warning,
     default_backbone,
+    offer_mlm_head,
     remember_url_request,
     warn_ignored_url_values,
 )
@@ -26,6 +28,7 @@ BOUND = ("model", "path", "rank", "loss", "recipe", "mode", "tok", "k")
 with st.sidebar:
     st.header("embviz")
     choices = backbone_choices()
+    apply_pending_model()
     model = st.selectbox(
         "Backbone",
         choices,
@@ -34,6 +37,7 @@ with st.sidebar:
         bind="query-params",
         help="Packaged models load offline; smollm2 is the default.",
     )
+    offer_mlm_head(model)
     if model == OTHER_MODEL:
         st.text_input(
             "Model folder or hub id",
@@ -90,5 +94,6 @@ pages = [
     st.Page("pages/map.py", title="Map", icon=":material/map:"),
     st.Page("pages/predictions.py", title="Predictions", icon=":material/edit_note:"),
     st.Page("pages/perplexity.py", title="Perplexity", icon=":material/trending_up:"),
+    st.Page("pages/size.py", title="Size vs quality", icon=":material/stacked_line_chart:"),
 ]
 st.navigation(pages).run()

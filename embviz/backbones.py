@@ -185,7 +185,22 @@ BUILTINS: dict[str, BuiltinBackbone] = {
         trained_head=False,
         note="sentence encoder without a trained masked-LM head: its fill-mask predictions are noise",
     ),
+    "minilm-mlm": BuiltinBackbone(
+        "minilm-mlm",
+        "minilm with a masked-LM head fitted by embviz (`embviz fit-mlm-head minilm`; same 30522 x 384 embedding)",
+        lambda: _fitted_folder("minilm"),
+        "masked",
+        note="predictions come from a masked-LM head fitted by embviz on public-domain text (Bible, "
+        "Shakespeare, Britannica 1911): fluent but domain-biased",
+    ),
 }
+
+
+def _fitted_folder(source: str) -> Path:
+    """The folder ``embviz fit-mlm-head SOURCE`` wrote; a clear error saying how to build it when missing."""
+    from embviz.mlm_head import built_folder  # imports this module: resolved at call time
+
+    return built_folder(source)
 
 
 @contextlib.contextmanager
@@ -278,6 +293,11 @@ class Backbone:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
         builtin = BUILTINS.get(name_or_path)
+        if builtin is None:
+            from embviz.export import is_export, load_compressed
+
+            if is_export(name_or_path):  # an `embviz export` folder: its embedding is stored compressed
+                return load_compressed(name_or_path)
         location = str(builtin.locate()) if builtin else name_or_path
         if trust_remote_code:
             logger.warning("trust_remote_code is on: %s may run code from its folder or hub", name_or_path)
@@ -467,7 +487,9 @@ def inspect_backbone(name_or_path: str, *, trust_remote_code: bool = False) -> B
     """
     builtin = BUILTINS.get(name_or_path)
     folder = builtin.locate() if builtin else Path(name_or_path)
-    info = _info_from_files(folder, builtin) if folder.is_dir() else None
+    from embviz.export import is_export  # an export's headers hold compressed tensors: load it instead
+
+    info = _info_from_files(folder, builtin) if folder.is_dir() and not is_export(folder) else None
     if info is None:
         return Backbone.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).info()
     return info

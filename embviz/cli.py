@@ -125,14 +125,26 @@ def _render_table(rows: list[dict[str, Any]]) -> str:
 
 
 # -- compress ------------------------------------------------------------------------------------------
-@command("compress", "compress a backbone's embedding matrix (SVD or AutoEncoder) into a cached artifact")
+@command(
+    "compress", "compress a backbone's embedding matrix (SVD, AutoEncoder, quantisation) into an artifact"
+)
 def _compress_arguments(parser: argparse.ArgumentParser) -> None:
+    from embviz.compressors import METHODS
+
     _add_model(parser)
-    parser.add_argument("--method", choices=["svd", "svd-randomized", "ae"], default="ae", help="default ae")
+    parser.add_argument(
+        "--method",
+        choices=["ae", *METHODS],
+        default="ae",
+        metavar="METHOD",
+        help=f"ae (the AE with --loss) or a method id: {', '.join(METHODS)} (default ae)",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="latent size r, 1 <= r < hidden size (default 64)")
     size.add_argument(
-        "--ratio", type=float, help="compression ratio > 1; picks the largest rank that meets it"
+        "--ratio",
+        type=float,
+        help="compression ratio > 1: picks the largest rank that meets it in parameters (quant-mixed: bytes)",
     )
     parser.add_argument("--loss", choices=["paper", "cosine", "mse"], help="AE loss (default paper)")
     parser.add_argument("--recipe", choices=["paper", "fast"], help="AE training recipe (default fast)")
@@ -147,28 +159,54 @@ def run_compress(args: argparse.Namespace) -> int:
     import time
 
     from embviz.artifacts import compress_cached
-    from embviz.compressors import check_rank, make_compressor, rank_for_ratio, reconstruction_quality
+    from embviz.compressors import (
+        BUDGETED_METHODS,
+        DENSE_METHODS,
+        FREQUENCY_METHODS,
+        base_method,
+        check_rank,
+        has_decoder_bias,
+        make_compressor,
+        rank_for_ratio,
+        reconstruction_quality,
+    )
     from embviz.errors import BadInputError
 
-    ae = args.method == "ae"
-    ae_only = {"--loss": args.loss, "--recipe": args.recipe, "--epochs": args.epochs}
+    method = f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method
+    ae = base_method(method).startswith("ae")
+    ae_only = {"--recipe": args.recipe, "--epochs": args.epochs}
+    if args.method != "ae":
+        ae_only["--loss"] = args.loss
     misplaced = [flag for flag, value in ae_only.items() if value is not None and not ae]
     if misplaced:
-        raise BadInputError(f"{', '.join(misplaced)} only applies to --method ae")
+        raise BadInputError(f"{', '.join(misplaced)} only applies to AutoEncoder methods")
+    if args.loss is not None and args.method != "ae":
+        raise BadInputError("--loss only applies to --method ae; other AE ids name their loss")
+    if method in DENSE_METHODS and (args.rank is not None or args.ratio is not None):
+        raise BadInputError(f"{method} has a fixed size: it takes neither --rank nor --ratio")
+    if method in BUDGETED_METHODS and args.ratio is None:
+        raise BadInputError(f"{method} is sized by a byte ratio: give --ratio")
     started = time.perf_counter()
     backbone = _load_backbone(args)
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    if args.ratio is not None:
-        rank = rank_for_ratio(vocab, hidden, args.ratio, decoder_bias=ae)
+    options: dict[str, Any] = {}
+    if method in FREQUENCY_METHODS:
+        from embviz.frequency import frequency_weights
+
+        options["row_weights"] = frequency_weights(backbone)
+    if method in BUDGETED_METHODS:
+        rank, options["ratio"] = None, args.ratio
+    elif method in DENSE_METHODS:
+        rank = None
+    elif args.ratio is not None:
+        rank = rank_for_ratio(vocab, hidden, args.ratio, decoder_bias=has_decoder_bias(method))
     else:
         rank = check_rank(64 if args.rank is None else args.rank, hidden)
     if ae:
-        options = {"recipe": args.recipe or "fast", "epochs": args.epochs, "seed": args.seed}
-        compressor = make_compressor(f"ae-{args.loss or 'paper'}", rank, device=args.device, **options)
-    else:
-        compressor = make_compressor(
-            args.method, rank, **({"seed": args.seed} if args.method != "svd" else {})
-        )
+        options.update(recipe=args.recipe or "fast", epochs=args.epochs, seed=args.seed, device=args.device)
+    elif method in ("svd-randomized", *DENSE_METHODS):
+        options["seed"] = args.seed
+    compressor = make_compressor(method, rank, **options)
     result = compress_cached(
         backbone.name, backbone.embedding, compressor, progress=_progress_bar(sys.stderr)
     )
@@ -179,6 +217,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "artifact": str(result.path) if result.path else None,
         "backbone": backbone.name,
         **compressed.facts(),
+        "byte_ratio": round(compressed.byte_ratio, 4),
         "train_seconds": round(compressed.train_seconds, 3),
         **{k: round(v, 6) for k, v in reconstruction_quality(backbone.embedding, compressed).items()},
         "cached": result.cached,
@@ -297,7 +336,17 @@ def _parse_list(text: str, convert: Callable[[str], Any], flag: str, what: str) 
         raise BadInputError(f"{flag} takes a comma-separated list of {what}, got {text!r}") from None
 
 
-_SWEEP_TABLE = ("method", "ratio", "rank", "perplexity", "vs_original", "recall_at_k", "mean_angle_deg")
+_SWEEP_TABLE = (
+    "method",
+    "rank",
+    "ratio",
+    "byte_ratio",
+    "perplexity",
+    "vs_original",
+    "frontier",
+    "recall_at_k",
+    "mean_angle_deg",
+)
 
 
 @command("sweep", "compress with several methods at several ratios and evaluate each (perplexity, recall)")
@@ -312,6 +361,12 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ranks", help="comma-separated latent sizes, evaluated in addition to --ratios")
     parser.add_argument(
         "--recipe", choices=["fast", "paper"], default="fast", help="AE training recipe (default fast)"
+    )
+    parser.add_argument(
+        "--by",
+        choices=["params", "bytes"],
+        default="params",
+        help="what a ratio holds equal for quantised low-rank methods: parameters (default) or bytes",
     )
     _add_evaluation_options(parser)
     output = parser.add_mutually_exclusive_group()
@@ -336,6 +391,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         k=args.k,
         max_tokens=args.max_tokens,
         recipe=args.recipe,
+        by=args.by,
         progress=_steps_progress(sys.stderr),
     )
     if args.csv:
@@ -408,6 +464,129 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def _rank_text(rank: int | None) -> str:
     return "not in the top-k" if rank is None else f"at rank {rank}"
+
+
+# -- export --------------------------------------------------------------------------------------------
+@command("export", "write a Hugging Face model folder whose token embedding is stored compressed")
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model(parser)
+    parser.add_argument(
+        "--artifact", required=True, help="artifact folder (or a file in it) from `embviz compress`"
+    )
+    parser.add_argument("--out", required=True, help="folder to write (must be new or empty)")
+    parser.add_argument(
+        "--mode",
+        choices=["tied", "input"],
+        default="tied",
+        help="tied (default): the compressed matrix is the output layer too; input: keep the original output layer",
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing embviz export at --out")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export back: compare its logits and perplexity on --text with the in-memory variant",
+    )
+    parser.add_argument(
+        "--text", default="bible:test", help="held-out text for --verify (default bible:test)"
+    )
+    _add_json(parser)
+
+
+@_export_arguments.runs
+def run_export(args: argparse.Namespace) -> int:
+    from embviz.evaluation import load_variant
+    from embviz.export import artifact_folder, export_compressed, verify_export
+
+    backbone = _load_backbone(args)
+    artifact = artifact_folder(args.artifact)
+    compressed = load_variant(backbone, artifact)
+    result = export_compressed(
+        backbone, compressed, args.out, mode=args.mode, overwrite=args.force, artifact=artifact
+    )
+    for warning in result["warnings"]:
+        print(f"embviz: warning: {warning}", file=sys.stderr)
+    if args.verify:
+        print("embviz: verifying the export (logits and perplexity)...", file=sys.stderr)
+        result["verify"] = verify_export(backbone, compressed, args.out, mode=args.mode, text=args.text)
+    emit(result, args.json, _render_export)
+    return 0
+
+
+def _render_export(result: dict[str, Any]) -> str:
+    from embviz.resources import format_bytes
+
+    shown = {
+        "folder": result["folder"],
+        "embedding": f"{result['label']} ({result['mode']} mode)",
+        "embedding on disk": f"{result['embedding_file_bytes']:,} bytes ({format_bytes(result['embedding_file_bytes'])})",
+        "original (float32)": f"{result['original_bytes']:,} bytes ({format_bytes(result['original_bytes'])})",
+        "ratio": f"{result['ratio']}x (stored tensors; {result['file_ratio']}x with the file header)",
+        "folder size": f"{result['folder_bytes']:,} bytes ({format_bytes(result['folder_bytes'])})",
+        "output layer": result["output_head"],
+        **result.get("verify", {}),
+    }
+    return _render_mapping(shown)
+
+
+# -- fit-mlm-head --------------------------------------------------------------------------------------
+@command(
+    "fit-mlm-head",
+    "fit a masked-LM head (and fine-tune the encoder, embeddings frozen) for minilm or a local BERT folder",
+)
+def _fit_mlm_head_arguments(parser: argparse.ArgumentParser) -> None:
+    from embviz.mlm_head import DEFAULT_SEED, DEFAULT_STEPS, EXPECTED_MINUTES
+
+    parser.add_argument("model", help="minilm (gives the backbone minilm-mlm) or a local BERT-family folder")
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULT_STEPS, help=f"optimiser steps (default {DEFAULT_STEPS})"
+    )
+    parser.add_argument(
+        "--minutes",
+        type=float,
+        help=f"wall-clock cap; stops early with a checkpoint that the next run resumes (default: none; "
+        f"the default steps take about {EXPECTED_MINUTES} min on 2 CPU cores)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULT_SEED, help=f"random seed (default {DEFAULT_SEED})"
+    )
+    parser.add_argument("--force", action="store_true", help="refit even if the same fit is cached")
+    parser.add_argument("--device", default="cpu", help="training device, e.g. cuda (default cpu)")
+    _add_trust(parser)
+    _add_json(parser)
+
+
+@_fit_mlm_head_arguments.runs
+def run_fit_mlm_head(args: argparse.Namespace) -> int:
+    from embviz.errors import BadInputError
+    from embviz.mlm_head import HeadConfig, fit_mlm_head
+
+    if args.steps < 1:
+        raise BadInputError(f"--steps must be at least 1, got {args.steps}")
+    if args.seed < 0:
+        raise BadInputError(f"--seed must be a non-negative integer, got {args.seed}")
+    result = fit_mlm_head(
+        args.model,
+        config=HeadConfig(steps=args.steps, seed=args.seed),
+        minutes=args.minutes,
+        progress=_steps_progress(sys.stderr),
+        force=args.force,
+        trust_remote_code=args.trust_remote_code,
+        device=args.device,
+    )
+    if not result.complete:
+        print(
+            f"embviz: stopped at step {result.manifest['steps_done']} of {args.steps} (--minutes); "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+
+    def render(payload: dict[str, Any]) -> str:
+        rows = [{"slice": name, **figures} for name, figures in payload["accuracy"].items()]
+        facts = {key: value for key, value in payload.items() if key != "accuracy"}
+        return f"{_render_mapping(facts)}\n\n{_render_table(rows)}"
+
+    emit(result.to_dict(), args.json, render)
+    return 0
 
 
 # -- bench ---------------------------------------------------------------------------------------------

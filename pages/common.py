@@ -10,6 +10,7 @@ import json
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -96,9 +97,57 @@ def default_backbone() -> str:
 
 
 def backbone_choices() -> list[str]:
-    names = list(BUILTINS)
+    """Built-in names (a fitted-head backbone such as ``minilm-mlm`` only once built), the default, "other"."""
+    from embviz import mlm_head
+
+    fitted = {mlm_head.output_name(mlm_head.DEFAULT_SOURCE)}
+    names = [name for name in BUILTINS if name not in fitted or mlm_head.exists(mlm_head.DEFAULT_SOURCE)]
     default = default_backbone()
     return ([] if default in names else [default]) + names + [OTHER_MODEL]
+
+
+_PENDING_MODEL = "_embviz_pending_model"
+
+
+def apply_pending_model() -> None:
+    """Select a backbone chosen by the previous run (call before the model widget is drawn)."""
+    pending = st.session_state.pop(_PENDING_MODEL, None)
+    if pending:
+        st.session_state["model"] = pending  # the bound widget then updates the URL
+        st.session_state.get(_URL_REQUEST, {}).pop("model", None)  # a switch, not an ignored URL value
+
+
+def offer_mlm_head(model: str) -> None:
+    """For ``minilm`` (no trained masked-LM head): a button that fits one and switches to ``minilm-mlm``."""
+    from embviz import mlm_head
+
+    source = mlm_head.DEFAULT_SOURCE
+    if model != source or mlm_head.exists(source):
+        return
+    name, minutes = mlm_head.output_name(source), mlm_head.EXPECTED_MINUTES
+    st.caption(
+        f"{source} has no trained masked-LM head, so its predictions are noise. {name} adds a head fitted "
+        f"by embviz on public-domain text (about {minutes} min on 2 CPU cores, once; cached afterwards)."
+    )
+    if not st.button(f"Build {name} (about {minutes} min)", key="build-mlm-head"):
+        return
+    with st.status(f"Fitting {name} (about {minutes} min)…", expanded=True) as status:
+        bar = st.progress(0.0, text="starting")
+
+        def report(done: float, total: int, message: str) -> None:
+            bar.progress(min(max(done / max(total, 1), 0.0), 1.0), text=message)
+
+        try:
+            result = mlm_head.fit_mlm_head(source, progress=report)
+        except EmbvizError as error:
+            status.update(label=f"Could not build {name}", state="error")
+            st.error(str(error))
+            return
+        top1 = result.accuracies.get("bible:test", {}).get("top1")
+        accuracy = f": top-1 {top1:.0%} on bible:test" if isinstance(top1, float) else ""
+        status.update(label=f"Built {name}{accuracy}", state="complete", expanded=False)
+    st.session_state[_PENDING_MODEL] = name
+    st.rerun()
 
 
 @dataclass(frozen=True)
@@ -443,3 +492,84 @@ def focus_token_id(backbone: Backbone, config: Settings) -> int | None:
 
 def as_dict(obj: Any) -> dict[str, Any]:
     return asdict(obj)
+
+
+TEXTS = ("bible:test", "shakespeare:test", "britannica:test")
+RATIOS = (2.0, 4.0, 8.0, 16.0)
+
+
+def sweep_panel(
+    backbone: Backbone,
+    config: Settings,
+    *,
+    key: str,
+    methods: Sequence[str],
+    default_methods: Sequence[str],
+    ratio_label: str,
+    ratios: Sequence[float] = RATIOS,
+    caption: str = "",
+    by: str = "params",
+) -> tuple[list[dict[str, Any]], str] | None:
+    """Method / ratio / text pickers and a compute button for a sweep; ``(rows, text)`` once computed.
+
+    The sweep runs under ``st.status`` with a progress bar, and its rows are kept in the session per
+    request, so widgets can change and come back without recomputing. Returns None (with a hint or the
+    error shown) until rows exist for the current choice.
+    """
+    from embviz.evaluation import sweep
+
+    controls = st.columns([3, 2, 2])
+    chosen = controls[0].multiselect(
+        "Methods", list(methods), default=list(default_methods), key=f"{key}_methods",
+        format_func=lambda m: METHODS[m],
+    )  # fmt: skip
+    sizes = controls[1].multiselect(
+        ratio_label, list(ratios), default=[4.0, 8.0], key=f"{key}_ratios", format_func=lambda r: f"{r:g}x"
+    )
+    text = controls[2].selectbox("Held-out text", TEXTS, key=f"{key}_text")
+    st.caption(
+        f"Substitution mode: **{config.mode}** · AE recipe: **{config.recipe}** (change them in the sidebar). "
+        f"Every variant is scored on the same tokens (and, for masked models, the same masks). {caption}"
+    )
+    request = (
+        backbone.name,
+        tuple(chosen),
+        tuple(sorted(sizes)),
+        text,
+        config.mode,
+        config.recipe,
+        config.k,
+        by,
+    )
+    results: dict = st.session_state.setdefault(f"{key}_results", {})
+    if st.button("Compute the sweep", type="primary", disabled=not (chosen and sizes)):
+        try:
+            with st.status(f"Sweeping {len(chosen)} methods x {len(sizes)} ratios…", expanded=True) as status:
+                bar = st.progress(0.0)
+                results[request] = sweep(
+                    backbone,
+                    list(chosen),
+                    ratios=sorted(sizes),
+                    text=text,
+                    mode=config.mode,
+                    k=config.k,
+                    recipe=config.recipe,
+                    by=by,
+                    progress=lambda done, total, message: bar.progress(
+                        min(done / max(total, 1), 1.0), text=message
+                    ),
+                )
+                status.update(
+                    label="Sweep done (artifacts and perplexities are cached on disk)",
+                    state="complete",
+                    expanded=False,
+                )
+        except EmbvizError as error:
+            st.error(str(error))
+    if request not in results:
+        st.info(
+            "Pick methods and ratios, then compute. Trained AEs and perplexities are cached on disk, so a "
+            "repeated sweep is fast; the first AE per size trains for a while."
+        )
+        return None
+    return results[request], text

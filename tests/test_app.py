@@ -16,7 +16,7 @@ from embviz.backbones import Backbone
 from embviz.compressors import AECompressor, make_compressor
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("compress", "neighbours", "angles", "map", "predictions", "perplexity")
+PAGES = ("compress", "neighbours", "angles", "map", "predictions", "perplexity", "size")
 RANK = 8
 
 
@@ -155,6 +155,22 @@ def test_perplexity_sweep_runs_on_demand_with_the_uncompressed_row(trained: Path
     assert (table["perplexity"] > 0).all()
 
 
+def test_size_page_puts_every_method_on_the_byte_axis_with_a_frontier(trained: Path) -> None:
+    app = run_app("size")
+    assert_clean(app)
+    app.multiselect(key="rd_methods").set_value(["svd", "svd-freq", "quant-int8", "quant-mixed"])
+    app.multiselect(key="rd_ratios").set_value([2.0, 4.0])
+    app.run()
+    [button] = [b for b in app.button if b.label == "Compute the sweep"]
+    button.click().run()
+    assert_clean(app)
+    table = app.dataframe[0].value
+    assert {"uncompressed", "svd", "svd-freq", "quant-int8", "quant-mixed"} <= set(table["method"])
+    assert len(table[table["method"] == "quant-int8"]) == 1  # a fixed size, shown once
+    assert table["frontier"].any() and (table["bytes"] > 0).all()
+    assert len(app.get("plotly_chart")) == 2
+
+
 # -- every URL-bound key, bad input, a broken cache, too little memory --------------------------------
 URL_GARBAGE = [
     (None, "model", "no-such-model"),
@@ -289,3 +305,45 @@ def test_a_neighbour_search_that_does_not_fit_is_an_error_not_a_crash(
     assert not app.exception
     assert any("needs about" in error.value and "available" in error.value for error in app.error)
     common._original_neighbours.clear()
+
+
+def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
+    tiny_masked_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``minilm-mlm`` is offered once built; under ``minilm`` the sidebar builds it (the fit is stood in for by
+    writing the tiny masked model as the fitted folder) with its expected duration, then selects it."""
+    import dataclasses
+
+    from embviz import mlm_head
+    from embviz.backbones import BUILTINS
+
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "home"))
+    tiny = dataclasses.replace(BUILTINS["minilm"], locate=lambda: tiny_masked_path)
+    monkeypatch.setitem(BUILTINS, "minilm", tiny)
+    st.cache_resource.clear()
+    calls: list[str] = []
+
+    def fake_fit(source: str, *, progress: object, **_: object) -> mlm_head.HeadResult:
+        calls.append(source)
+        progress(1, 2, "step 1/2")  # type: ignore[operator]
+        backbone = Backbone.from_pretrained(str(tiny_masked_path))
+        folder = mlm_head.output_folder(source)
+        manifest = {"format_version": mlm_head.FORMAT_VERSION, "accuracy": {"bible:test": {"top1": 0.5}}}
+        mlm_head._write_folder(folder, backbone.model, backbone.tokenizer, manifest)
+        return mlm_head.HeadResult(folder, mlm_head.read_manifest(folder))
+
+    monkeypatch.setattr(mlm_head, "fit_mlm_head", fake_fit)
+    app = run_app(model="minilm", rank="4")
+    assert not app.exception, [e.message for e in app.exception]
+    assert "minilm-mlm" not in app.selectbox(key="model").options
+    [button] = [b for b in app.button if b.label.startswith("Build minilm-mlm")]
+    assert f"about {mlm_head.EXPECTED_MINUTES} min" in button.label
+    button.click().run()
+    assert_clean(app)
+    assert calls == ["minilm"]
+    assert "minilm-mlm" in app.selectbox(key="model").options
+    assert app.session_state["model"] == "minilm-mlm"
+    assert not [b for b in app.button if b.label.startswith("Build minilm-mlm")]
+    warnings = [warning.value for warning in app.warning]
+    assert any("fitted by embviz" in warning for warning in warnings)
+    assert not any("Ignored" in warning for warning in warnings), warnings

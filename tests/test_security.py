@@ -152,6 +152,8 @@ MODEL_COMMANDS = {
     "evaluate": ["evaluate", "m", "--artifact", "a"],
     "sweep": ["sweep", "m"],
     "predict": ["predict", "m", "a ___ b"],
+    "export": ["export", "m", "--artifact", "a", "--out", "o"],
+    "fit-mlm-head": ["fit-mlm-head", "m"],
 }
 
 

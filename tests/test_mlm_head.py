@@ -1,0 +1,189 @@
+"""Fitting a masked-LM head (embviz.mlm_head) on the tiny BERT: learning, resuming, the artifact, the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from embviz import mlm_head
+from embviz.backbones import Backbone
+from embviz.cli import main
+from embviz.errors import BadInputError, UnknownModelError
+from embviz.mlm_head import HeadConfig, fit_mlm_head
+
+# One short corpus, short lines and small batches: a few seconds per fit.
+TINY = HeadConfig(steps=12, corpora=("britannica",), batch_tokens=512, max_length=48, head_lr=3e-2, lr=3e-3)
+EVAL_TOKENS = 200
+
+
+def _fit(source: Path, config: HeadConfig = TINY, **kwargs: object) -> mlm_head.HeadResult:
+    return fit_mlm_head(str(source), config=config, eval_max_tokens=EVAL_TOKENS, **kwargs)  # type: ignore[arg-type]
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_loss_goes_down_and_only_the_head_and_encoder_change(tiny_masked_path: Path) -> None:
+    result = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=40))
+    losses = result.manifest["losses"]
+    assert len(losses) == 40 and result.complete and not result.cached
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2
+    fitted = Backbone.from_pretrained(str(result.folder))
+    original = Backbone.from_pretrained(str(tiny_masked_path))
+    assert torch.equal(fitted.embedding, original.embedding), "the word embeddings stay frozen"
+    assert fitted.tied and fitted.kind == "masked"
+    head = "cls.predictions.transform.dense.weight"
+    assert not torch.equal(fitted.model.state_dict()[head], original.model.state_dict()[head])
+    assert set(result.accuracies) == {"britannica:valid", "britannica:test"}
+    assert all(0 <= figures["top1"] <= figures["top5"] <= 1 for figures in result.accuracies.values())
+    manifest = result.manifest
+    assert (
+        manifest["seed"] == 0
+        and manifest["steps"] == 40
+        and manifest["data"]["train"] == ["britannica:train"]
+    )
+    assert set(manifest["sha256"]) == {"model.safetensors"}
+    assert not list(result.folder.glob("*.bin")), "safetensors only"
+
+
+def test_a_second_fit_with_the_same_configuration_is_cached(tiny_masked_path: Path) -> None:
+    first = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=3))
+    again = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=3))
+    assert again.cached and again.folder == first.folder
+    other_seed = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=3, seed=5))
+    assert not other_seed.cached
+
+
+def test_an_interrupted_fit_resumes_to_the_same_weights(
+    tiny_masked_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "straight"))
+    straight = _weights(_fit(tiny_masked_path, checkpoint_every=4).folder)
+
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "interrupted"))
+
+    def interrupt_at_step_7(done: float, total: int, message: str) -> None:
+        if message.startswith("step 7/"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tiny_masked_path, checkpoint_every=4, progress=interrupt_at_step_7)
+    assert not mlm_head.exists(str(tiny_masked_path))
+    seen: list[str] = []
+    resumed = _fit(tiny_masked_path, checkpoint_every=4, progress=lambda d, t, m: seen.append(m))
+    assert not any(m.startswith("step 7/") for m in seen), "steps 1-7 come from the checkpoint"
+    assert resumed.manifest["steps_done"] == 12 and len(resumed.manifest["losses"]) == 12
+    weights = _weights(resumed.folder)
+    assert weights.keys() == straight.keys()
+    assert all(torch.equal(weights[name], straight[name]) for name in weights)
+    assert not list((tmp_path / "interrupted" / "mlm-checkpoints").glob("*/state.json")), "removed when done"
+
+
+def test_a_wall_clock_cap_writes_a_partial_head_that_the_next_run_completes(tiny_masked_path: Path) -> None:
+    partial = _fit(tiny_masked_path, minutes=1e-9)
+    assert not partial.complete and partial.manifest["steps_done"] < TINY.steps
+    assert mlm_head.is_built(str(tiny_masked_path))
+    finished = _fit(tiny_masked_path)
+    assert finished.complete and not finished.cached and finished.manifest["steps_done"] == TINY.steps
+
+
+def test_a_corrupt_head_is_refused_on_load_and_rebuilt_by_the_next_fit(tiny_masked_path: Path) -> None:
+    folder = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=2)).folder
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UnknownModelError, match=r"corrupt.*fit-mlm-head"):
+        mlm_head.built_folder(str(tiny_masked_path))
+    rebuilt = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=2))
+    assert not rebuilt.cached and mlm_head.is_built(str(tiny_masked_path))
+    assert not list(folder.parent.glob(f".{folder.name}.*.tmp")), "no temporary left beside the folder"
+
+
+def test_minilm_mlm_before_it_is_built_says_how_to_build_it(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UnknownModelError, match=r"embviz fit-mlm-head minilm.*minutes"):
+        Backbone.from_pretrained("minilm-mlm")
+    assert main(["info", "minilm-mlm"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fit-mlm-head minilm" in err
+
+
+def test_a_causal_model_or_bad_settings_are_refused(tiny_causal_path: Path, tiny_masked_path: Path) -> None:
+    with pytest.raises(BadInputError, match="masked"):
+        _fit(tiny_causal_path)
+    with pytest.raises(BadInputError, match="train_layers"):
+        _fit(tiny_masked_path, dataclasses.replace(TINY, train_layers=9))
+    with pytest.raises(BadInputError, match="minutes"):
+        _fit(tiny_masked_path, minutes=-1)
+
+
+@pytest.fixture
+def short_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's fits on the tiny model read one short corpus (the defaults read all three)."""
+    real = mlm_head.fit_mlm_head
+
+    def short(source: str, *, config: HeadConfig, **kwargs: object) -> mlm_head.HeadResult:
+        tiny = dataclasses.replace(TINY, steps=config.steps, seed=config.seed)
+        return real(source, config=tiny, **{**kwargs, "eval_max_tokens": EVAL_TOKENS})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mlm_head, "fit_mlm_head", short)
+
+
+def test_cli_fits_with_a_progress_bar_and_one_json_object(
+    tiny_masked_path: Path, short_fits: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["fit-mlm-head", str(tiny_masked_path), "--steps", "3", "--seed", "2", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("\n") == 1
+    payload = json.loads(captured.out)
+    assert payload["steps"] == 3 and payload["seed"] == 2 and payload["complete"] is True
+    assert set(payload["accuracy"]) == {"britannica:valid", "britannica:test"}
+    assert Path(payload["folder"]).is_dir() and payload["train_seconds"] >= 0
+    assert "step 3/3" in captured.err
+    assert main(["info", payload["folder"], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kind"] == "masked"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps"),
+        (["--steps", "many"], "invalid int"),
+        (["--minutes", "-2"], "minutes"),
+        (["--seed", "-1"], "--seed"),
+    ],
+)
+def test_cli_bad_input_is_one_line(
+    tiny_masked_path: Path,
+    short_fits: None,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    try:
+        status = main(["fit-mlm-head", str(tiny_masked_path), *args])
+    except SystemExit as exit:  # argparse's own checks (a non-integer) exit from the parser
+        status = exit.code
+    assert status == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not mlm_head.exists(str(tiny_masked_path))
+
+
+def test_cli_unknown_or_causal_model_is_one_line(
+    tiny_causal_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for model in (str(tmp_path / "nothing-here"), str(tiny_causal_path)):
+        assert main(["fit-mlm-head", model, "--steps", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("embviz: error:")
