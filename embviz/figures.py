@@ -380,6 +380,22 @@ def training_curve(
     return _finish(fig, provenance, title=title or "AutoEncoder training")
 
 
+def _series_by_method(
+    rows: Sequence[Mapping[str, Any]], metric: str
+) -> tuple[dict[str, list[Mapping[str, Any]]], Mapping[str, Any] | None]:
+    """Sweep rows grouped by label (rows without ``metric`` dropped), and the uncompressed row if present."""
+    methods: dict[str, list[Mapping[str, Any]]] = {}
+    reference = None
+    for row in rows:
+        if row.get(metric) is None:
+            continue
+        if row["method"] == "uncompressed":
+            reference = row
+        else:
+            methods.setdefault(str(row.get("label") or row["method"]), []).append(row)
+    return methods, reference
+
+
 def perplexity_curve(
     rows: Sequence[Mapping[str, Any]], *, provenance: str = "", title: str | None = None
 ) -> go.Figure:
@@ -388,13 +404,8 @@ def perplexity_curve(
     ``rows`` are sweep rows with ``method``, ``ratio`` and ``perplexity``; a row whose method is
     ``uncompressed`` draws the horizontal reference line.
     """
-    methods: dict[str, list[Mapping[str, Any]]] = {}
-    reference = None
-    for row in rows:
-        if row["method"] == "uncompressed":
-            reference = float(row["perplexity"])
-        else:
-            methods.setdefault(str(row.get("label") or row["method"]), []).append(row)
+    methods, reference_row = _series_by_method(rows, "perplexity")
+    reference = float(reference_row["perplexity"]) if reference_row is not None else None
     colours = variant_colours(list(methods))
     fig = go.Figure()
     for name, points in methods.items():
@@ -448,15 +459,7 @@ def rate_distortion(
     ``rows`` are sweep rows with ``method``, ``label``, ``bytes``, ``rank`` and ``metric``.
     """
     higher_is_better = metric != "perplexity"
-    methods: dict[str, list[Mapping[str, Any]]] = {}
-    reference = None
-    for row in rows:
-        if row.get(metric) is None:
-            continue
-        if row["method"] == "uncompressed":
-            reference = row
-        else:
-            methods.setdefault(str(row.get("label") or row["method"]), []).append(row)
+    methods, reference = _series_by_method(rows, metric)
     colours = variant_colours(list(methods))
     fig = go.Figure()
     for name, points in methods.items():

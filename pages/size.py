@@ -26,8 +26,8 @@ st.title("Size vs quality")
 explain(
     "Every compressor on **one axis: bytes**. Each point is a compressed embedding matrix, placed at the "
     "bytes it needs when deployed (integer codes, per-row scales and fp16 decoders counted) against the "
-    "perplexity it gives without retraining (left) and how many of each token's nearest neighbours it keeps "
-    "(right). At a **byte ratio** every method gets the same budget: low-rank methods through their rank, "
+    "perplexity it gives without retraining (first chart) and how many of each token's nearest neighbours "
+    "it keeps (second chart). At a **byte ratio** every method gets the same budget: low-rank methods through their rank, "
     "quantised ones through their code width. The grey band is the **frontier**: the best result at each "
     "size. *Frequency-aware* methods (weighted SVD, weighted AE, mixed-precision rows) spend their budget on "
     "the tokens that occur in the corpora's **train** slices, never the slice being scored."
