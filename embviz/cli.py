@@ -441,7 +441,12 @@ def run_predict(args: argparse.Namespace) -> int:
         variants[name], artifacts[name] = compressed.reconstruct(), path
     result = predict_blank(backbone, args.sentence, variants, k=args.k, mode=args.mode)
     changes = prediction_summary(result)
-    payload = {**result.to_dict(), "artifacts": artifacts, "changes": changes}
+    payload = {
+        **result.to_dict(),
+        "artifacts": artifacts,
+        "changes": changes,
+        "model_note": backbone.note or None,
+    }
 
     def render(_: Any) -> str:
         lines = [_render_table(prediction_table(result)), ""]
@@ -456,7 +461,8 @@ def run_predict(args: argparse.Namespace) -> int:
             + (f"; lost: {', '.join(row['lost'])}" if row["lost"] else "")
             for row in changes[1:]
         ]
-        return "\n".join([*lines, *result.notices, result.method])
+        note = [f"{backbone.name}: {backbone.note}"] if backbone.note else []
+        return "\n".join([*lines, *result.notices, *note, result.method])
 
     emit(payload, args.json, render)
     return 0

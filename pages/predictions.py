@@ -42,6 +42,8 @@ if backbone is None:
     st.stop()
 if not backbone.trained_head:
     st.warning(f"{backbone.name}: {backbone.note}. Its predictions show what changes, not what is right.")
+elif backbone.note:
+    st.info(f"{backbone.name}: {backbone.note}.")
 variants = variants_for(backbone, config)
 if variants is None:
     st.stop()

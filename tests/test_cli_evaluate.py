@@ -145,9 +145,22 @@ def test_predict_json(kind: str, request: pytest.FixtureRequest, capsys: pytest.
         assert all(0 <= p["probability"] <= 1 for p in variant["predictions"])
     assert [row["variant"] for row in result["changes"]] == list(result["variants"])
     assert result["artifacts"]["svd r=16"] == high
+    assert result["model_note"] is None  # a plain folder: nothing to label
 
     status, out, _ = _run(capsys, *argv[:-2], "--artifact", low)
     assert status == 0 and "rank" in out and "svd r=4: top-1" in out
+
+
+def test_predict_labels_a_head_fitted_by_embviz(
+    tiny_masked: Backbone, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    note = "predictions come from a masked-LM head fitted by embviz on public-domain text"
+    labelled = Backbone(tiny_masked.name, tiny_masked.model, tiny_masked.tokenizer, "masked", note=note)
+    monkeypatch.setattr("embviz.cli._load_backbone", lambda args: labelled)
+    status, out, _ = _run(capsys, "predict", "m", "The king of ___ lived here.", "--k", "3")
+    assert status == 0 and note in out
+    status, out, _ = _run(capsys, "predict", "m", "The king of ___ lived here.", "--json")
+    assert json.loads(out)["model_note"] == note
 
 
 def _corrupt(path: str) -> str:
