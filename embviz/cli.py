@@ -175,8 +175,6 @@ def run_compress(args: argparse.Namespace) -> int:
     method = f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method
     ae = base_method(method).startswith("ae")
     ae_only = {"--recipe": args.recipe, "--epochs": args.epochs}
-    if args.method != "ae":
-        ae_only["--loss"] = args.loss
     misplaced = [flag for flag, value in ae_only.items() if value is not None and not ae]
     if misplaced:
         raise BadInputError(f"{', '.join(misplaced)} only applies to AutoEncoder methods")
@@ -217,7 +215,6 @@ def run_compress(args: argparse.Namespace) -> int:
         "artifact": str(result.path) if result.path else None,
         "backbone": backbone.name,
         **compressed.facts(),
-        "byte_ratio": round(compressed.byte_ratio, 4),
         "train_seconds": round(compressed.train_seconds, 3),
         **{k: round(v, 6) for k, v in reconstruction_quality(backbone.embedding, compressed).items()},
         "cached": result.cached,

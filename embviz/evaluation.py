@@ -40,12 +40,12 @@ from embviz.compressors import (
     BUDGETED_METHODS,
     DENSE_METHODS,
     FREQUENCY_METHODS,
-    METHODS,
     QUANTIZED_LOW_RANK,
     CompressedEmbedding,
     Compressor,
     TrainingProgress,
     base_method,
+    check_method,
     check_rank,
     has_decoder_bias,
     make_compressor,
@@ -232,7 +232,6 @@ class _Evaluator:
         return {
             "backbone": self.backbone.name,
             **compressed.facts(),
-            "byte_ratio": round(compressed.byte_ratio, 4),
             "text": self.text,
             "mode": self.mode,
             "k": self.k,
@@ -311,9 +310,8 @@ def _plan(
     if ratios is None and ranks is None:
         ratios = DEFAULT_RATIOS
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    unknown = [method for method in methods if method not in METHODS]
-    if unknown:
-        make_compressor(unknown[0], None)  # raises the one "unknown method" message
+    for method in methods:
+        check_method(method)
     weights = frequency_weights(backbone) if set(methods) & set(FREQUENCY_METHODS) else None
     jobs = []
     for method in methods:

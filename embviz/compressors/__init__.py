@@ -70,6 +70,13 @@ def has_decoder_bias(method_id: str) -> bool:
     return base_method(method_id).startswith("ae")
 
 
+def check_method(method_id: str) -> str:
+    """Validate a method id (one of :data:`METHODS`)."""
+    if method_id not in METHODS:
+        raise BadInputError(f"unknown method {method_id!r}; choose one of {', '.join(METHODS)}")
+    return method_id
+
+
 def make_compressor(
     method_id: str,
     rank: int | None,
@@ -87,8 +94,7 @@ def make_compressor(
     (:data:`FREQUENCY_METHODS`) need ``row_weights``; ``quant-mixed`` needs ``ratio`` (bytes) instead of a
     rank. Unknown ids or options raise :class:`BadInputError`.
     """
-    if method_id not in METHODS:
-        raise BadInputError(f"unknown method {method_id!r}; choose one of {', '.join(METHODS)}")
+    check_method(method_id)
     if method_id in FREQUENCY_METHODS and row_weights is None:
         raise BadInputError(f"method {method_id!r} is frequency-aware: it needs row weights (token counts)")
     if method_id not in FREQUENCY_METHODS and row_weights is not None:
@@ -163,6 +169,7 @@ __all__ = [
     "TrainingCancelled",
     "TrainingProgress",
     "base_method",
+    "check_method",
     "check_rank",
     "compressor_from_config",
     "has_decoder_bias",

@@ -154,7 +154,8 @@ class CompressedEmbedding:
         return 4 * vocab * hidden / self.bytes
 
     def facts(self) -> dict[str, Any]:
-        """What it is and what it costs: ``method``, ``label``, ``rank``, ``ratio``, ``params``, ``bytes``."""
+        """What it is and what it costs: ``method``, ``label``, ``rank``, ``ratio``, ``params``, ``bytes``,
+        ``byte_ratio``."""
         return {
             "method": self.method,
             "label": self.label,
@@ -162,6 +163,7 @@ class CompressedEmbedding:
             "ratio": round(self.ratio, 4),
             "params": self.params,
             "bytes": self.bytes,
+            "byte_ratio": round(self.byte_ratio, 4),
         }
 
     def reconstruct(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:

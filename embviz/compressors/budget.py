@@ -42,6 +42,17 @@ def ratio_for_rank(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias
     )
 
 
+def check_ratio(ratio: object) -> float:
+    """Validate a compression ratio: a finite number above 1 (returned as float)."""
+    try:
+        value = float(ratio)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}") from None
+    if isinstance(ratio, bool) or not math.isfinite(value) or value <= 1:
+        raise BadInputError(f"compression ratio must be above 1, got {ratio}")
+    return value
+
+
 def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_bias: bool = False) -> int:
     """The largest rank whose compression ratio is at least ``ratio``.
 
@@ -51,13 +62,7 @@ def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_b
         BadInputError: ``ratio`` <= 1, or so large that not even rank 1 fits.
     """
     _check_shape(vocab_size, hidden_size)
-    try:
-        value = float(ratio)
-    except (TypeError, ValueError, OverflowError):
-        raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}") from None
-    if isinstance(ratio, bool) or not math.isfinite(value) or value <= 1:
-        raise BadInputError(f"compression ratio must be above 1, got {ratio}")
-    ratio = value
+    ratio = check_ratio(ratio)
     budget = vocab_size * hidden_size / ratio - (hidden_size if decoder_bias else 0)
     rank = math.floor(budget / (vocab_size + hidden_size) + 1e-9)
     if rank < 1:

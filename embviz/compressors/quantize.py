@@ -29,14 +29,13 @@ its width. Compared with float32 storage, int8 rows are ~4x and int4 rows ~7.5x 
 from __future__ import annotations
 
 import math
-import numbers
 import time
 from typing import Any
 
 import torch
 
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback, TrainingProgress
-from embviz.compressors.budget import _check_shape
+from embviz.compressors.budget import _check_shape, check_ratio
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
 
@@ -261,7 +260,7 @@ class QuantizedLowRank:
             BadInputError: ``ratio`` <= 1 or not a number, or not even rank 1 fits.
         """
         _check_shape(vocab_size, hidden_size)
-        budget = 4 * vocab_size * hidden_size / _check_ratio(ratio)
+        budget = 4 * vocab_size * hidden_size / check_ratio(ratio)
 
         def size(rank: int) -> int:
             return cls.stored_bytes(vocab_size, hidden_size, rank, bits, decoder_bias=decoder_bias)
@@ -298,12 +297,6 @@ class QuantizedLowRank:
             history=factors.history,
             train_seconds=time.perf_counter() - started,
         )
-
-
-def _check_ratio(ratio: object) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not ratio > 1 or ratio != ratio:
-        raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}")
-    return float(ratio)
 
 
 def mixed_rows_bytes(row_bits: torch.Tensor, columns: int) -> int:
@@ -380,7 +373,7 @@ class MixedPrecisionRows:
     method = "quant-mixed"
 
     def __init__(self, ratio: float, row_weights: RowWeights) -> None:
-        self.ratio = _check_ratio(ratio)
+        self.ratio = check_ratio(ratio)
         if not isinstance(row_weights, RowWeights):
             raise BadInputError("quant-mixed needs row weights (token frequencies)")
         self.row_weights = row_weights
