@@ -105,7 +105,8 @@ def matrix_fingerprint(embedding: torch.Tensor) -> str:
 
 
 # -- save / load ---------------------------------------------------------------------------------------
-def _versions() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The embviz, torch and transformers versions, as recorded in every manifest embviz writes."""
     import transformers
 
     from embviz import __version__
@@ -113,9 +114,10 @@ def _versions() -> dict[str, str]:
     return {"embviz": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _canonical(manifest: dict[str, Any]) -> bytes:
-    """The manifest's hashed form: every field except the weights hash, canonical JSON."""
-    body = {key: value for key, value in manifest.items() if key != "weights_sha256"}
+def canonical_json(manifest: dict[str, Any], *, without: str = "weights_sha256") -> bytes:
+    """A manifest's hashed form: canonical JSON of every field except ``without`` (the field that itself
+    records hashes, so the two can be written together)."""
+    body = {key: value for key, value in manifest.items() if key != without}
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
@@ -148,13 +150,13 @@ def save_artifact(
             "decoder_activation": compressed.decoder_activation,
             "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
             "seed": compressed.config.get("seed"),
-            "versions": _versions(),
+            "versions": versions(),
             "history": compressed.history,
             "train_seconds": compressed.train_seconds,
             "fingerprint": fingerprint,
         }
     )
-    weights = save_safetensors(tensors, metadata={MANIFEST_HASH_KEY: sha256_bytes(_canonical(manifest))})
+    weights = save_safetensors(tensors, metadata={MANIFEST_HASH_KEY: sha256_bytes(canonical_json(manifest))})
     manifest["weights_sha256"] = sha256_bytes(weights)
     with atomic_directory(Path(path)) as tmp:
         (tmp / WEIGHTS_FILE).write_bytes(weights)
@@ -238,7 +240,7 @@ def _load(path: Path, expected_fingerprint: str | None) -> tuple[CompressedEmbed
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ArtifactError(f"weights of {path} are not a valid safetensors file ({exc})") from exc
-    if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(_canonical(manifest)):
+    if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(canonical_json(manifest)):
         raise ArtifactError(f"manifest of {path} was modified after the artifact was written")
     if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
         raise ArtifactError(f"artifact {path} was made from a different embedding matrix")

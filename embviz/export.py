@@ -45,8 +45,9 @@ from embviz.artifacts import (
     _json_roundtrip,
     _safetensors_metadata,
     _stored_tensors,
-    _versions,
+    canonical_json,
     matrix_fingerprint,
+    versions,
 )
 from embviz.backbones import MODES, Backbone, Mode, _quiet_transformers
 from embviz.cache import atomic_directory, sha256_bytes, sha256_file
@@ -135,12 +136,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
         )
 
 
-def _canonical(manifest: dict[str, Any]) -> bytes:
-    """The manifest's hashed form (stored in the embedding file): everything but the file list."""
-    body = {key: value for key, value in manifest.items() if key != "files"}
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
-
-
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors.values())
 
@@ -193,8 +188,8 @@ def export_compressed(
         {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_VERSION,
-            "embviz_version": _versions()["embviz"],
-            "versions": _versions(),
+            "embviz_version": versions()["embviz"],
+            "versions": versions(),
             "source_model": backbone.name,
             "source": backbone.source,
             "source_fingerprint": matrix_fingerprint(backbone.embedding),
@@ -225,7 +220,8 @@ def export_compressed(
         }
     )
     weights = save_safetensors(
-        embedding_tensors, metadata={MANIFEST_HASH_KEY: sha256_bytes(_canonical(manifest))}
+        embedding_tensors,
+        metadata={MANIFEST_HASH_KEY: sha256_bytes(canonical_json(manifest, without="files"))},
     )
     config = copy.deepcopy(backbone.model.config)
     config.architectures = [type(backbone.model).__name__]
@@ -352,7 +348,7 @@ def _read_embedding(folder: Path, manifest: dict[str, Any]) -> CompressedEmbeddi
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise ExportError(f"{EMBEDDING_FILE} of {folder} is not a valid safetensors file ({exc})") from exc
-    if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(_canonical(manifest)):
+    if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(canonical_json(manifest, without="files")):
         raise ExportError(f"{EXPORT_MANIFEST} of {folder} was modified after the export was written")
     try:
         return _from_parts({**manifest, "history": []}, tensors)

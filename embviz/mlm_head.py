@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from embviz.artifacts import versions
 from embviz.backbones import BUILTINS, Backbone, _quiet_transformers
 from embviz.cache import (
     atomic_directory,
@@ -606,7 +607,7 @@ def _fit(
         "accuracy": accuracy,
         "eval_max_tokens": eval_max_tokens,
         "losses": losses,
-        "versions": _versions(),
+        "versions": versions(),
     }
     _write_folder(folder, model.cpu(), tokenizer, manifest)
     if complete:
@@ -619,14 +620,6 @@ def _describe_trained(model: torch.nn.Module, train_layers: int | None) -> str:
     count = layers if train_layers is None else train_layers
     body = f"the top {count} of {layers} encoder layers" if count else "no encoder layer"
     return f"the MLM head (transform dense + GELU + LayerNorm, output bias) and {body}"
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from embviz import __version__
-
-    return {"embviz": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _write_folder(folder: Path, model: torch.nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
