@@ -23,6 +23,8 @@ test-fast: setup
 lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	.venv/bin/lint-imports --no-logo
+	$(PY) -m mypy embviz
 
 bench: setup
 	$(PY) -m embviz.cli bench --json

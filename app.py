@@ -1,29 +1,30 @@
-"""embviz: `streamlit run app.py`. Shared controls live here (bound to the URL); each view is in pages/."""
+"""embviz: `streamlit run app.py`. Shared controls live here (bound to the URL); each view is in pages/,
+listed once in pages/navigation.py."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from pages.common import (
-    AE_LOSSES,
+from pages.navigation import streamlit_pages
+from pages.state import (
+    BOUND_KEYS,
+    LOSSES,
     MODES,
     OTHER_MODEL,
-    RECIPES,
+    RECIPE_CHOICES,
     apply_pending_model,
     backbone_choices,
-    cache_warning,
     default_backbone,
-    offer_mlm_head,
     remember_url_request,
     warn_ignored_url_values,
 )
+from pages.widgets import cache_warning, offer_mlm_head
 
 st.set_page_config(page_title="embviz", page_icon="🧭", layout="wide")
 
 # Streamlit drops URL values a widget cannot take (rank=abc, model=zzz) and falls back to the default;
 # remember what the URL asked for so the user is told instead of silently ignored.
 remember_url_request()
-BOUND = ("model", "path", "rank", "loss", "recipe", "mode", "tok", "k")
 
 with st.sidebar:
     st.header("embviz")
@@ -56,14 +57,14 @@ with st.sidebar:
     )
     st.selectbox(
         "AE loss",
-        AE_LOSSES,
+        LOSSES,
         key="loss",
         bind="query-params",
         help="paper: cosine + annealed |error|^alpha (the paper's); cosine only; MSE only.",
     )
     st.selectbox(
         "AE recipe",
-        RECIPES,
+        RECIPE_CHOICES,
         key="recipe",
         bind="query-params",
         help="fast: SVD warm start, large batches; paper: Adam 1e-3, batch 32, 30 epochs.",
@@ -84,16 +85,7 @@ with st.sidebar:
     )
     st.number_input("Neighbours k", min_value=1, max_value=100, value=10, key="k", bind="query-params")
 
-warn_ignored_url_values(BOUND)
+warn_ignored_url_values(BOUND_KEYS)
 cache_warning()
 
-pages = [
-    st.Page("pages/compress.py", title="Compress", icon=":material/compress:", default=True),
-    st.Page("pages/neighbours.py", title="Neighbours", icon=":material/hub:"),
-    st.Page("pages/angles.py", title="Angles", icon=":material/architecture:"),
-    st.Page("pages/map.py", title="Map", icon=":material/map:"),
-    st.Page("pages/predictions.py", title="Predictions", icon=":material/edit_note:"),
-    st.Page("pages/perplexity.py", title="Perplexity", icon=":material/trending_up:"),
-    st.Page("pages/size.py", title="Size vs quality", icon=":material/stacked_line_chart:"),
-]
-st.navigation(pages).run()
+st.navigation(streamlit_pages()).run()

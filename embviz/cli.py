@@ -11,24 +11,42 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from embviz.errors import EmbvizError
+from embviz.progress import Progress, describe
+
+if TYPE_CHECKING:
+    from embviz.backbones import Backbone
 
 Command = Callable[[argparse.Namespace], int]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
 
 
-def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable]:
+class _Arguments:
+    """The function that adds a command's arguments, as :func:`command` registers it: still callable, and
+    ``@it.runs`` names the command's runner."""
+
+    def __init__(
+        self, name: str, add_arguments: Callable[[argparse.ArgumentParser], None], help_text: str
+    ) -> None:
+        self.name = name
+        self.add_arguments = add_arguments
+        self.help_text = help_text
+
+    def __call__(self, parser: argparse.ArgumentParser) -> None:
+        self.add_arguments(parser)
+
+    def runs(self, run: Command) -> Command:
+        _COMMANDS[self.name] = (run, self.add_arguments, self.help_text)
+        return run
+
+
+def command(name: str, help_text: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], _Arguments]:
     """Register ``embviz NAME``: decorate the function that adds its arguments; it names its runner."""
 
-    def register(add_arguments: Callable[[argparse.ArgumentParser], None]) -> Callable:
-        def bind(run: Command) -> Command:
-            _COMMANDS[name] = (run, add_arguments, help_text)
-            return run
-
-        add_arguments.runs = bind  # type: ignore[attr-defined]
-        return add_arguments
+    def register(add_arguments: Callable[[argparse.ArgumentParser], None]) -> _Arguments:
+        return _Arguments(name, add_arguments, help_text)
 
     return register
 
@@ -41,6 +59,53 @@ def emit(payload: Any, as_json: bool, render: Callable[[Any], str] | None = None
         print(render(payload) if render else _render_mapping(payload))
 
 
+class _ProgressBar:
+    """The CLI's progress renderer: :class:`~embviz.progress.Progress` reports drawn as a tqdm bar on stderr.
+
+    A bar opens on the first report and closes (its last line kept, then a newline) once a report says the
+    work is finished, so a command that fails before any progress prints only its error. Every report is
+    drawn (tqdm rewrites the line with a carriage return; no throttling, so a pipe sees each stage). With
+    ``log_prefix`` every new message is also kept as a line above the bar (the benchmark's log), and the
+    bar itself is only drawn on a terminal.
+    """
+
+    BAR_FORMAT = "{percentage:3.0f}% |{bar:30}| {desc} [{elapsed}]"
+
+    def __init__(self, *, log_prefix: str | None = None) -> None:
+        self.log_prefix = log_prefix
+        self.bar: Any = None
+        self.last_message: str | None = None
+
+    def __call__(self, update: Progress) -> None:
+        from tqdm import tqdm
+
+        if self.log_prefix is not None:
+            if update.message != self.last_message:
+                tqdm.write(f"{self.log_prefix}{update.message}", file=sys.stderr)
+            self.last_message = update.message
+            if not sys.stderr.isatty():
+                return
+        if self.bar is None:
+            self.bar = tqdm(
+                total=update.total,
+                initial=update.done,
+                desc=describe(update),
+                file=sys.stderr,
+                bar_format=self.BAR_FORMAT,
+                mininterval=0,
+                dynamic_ncols=False,
+                leave=True,
+            )
+        else:
+            self.bar.total = update.total
+            self.bar.n = update.done
+            self.bar.set_description_str(describe(update), refresh=False)
+            self.bar.refresh()
+        if update.finished:
+            self.bar.close()
+            self.bar = None
+
+
 def _render_mapping(payload: Any) -> str:
     if isinstance(payload, dict):
         width = max((len(str(k)) for k in payload), default=0)
@@ -48,10 +113,10 @@ def _render_mapping(payload: Any) -> str:
     return str(payload)
 
 
-def _load_backbone(args: argparse.Namespace):
-    from embviz.backbones import Backbone
+def _load_backbone(args: argparse.Namespace) -> Backbone:
+    from embviz.sources import load_model
 
-    return Backbone.from_pretrained(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
+    return load_model(args.model, trust_remote_code=getattr(args, "trust_remote_code", False))
 
 
 def _add_model(parser: argparse.ArgumentParser) -> None:
@@ -81,10 +146,67 @@ def _info_arguments(parser: argparse.ArgumentParser) -> None:
 
 @_info_arguments.runs
 def run_info(args: argparse.Namespace) -> int:
-    from embviz.backbones import inspect_backbone
+    from embviz.sources import inspect_model
 
-    emit(inspect_backbone(args.model, trust_remote_code=args.trust_remote_code).to_dict(), args.json)
+    emit(inspect_model(args.model, trust_remote_code=args.trust_remote_code).to_dict(), args.json)
     return 0
+
+
+# -- methods -------------------------------------------------------------------------------------------
+@command("methods", "list every registered compression method: id, label, family, sizing, what it stores")
+def _methods_arguments(parser: argparse.ArgumentParser) -> None:
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print one JSON array (one object per method)")
+    output.add_argument("--markdown", action="store_true", help="print the Markdown table the README shows")
+
+
+@_methods_arguments.runs
+def run_methods(args: argparse.Namespace) -> int:
+    from embviz.compressors import all_methods
+
+    rows = [spec.to_dict() for spec in all_methods()]
+    if args.markdown:
+        print(methods_markdown(rows))
+        return 0
+
+    def render(payload: list[dict[str, Any]]) -> str:
+        shown = [
+            {
+                "id": row["id"],
+                "label": row["label"],
+                "family": row["family"],
+                "sizing": row["sizing"],
+                "trains": "yes" if row["trains"] else "no",
+                "row weights": "yes" if row["needs_row_weights"] else "no",
+                "stores": "+".join(row["stores"]),
+            }
+            for row in payload
+        ]
+        return _render_table(shown, align_left=True)
+
+    emit(rows, args.json, render)
+    return 0
+
+
+def methods_markdown(rows: list[dict[str, Any]]) -> str:
+    """The README's method table: id, label, family, sizing, trains, row weights, stores, description."""
+    lines = [
+        "| id | method | family | sized by | trains | row weights | stores | what it does |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [
+            f"`{row['id']}`",
+            row["label"],
+            row["family"],
+            row["sizing"],
+            "yes" if row["trains"] else "no",
+            "yes" if row["needs_row_weights"] else "no",
+            ", ".join(row["stores"]),
+            row["description"],
+        ]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
+    return "\n".join(lines)
 
 
 # -- corpora -------------------------------------------------------------------------------------------
@@ -114,14 +236,15 @@ def run_corpora(args: argparse.Namespace) -> int:
     return 0
 
 
-def _render_table(rows: list[dict[str, Any]]) -> str:
+def _render_table(rows: list[dict[str, Any]], *, align_left: bool = False) -> str:
     if not rows:
         return "(no rows)"
     columns = [c for c in rows[0] if c != "description"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = ["  ".join(f"{c:>{widths[c]}}" for c in columns)]
-    lines += ["  ".join(f"{r.get(c, '')!s:>{widths[c]}}" for c in columns) for r in rows]
-    return "\n".join(lines)
+    align = "<" if align_left else ">"
+    lines = ["  ".join(f"{c:{align}{widths[c]}}" for c in columns)]
+    lines += ["  ".join(f"{r.get(c, '')!s:{align}{widths[c]}}" for c in columns) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 # -- compress ------------------------------------------------------------------------------------------
@@ -129,29 +252,70 @@ def _render_table(rows: list[dict[str, Any]]) -> str:
     "compress", "compress a backbone's embedding matrix (SVD, AutoEncoder, quantisation) into an artifact"
 )
 def _compress_arguments(parser: argparse.ArgumentParser) -> None:
-    from embviz.compressors import METHODS
+    from embviz.compressors import RECIPES, SIMPLE_LOSSES, method_ids
 
+    methods = method_ids()
     _add_model(parser)
     parser.add_argument(
         "--method",
-        choices=["ae", *METHODS],
+        choices=["ae", *methods],
         default="ae",
         metavar="METHOD",
-        help=f"ae (the AE with --loss) or a method id: {', '.join(METHODS)} (default ae)",
+        help=f"ae (the AE with --loss) or a method id: {', '.join(methods)} (default ae; "
+        "`embviz methods` describes each)",
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="latent size r, 1 <= r < hidden size (default 64)")
     size.add_argument(
         "--ratio",
         type=float,
-        help="compression ratio > 1: picks the largest rank that meets it in parameters (quant-mixed: bytes)",
+        help="compression ratio > 1: picks the largest rank that meets it (byte-sized methods: bytes)",
     )
-    parser.add_argument("--loss", choices=["paper", "cosine", "mse"], help="AE loss (default paper)")
-    parser.add_argument("--recipe", choices=["paper", "fast"], help="AE training recipe (default fast)")
+    parser.add_argument(
+        "--by",
+        choices=["params", "bytes"],
+        default="params",
+        help="what --ratio holds equal for methods with quantised codes: parameters (default) or bytes",
+    )
+    parser.add_argument("--loss", choices=list(SIMPLE_LOSSES), help="AE loss (default paper)")
+    parser.add_argument("--recipe", choices=list(RECIPES), help="AE training recipe (default fast)")
     parser.add_argument("--epochs", type=int, help="AE epochs (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--device", default="cpu", help="AE training device, e.g. cuda (default cpu)")
     _add_json(parser)
+
+
+def _compress_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The method spec and its options from ``compress``'s flags, checked before any model loads."""
+    from embviz.compressors import get_method
+    from embviz.compressors.budget import check_ratio
+    from embviz.errors import BadInputError
+
+    spec = get_method(f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method)
+    if args.loss is not None and args.method != "ae":
+        raise BadInputError("--loss only applies to --method ae; other AE ids name their loss")
+    trains = "recipe" in spec.options
+    misplaced = [
+        flag
+        for flag, value in {"--recipe": args.recipe, "--epochs": args.epochs}.items()
+        if value is not None
+    ]
+    if misplaced and not trains:
+        raise BadInputError(f"{', '.join(misplaced)} only applies to methods that train (AutoEncoders)")
+    if spec.sizing == "fixed" and (args.rank is not None or args.ratio is not None):
+        raise BadInputError(f"{spec.id} has a fixed size: it takes neither --rank nor --ratio")
+    if spec.sizing == "bytes" and args.ratio is None:
+        raise BadInputError(f"{spec.id} is sized by a byte ratio: give --ratio")
+    if args.ratio is not None:
+        check_ratio(args.ratio)
+    if args.rank is not None and args.rank < 1:
+        raise BadInputError(f"rank must be at least 1, got {args.rank}")
+    options: dict[str, Any] = {}
+    if trains:
+        options.update(recipe=args.recipe or "fast", epochs=args.epochs, device=args.device)
+    if "seed" in spec.options:
+        options["seed"] = args.seed
+    return spec, options
 
 
 @_compress_arguments.runs
@@ -159,55 +323,20 @@ def run_compress(args: argparse.Namespace) -> int:
     import time
 
     from embviz.artifacts import compress_cached
-    from embviz.compressors import (
-        BUDGETED_METHODS,
-        DENSE_METHODS,
-        FREQUENCY_METHODS,
-        base_method,
-        check_rank,
-        has_decoder_bias,
-        make_compressor,
-        rank_for_ratio,
-        reconstruction_quality,
-    )
-    from embviz.errors import BadInputError
+    from embviz.compressors import reconstruction_quality
 
-    method = f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method
-    ae = base_method(method).startswith("ae")
-    ae_only = {"--recipe": args.recipe, "--epochs": args.epochs}
-    misplaced = [flag for flag, value in ae_only.items() if value is not None and not ae]
-    if misplaced:
-        raise BadInputError(f"{', '.join(misplaced)} only applies to AutoEncoder methods")
-    if args.loss is not None and args.method != "ae":
-        raise BadInputError("--loss only applies to --method ae; other AE ids name their loss")
-    if method in DENSE_METHODS and (args.rank is not None or args.ratio is not None):
-        raise BadInputError(f"{method} has a fixed size: it takes neither --rank nor --ratio")
-    if method in BUDGETED_METHODS and args.ratio is None:
-        raise BadInputError(f"{method} is sized by a byte ratio: give --ratio")
+    spec, options = _compress_request(args)
     started = time.perf_counter()
     backbone = _load_backbone(args)
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    options: dict[str, Any] = {}
-    if method in FREQUENCY_METHODS:
+    rank = 64 if args.rank is None and args.ratio is None and spec.sizing == "rank" else args.rank
+    size = spec.size(vocab, hidden, rank=rank, ratio=args.ratio, by=args.by)
+    if spec.needs_row_weights:
         from embviz.frequency import frequency_weights
 
         options["row_weights"] = frequency_weights(backbone)
-    if method in BUDGETED_METHODS:
-        rank, options["ratio"] = None, args.ratio
-    elif method in DENSE_METHODS:
-        rank = None
-    elif args.ratio is not None:
-        rank = rank_for_ratio(vocab, hidden, args.ratio, decoder_bias=has_decoder_bias(method))
-    else:
-        rank = check_rank(64 if args.rank is None else args.rank, hidden)
-    if ae:
-        options.update(recipe=args.recipe or "fast", epochs=args.epochs, seed=args.seed, device=args.device)
-    elif method in ("svd-randomized", *DENSE_METHODS):
-        options["seed"] = args.seed
-    compressor = make_compressor(method, rank, **options)
-    result = compress_cached(
-        backbone.name, backbone.embedding, compressor, progress=_progress_bar(sys.stderr)
-    )
+    compressor = spec.build(size, **options)
+    result = compress_cached(backbone.name, backbone.embedding, compressor, progress=_ProgressBar())
     if result.notice:
         print(f"embviz: {result.notice}", file=sys.stderr)
     compressed = result.compressed
@@ -215,6 +344,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "artifact": str(result.path) if result.path else None,
         "backbone": backbone.name,
         **compressed.facts(),
+        **backbone.source_facts(compressed.bits_per_weight),
         "train_seconds": round(compressed.train_seconds, 3),
         **{k: round(v, 6) for k, v in reconstruction_quality(backbone.embedding, compressed).items()},
         "cached": result.cached,
@@ -223,24 +353,6 @@ def run_compress(args: argparse.Namespace) -> int:
     }
     emit(payload, args.json)
     return 0
-
-
-def _progress_bar(stream: Any, width: int = 30) -> Callable[[Any], bool]:
-    """A carriage-return progress bar for a fit's :class:`TrainingProgress` reports."""
-
-    def show(report: Any) -> bool:
-        done = ((report.epoch - 1) * report.steps + report.step) / (report.epochs * report.steps)
-        filled = round(done * width)
-        terms = " ".join(f"{name} {value:.4g}" for name, value in report.terms.items())
-        line = (
-            f"\r[{'#' * filled}{'.' * (width - filled)}] epoch {report.epoch}/{report.epochs} "
-            f"loss {report.loss:.5g} {terms} {report.elapsed_s:.1f}s"
-        )
-        stream.write(line.rstrip() + ("\n" if report.epoch_end and report.epoch == report.epochs else ""))
-        stream.flush()
-        return True
-
-    return show
 
 
 # -- evaluate ------------------------------------------------------------------------------------------
@@ -266,20 +378,6 @@ def _add_evaluation_options(parser: argparse.ArgumentParser, *, text: bool = Tru
     parser.add_argument("--k", type=int, default=10, help="top-k size (default 10)")
 
 
-def _steps_progress(stream: Any, width: int = 30) -> Callable[[float, int, str], None]:
-    """A carriage-return progress bar for ``(done, total, message)`` reports; a newline once done."""
-    shown = [0]
-
-    def show(done: float, total: int, message: str) -> None:
-        filled = round(width * min(done / max(total, 1), 1.0))
-        line = f"\r[{'#' * filled}{'.' * (width - filled)}] {message}"
-        stream.write(line.ljust(shown[0]) + ("\n" if done >= total else ""))
-        stream.flush()
-        shown[0] = len(line)
-
-    return show
-
-
 @command(
     "evaluate", "perplexity, neighbour recall@k and angles of a compressed artifact against the original"
 )
@@ -287,6 +385,12 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model(parser)
     parser.add_argument("--artifact", required=True, help="artifact folder (from `embviz compress`)")
     _add_evaluation_options(parser)
+    parser.add_argument(
+        "--no-ablation",
+        dest="ablation",
+        action="store_false",
+        help="skip the direction / length ablation (two perplexity passes of the five a cold run makes)",
+    )
     _add_json(parser)
 
 
@@ -303,10 +407,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         mode=args.mode,
         k=args.k,
         max_tokens=args.max_tokens,
-        progress=_steps_progress(sys.stderr),
+        progress=_ProgressBar(),
+        ablation=args.ablation,
     )
-    emit({"artifact": args.artifact, **result}, args.json, _render_evaluation)
+    emit({"artifact": args.artifact, **result.to_dict()}, args.json, _render_evaluation)
     return 0
+
+
+_DIVERGENCE_LABELS = {
+    "kl_nats": "KL(original || compressed), nats/token",
+    "top1_agreement": "top-1 agreement with original",
+    "perplexity_variant_directions": "perplexity (compressed directions, original lengths)",
+    "perplexity_variant_lengths": "perplexity (original directions, compressed lengths)",
+}
 
 
 def _render_evaluation(result: dict[str, Any]) -> str:
@@ -314,7 +427,16 @@ def _render_evaluation(result: dict[str, Any]) -> str:
     flat = {
         "perplexity (original)": round(perplexity["original"], 3),
         "perplexity (compressed)": round(perplexity["compressed"], 3),
-        **{key: value for key, value in result.items() if key not in ("perplexity", "protocol")},
+        **{
+            label: round(result[key], 3 if key.startswith("perplexity") else 4)
+            for key, label in _DIVERGENCE_LABELS.items()
+            if result.get(key) is not None
+        },
+        **{
+            key: value
+            for key, value in result.items()
+            if key not in ("perplexity", "protocol", *_DIVERGENCE_LABELS)
+        },
     }
     return f"{_render_mapping(flat)}\n\n{result['protocol']}"
 
@@ -343,14 +465,21 @@ _SWEEP_TABLE = (
     "frontier",
     "recall_at_k",
     "mean_angle_deg",
+    "kl_nats",
+    "top1_agreement",
 )
+_SWEEP_ABLATION = ("perplexity_variant_directions", "perplexity_variant_lengths")
 
 
 @command("sweep", "compress with several methods at several ratios and evaluate each (perplexity, recall)")
 def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from embviz.compressors import method_ids
+
     _add_model(parser)
     parser.add_argument(
-        "--methods", default="svd,ae-paper", help="comma-separated method ids (default svd,ae-paper)"
+        "--methods",
+        default="svd,ae-paper",
+        help=f"comma-separated method ids among {', '.join(method_ids())} (default svd,ae-paper)",
     )
     parser.add_argument(
         "--ratios", help="comma-separated compression ratios > 1 (default 2,4,8,16 without --ranks)"
@@ -364,6 +493,12 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
         choices=["params", "bytes"],
         default="params",
         help="what a ratio holds equal for quantised low-rank methods: parameters (default) or bytes",
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also score every variant's directions with the original lengths and the reverse "
+        "(two more perplexity passes per variant on top of three)",
     )
     _add_evaluation_options(parser)
     output = parser.add_mutually_exclusive_group()
@@ -389,22 +524,28 @@ def run_sweep(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         recipe=args.recipe,
         by=args.by,
-        progress=_steps_progress(sys.stderr),
+        progress=_ProgressBar(),
+        ablation=args.ablation,
     )
+    records = [row.to_dict() for row in rows]
     if args.csv:
         import csv
 
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(records[0]), lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(records)
     else:
-        emit(rows, args.json, _render_sweep)
+        emit(records, args.json, _render_sweep)
     return 0
 
 
 def _render_sweep(rows: list[dict[str, Any]]) -> str:
+    columns = _SWEEP_TABLE + tuple(key for key in _SWEEP_ABLATION if rows[0].get(key) is not None)
     shown = [
-        {key: round(row[key], 3) if isinstance(row[key], float) else row[key] for key in _SWEEP_TABLE}
+        {
+            key: round(row[key], 4 if key == "kl_nats" else 3) if isinstance(row[key], float) else row[key]
+            for key in columns
+        }
         for row in rows
     ]
     return f"{_render_table(shown)}\n\n{rows[0]['protocol']}"
@@ -562,6 +703,7 @@ def _fit_mlm_head_arguments(parser: argparse.ArgumentParser) -> None:
 def run_fit_mlm_head(args: argparse.Namespace) -> int:
     from embviz.errors import BadInputError
     from embviz.mlm_head import HeadConfig, fit_mlm_head
+    from embviz.sources import load_model
 
     if args.steps < 1:
         raise BadInputError(f"--steps must be at least 1, got {args.steps}")
@@ -569,9 +711,10 @@ def run_fit_mlm_head(args: argparse.Namespace) -> int:
         raise BadInputError(f"--seed must be a non-negative integer, got {args.seed}")
     result = fit_mlm_head(
         args.model,
+        load=load_model,
         config=HeadConfig(steps=args.steps, seed=args.seed),
         minutes=args.minutes,
-        progress=_steps_progress(sys.stderr),
+        progress=_ProgressBar(),
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         device=args.device,
@@ -622,10 +765,7 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings.for_mode(quick=args.quick, model=args.model, repeats=args.repeats)
     command_line = "embviz " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "embviz bench"
 
-    def say(message: str) -> None:
-        print(f"embviz bench: {message}", file=sys.stderr, flush=True)
-
-    result = bench(settings, stages, command=command_line, progress=say)
+    result = bench(settings, stages, command=command_line, progress=_ProgressBar(log_prefix="embviz bench: "))
     emit(result, args.json, render)
     return 1 if result["errors"] else 0
 
@@ -639,7 +779,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from embviz import __version__
+    from embviz.version import __version__
 
     parser = _Parser(prog="embviz", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"embviz {__version__}")

@@ -147,7 +147,7 @@ def parse_text_spec(spec: str) -> tuple[str, Split]:
     _corpus(name)
     if split not in SPLITS:
         raise BadInputError(f"unknown split {split!r} in {spec!r}; use one of {', '.join(SPLITS)}")
-    return name, split  # type: ignore[return-value]
+    return name, split
 
 
 def resolve_texts(spec: str) -> tuple[str, ...]:

@@ -6,7 +6,9 @@ This is the one place that strings the modules together, for the CLI (``evaluate
 * :func:`evaluate_variant` scores one compressed embedding: zero-shot perplexity next to the uncompressed
   model's under the same protocol and masks (:mod:`embviz.perplexity`, disk-cached per variant), recall@k of
   the full-vocabulary cosine neighbours (:mod:`embviz.metrics`, the variant searched through its low-rank
-  factors), reconstruction angles, norm ratios, cosines and the relative error.
+  factors), reconstruction angles, norm ratios, cosines and the relative error; beside perplexity, the
+  KL divergence from the original's predicted-token distribution and the top-1 agreement on the same
+  tokens, and (optionally) the direction / length ablation.
 * :func:`sweep` compresses the backbone with every (method, ratio or rank) pair through the artifact cache
   (:func:`embviz.artifacts.compress_cached`), evaluates each, and adds the uncompressed row.
 
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -27,33 +29,21 @@ from typing import Any
 import numpy as np
 
 from embviz.artifacts import (
-    TENSOR_NAMES,
     ArtifactError,
     compress_cached,
     load_artifact,
     matrix_fingerprint,
     read_manifest,
+    variant_key,
 )
 from embviz.backbones import MODES, Backbone, Mode
-from embviz.cache import sha256_bytes
 from embviz.compressors import (
-    BUDGETED_METHODS,
-    DENSE_METHODS,
-    FREQUENCY_METHODS,
-    QUANTIZED_LOW_RANK,
     CompressedEmbedding,
     Compressor,
-    TrainingProgress,
-    base_method,
-    check_method,
-    check_rank,
-    has_decoder_bias,
-    make_compressor,
-    method_bits,
-    rank_for_ratio,
+    get_method,
     reconstruction_quality,
 )
-from embviz.compressors.quantize import QuantizedLowRank, quantized_rows_bytes
+from embviz.compressors.registry import RATIO_BASES
 from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
 from embviz.frequency import frequency_weights
@@ -62,11 +52,12 @@ from embviz.metrics import neighbour_table_cached, recall_at_k, reconstruction_a
 from embviz.perplexity import (
     DEFAULT_MAX_TOKENS,
     REFERENCE,
-    PerplexityProgress,
     VariantPerplexity,
     build_eval_set,
+    direction_length_ablation,
     evaluate_perplexity,
 )
+from embviz.progress import Progress, ProgressCallback, nested, quiet, send
 
 logger = logging.getLogger(__name__)
 
@@ -75,11 +66,10 @@ DEFAULT_K = 10
 DEFAULT_RATIOS: tuple[float, ...] = (2.0, 4.0, 8.0, 16.0)
 UNCOMPRESSED = "uncompressed"
 _VARIANT = "compressed"
-SIZINGS: tuple[str, ...] = ("params", "bytes")
+_DIRECTIONS = "variant directions"  # the ablation variants, as named in progress messages
+_LENGTHS = "variant lengths"
+SIZINGS: tuple[str, ...] = RATIO_BASES
 """How a sweep ratio sizes a quantised low-rank method: equal parameters or equal bytes with float32."""
-
-Progress = Callable[[float, int, str], None]
-"""``(done, total, message)``: ``done`` of ``total`` steps finished (fractional while one runs)."""
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "method",
@@ -104,26 +94,176 @@ SWEEP_COLUMNS: tuple[str, ...] = (
     "cached",
     "artifact",
 )
-"""The keys of every :func:`sweep` row, in order (the protocol and settings follow them)."""
+"""The keys of every :func:`sweep` row, in order (the protocol and settings follow them, then
+:data:`DIVERGENCE_COLUMNS`)."""
+
+DIVERGENCE_COLUMNS: tuple[str, ...] = (
+    "kl_nats",
+    "top1_agreement",
+    "perplexity_variant_directions",
+    "perplexity_variant_lengths",
+)
+"""The last keys of an :class:`Evaluation` and of a sweep row: KL(original || variant) of the predicted token's
+distribution (nats per scored token), top-1 agreement, and the ablation perplexities (None when not run)."""
 
 
-def _quiet(done: float, total: int, message: str) -> None:
-    """The default progress callback: ignore."""
+@dataclass(frozen=True)
+class Evaluation:
+    """Every figure for one compressed variant, as :func:`evaluate_variant` returns it.
 
-
-def variant_key(compressed: CompressedEmbedding) -> str:
-    """A content hash of a compressed embedding (its stored tensors and decoder activation).
-
-    Used to key the variant's cached perplexities and neighbour tables; the tensors' fingerprints are
-    memoised, so this is cheap after the first call.
+    ``perplexity`` is the variant's, ``original_perplexity`` the uncompressed model's under the same
+    protocol; :meth:`to_dict` nests them as ``perplexity: {original, compressed}`` (the JSON form).
+    ``kl_nats`` / ``top1_agreement`` compare the variant's predicted-token distribution with the original's
+    on the scored tokens; ``perplexity_variant_directions`` (the variant's row directions, the original's
+    lengths) and ``perplexity_variant_lengths`` (the original's directions, the variant's lengths) are None
+    unless the ablation ran.
     """
-    parts = [
-        f"{name}:{matrix_fingerprint(tensor)}"
-        for name in TENSOR_NAMES
-        if (tensor := getattr(compressed, name)) is not None
-    ]
-    parts.append(f"activation:{compressed.decoder_activation}")
-    return sha256_bytes("|".join(parts).encode())[:32]
+
+    backbone: str
+    method: str
+    label: str
+    rank: int | None
+    ratio: float
+    params: int
+    bytes: int
+    byte_ratio: float
+    text: str
+    mode: str
+    k: int
+    original_perplexity: float
+    perplexity: float
+    vs_original: float
+    recall_at_k: float
+    mean_angle_deg: float
+    median_angle_deg: float
+    mean_norm_ratio: float
+    mean_cosine: float
+    min_cosine: float
+    relative_error: float
+    tokens_scored: int
+    perplexity_cached: bool
+    protocol: str
+    seconds: float
+    kl_nats: float
+    top1_agreement: float
+    perplexity_variant_directions: float | None
+    perplexity_variant_lengths: float | None
+    bits_per_weight: float
+    bytes_vs_bf16: float
+    source_format: str | None
+    source_bits_per_weight: float | None
+    bytes_vs_source: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``embviz evaluate --json``): fields in order, ``perplexity`` nested."""
+        result: dict[str, Any] = {}
+        for item in fields(self):
+            if item.name == "perplexity":
+                result["perplexity"] = {"original": self.original_perplexity, "compressed": self.perplexity}
+            elif item.name != "original_perplexity":
+                result[item.name] = getattr(self, item.name)
+        return result
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One row of a :func:`sweep`: a (method, size) pair evaluated, or the uncompressed model.
+
+    The fields are :data:`SWEEP_COLUMNS` followed by ``original_perplexity``, ``text``, ``mode``, ``k``,
+    ``protocol`` and :data:`DIVERGENCE_COLUMNS`; :meth:`to_dict` gives them in that order (the JSON / CSV
+    form).
+    """
+
+    method: str
+    label: str
+    target_ratio: float | None
+    ratio: float
+    rank: int | None
+    params: int
+    bytes: int
+    byte_ratio: float
+    perplexity: float
+    vs_original: float
+    frontier: bool
+    recall_at_k: float
+    mean_angle_deg: float
+    median_angle_deg: float
+    mean_norm_ratio: float
+    mean_cosine: float
+    relative_error: float
+    train_seconds: float
+    seconds: float
+    cached: bool
+    artifact: str | None
+    original_perplexity: float
+    text: str
+    mode: str
+    k: int
+    protocol: str
+    kl_nats: float
+    top1_agreement: float
+    perplexity_variant_directions: float | None
+    perplexity_variant_lengths: float | None
+    bits_per_weight: float
+    bytes_vs_bf16: float
+    source_format: str | None
+    source_bits_per_weight: float | None
+    bytes_vs_source: float | None
+
+    @classmethod
+    def from_evaluation(
+        cls,
+        evaluation: Evaluation,
+        *,
+        target_ratio: float | None,
+        train_seconds: float,
+        seconds: float,
+        cached: bool,
+        artifact: str | None,
+        frontier: bool = False,
+    ) -> SweepRow:
+        """The row of an evaluated variant; ``seconds`` covers its compression and evaluation."""
+        return cls(
+            method=evaluation.method,
+            label=evaluation.label,
+            target_ratio=target_ratio,
+            ratio=evaluation.ratio,
+            rank=evaluation.rank,
+            params=evaluation.params,
+            bytes=evaluation.bytes,
+            byte_ratio=evaluation.byte_ratio,
+            perplexity=evaluation.perplexity,
+            vs_original=evaluation.vs_original,
+            frontier=frontier,
+            recall_at_k=evaluation.recall_at_k,
+            mean_angle_deg=evaluation.mean_angle_deg,
+            median_angle_deg=evaluation.median_angle_deg,
+            mean_norm_ratio=evaluation.mean_norm_ratio,
+            mean_cosine=evaluation.mean_cosine,
+            relative_error=evaluation.relative_error,
+            train_seconds=train_seconds,
+            seconds=seconds,
+            cached=cached,
+            artifact=artifact,
+            original_perplexity=evaluation.original_perplexity,
+            text=evaluation.text,
+            mode=evaluation.mode,
+            k=evaluation.k,
+            protocol=evaluation.protocol,
+            kl_nats=evaluation.kl_nats,
+            top1_agreement=evaluation.top1_agreement,
+            perplexity_variant_directions=evaluation.perplexity_variant_directions,
+            perplexity_variant_lengths=evaluation.perplexity_variant_lengths,
+            bits_per_weight=evaluation.bits_per_weight,
+            bytes_vs_bf16=evaluation.bytes_vs_bf16,
+            source_format=evaluation.source_format,
+            source_bits_per_weight=evaluation.source_bits_per_weight,
+            bytes_vs_source=evaluation.bytes_vs_source,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON / CSV form (``embviz sweep --json``): every field, in order."""
+        return {item.name: getattr(self, item.name) for item in fields(self)}
 
 
 def variant_name(compressed: CompressedEmbedding) -> str:
@@ -193,60 +333,97 @@ class _Evaluator:
         return indices
 
     def perplexity(
-        self, compressed: CompressedEmbedding | None = None, progress: Progress = _quiet
+        self,
+        compressed: CompressedEmbedding | None = None,
+        progress: ProgressCallback = quiet,
+        *,
+        ablation: bool = False,
     ) -> dict[str, VariantPerplexity]:
-        """``{"original": ..., "compressed": ...}`` (just the original when ``compressed`` is None), cached."""
+        """``{"original": ..., "compressed": ...}`` (just the original when ``compressed`` is None), cached.
+
+        The compressed variant comes with its KL divergence and top-1 agreement; with ``ablation`` the
+        results add ``"variant directions"`` and ``"variant lengths"`` (perplexity only).
+        """
         variants, keys = {}, {}
         if compressed is not None:
             variants[_VARIANT] = compressed.reconstruct()
             keys[_VARIANT] = variant_key(compressed)
-
-        def report(update: PerplexityProgress) -> None:
-            progress(update.fraction, 1, f"perplexity ({update.variant})")
-
-        report_ = evaluate_perplexity(
-            self.backbone, self.eval_set, variants, mode=self.mode, variant_keys=keys, progress=report
+            if ablation:
+                swapped = direction_length_ablation(self.backbone.embedding, variants[_VARIANT])
+                variants[_DIRECTIONS], variants[_LENGTHS] = swapped["directions"], swapped["lengths"]
+                keys[_DIRECTIONS] = f"{keys[_VARIANT]}:directions"
+                keys[_LENGTHS] = f"{keys[_VARIANT]}:lengths"
+        report = evaluate_perplexity(
+            self.backbone,
+            self.eval_set,
+            variants,
+            mode=self.mode,
+            variant_keys=keys,
+            progress=progress,
+            divergence={_VARIANT},
         )
-        return dict(report_.results)
+        return dict(report.results)
 
-    def evaluate(self, compressed: CompressedEmbedding, progress: Progress = _quiet) -> dict[str, Any]:
+    def evaluate(
+        self, compressed: CompressedEmbedding, progress: ProgressCallback = quiet, *, ablation: bool = False
+    ) -> Evaluation:
         """Every figure for one variant (see :func:`evaluate_variant`)."""
         started = time.perf_counter()
         embedding = self.backbone.embedding
         stages = 3
-        results = self.perplexity(compressed, lambda done, _, message: progress(done, stages, message))
+        results = self.perplexity(compressed, nested(progress, 0, 1, stages), ablation=ablation)
         original, variant = results[REFERENCE], results[_VARIANT]
-        progress(1, stages, f"recall@{self.k} over {self.backbone.vocab_size:,} tokens")
+        directions, lengths = results.get(_DIRECTIONS), results.get(_LENGTHS)
+        if variant.kl_nats is None or variant.top1_agreement is None:
+            raise AssertionError("the compressed variant is always scored with its KL divergence")
+        send(progress, Progress(1, stages, f"recall@{self.k} over {self.backbone.vocab_size:,} tokens"))
         variant_table, _ = neighbour_table_cached(
             f"{self.backbone.name}-{compressed.method}",
             variant_key(compressed),
-            compressed,  # type: ignore[arg-type]  # a CompressedEmbedding is searched through its factors
+            compressed,  # a CompressedEmbedding is searched through its factors
             self.k,
         )
         recall = recall_at_k(self.original_neighbours, variant_table)
-        progress(2, stages, "angles and reconstruction quality")
+        send(progress, Progress(2, stages, "angles and reconstruction quality"))
         angles = reconstruction_angles(embedding, compressed)
         geometry = summary(angles.degrees, angles.norm_ratio)
         quality = reconstruction_quality(embedding, compressed)
-        progress(stages, stages, "evaluated")
-        return {
-            "backbone": self.backbone.name,
-            **compressed.facts(),
-            "text": self.text,
-            "mode": self.mode,
-            "k": self.k,
-            "perplexity": {"original": original.perplexity, "compressed": variant.perplexity},
-            "vs_original": round(variant.perplexity / original.perplexity, 4),
-            "recall_at_k": round(recall.mean, 6),
-            "mean_angle_deg": geometry["mean_angle"],
-            "median_angle_deg": geometry["median_angle"],
-            "mean_norm_ratio": geometry["mean_norm_ratio"],
-            **{name: round(value, 6) for name, value in quality.items()},
-            "tokens_scored": variant.tokens,
-            "perplexity_cached": variant.cached,
-            "protocol": self.protocol,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        send(progress, Progress(stages, stages, "evaluated"))
+        facts = compressed.facts()
+        return Evaluation(
+            backbone=self.backbone.name,
+            method=facts["method"],
+            label=facts["label"],
+            rank=facts["rank"],
+            ratio=facts["ratio"],
+            params=facts["params"],
+            bytes=facts["bytes"],
+            byte_ratio=facts["byte_ratio"],
+            text=self.text,
+            mode=self.mode,
+            k=self.k,
+            original_perplexity=original.perplexity,
+            perplexity=variant.perplexity,
+            vs_original=round(variant.perplexity / original.perplexity, 4),
+            recall_at_k=round(recall.mean, 6),
+            mean_angle_deg=geometry["mean_angle"],
+            median_angle_deg=geometry["median_angle"],
+            mean_norm_ratio=geometry["mean_norm_ratio"],
+            mean_cosine=round(quality["mean_cosine"], 6),
+            min_cosine=round(quality["min_cosine"], 6),
+            relative_error=round(quality["relative_error"], 6),
+            tokens_scored=variant.tokens,
+            perplexity_cached=variant.cached,
+            protocol=self.protocol,
+            seconds=round(time.perf_counter() - started, 3),
+            kl_nats=variant.kl_nats,
+            top1_agreement=round(variant.top1_agreement, 6),
+            perplexity_variant_directions=None if directions is None else directions.perplexity,
+            perplexity_variant_lengths=None if lengths is None else lengths.perplexity,
+            bits_per_weight=facts["bits_per_weight"],
+            bytes_vs_bf16=facts["bytes_vs_bf16"],
+            **self.backbone.source_facts(compressed.bits_per_weight),
+        )
 
 
 def evaluate_variant(
@@ -258,27 +435,39 @@ def evaluate_variant(
     k: int = DEFAULT_K,
     max_tokens: int | None = None,
     seed: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, Any]:
+    progress: ProgressCallback | None = None,
+    ablation: bool = True,
+) -> Evaluation:
     """Perplexity, neighbour recall and reconstruction geometry of one compressed embedding.
 
     ``text`` is a corpus (``bible:test``) or a text file; ``mode`` the substitution (``input`` or ``tied``);
     ``max_tokens`` the held-out budget (default :data:`embviz.perplexity.DEFAULT_MAX_TOKENS`); ``seed`` fixes
-    the masks of masked models. Returns a JSON-ready dict: ``perplexity`` (``original``, ``compressed``),
-    ``vs_original``, ``recall_at_k``, ``mean_angle_deg``, ``median_angle_deg``, ``mean_norm_ratio``,
-    ``mean_cosine``, ``min_cosine``, ``relative_error``, ``rank``, ``ratio``, ``params``, ``bytes``,
-    ``method``, ``label``, ``protocol`` (in words), ``seconds`` and the settings. Perplexities and neighbour
-    tables are cached on disk, so a repeated call is fast.
+    the masks of masked models. Returns an :class:`Evaluation` (``to_dict()`` is the JSON form): the
+    perplexities, ``vs_original``, ``recall_at_k``, ``mean_angle_deg``, ``median_angle_deg``,
+    ``mean_norm_ratio``, ``mean_cosine``, ``min_cosine``, ``relative_error``, ``rank``, ``ratio``,
+    ``params``, ``bytes``, ``method``, ``label``, ``protocol`` (in words), ``seconds`` and the settings,
+    then ``kl_nats`` (mean KL(original || variant) of the predicted token's distribution over the full
+    vocabulary, nats per scored token) and ``top1_agreement`` (share of scored positions where the variant's
+    most likely token is the original's), measured on the perplexity's tokens in the same pass.
+
+    With ``ablation`` (the default) two more perplexities separate direction from length:
+    ``perplexity_variant_directions`` (every row with the variant's direction and the original's length)
+    and ``perplexity_variant_lengths`` (the original's direction, the variant's length); rows of zero length
+    stay zero. Cost: the variant's scoring runs the original next to it (two forward passes per batch for
+    the KL divergence) and the ablation adds one pass each, so a cold evaluation makes five passes over the
+    text instead of three (the original's own perplexity is one); ``ablation=False`` leaves both None.
+    ``progress`` counts three stages (perplexity, recall, geometry). Perplexities (with the KL divergence)
+    and neighbour tables are cached on disk, so a repeated call is fast.
 
     Raises:
         BadInputError: unknown corpus / split / file, bad mode or k, text too short for the protocol.
     """
     evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed)
-    return evaluator.evaluate(compressed, progress or _quiet)
+    return evaluator.evaluate(compressed, progress or quiet, ablation=ablation)
 
 
 @dataclass(frozen=True)
-class _Job:
+class SweepJob:
     """One (method, size) pair of a sweep."""
 
     method: str
@@ -286,22 +475,21 @@ class _Job:
     target_ratio: float | None
 
 
-def _plan(
+def plan_sweep(
     backbone: Backbone,
     methods: Sequence[str],
     ratios: Sequence[float] | None,
     ranks: Sequence[int] | None,
     recipe: str,
     by: str = "params",
-) -> list[_Job]:
-    """Every (method, ratio -> rank) and (method, rank) pair, validated before anything runs.
+) -> list[SweepJob]:
+    """Every (method, size) pair, sized by each method's registered rule and validated before anything runs.
 
-    A dense quantiser (:data:`DENSE_METHODS`) has no rank: it runs once, its target ratio its fixed byte
-    ratio; ``quant-mixed`` runs at every ratio, read as a byte ratio. With ``by="params"`` a quantised
-    low-rank method gets the rank of its float base at that ratio (equal parameters, fewer bytes); with
-    ``by="bytes"`` the largest rank whose bytes meet the ratio against float32 E, so every method at a
-    ratio has the same byte budget (SPEC §2). Frequency-aware methods get row weights from the corpora's
-    train slices.
+    A fixed-size method runs once (its target ratio is its own byte ratio); a byte-sized one runs at every
+    ratio, read as a byte ratio; a rank-sized one at every ratio (the largest rank meeting it: in
+    parameters, or with ``by="bytes"`` in bytes for quantised codes, so every method at a ratio has the same
+    byte budget, SPEC §2) and every rank. Frequency-aware methods get row weights from the corpora's train
+    slices; training methods get ``recipe``.
     """
     if not methods:
         raise BadInputError("no method to sweep; name at least one")
@@ -310,65 +498,24 @@ def _plan(
     if ratios is None and ranks is None:
         ratios = DEFAULT_RATIOS
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    for method in methods:
-        check_method(method)
-    weights = frequency_weights(backbone) if set(methods) & set(FREQUENCY_METHODS) else None
+    specs = [get_method(method) for method in methods]
+    weights = frequency_weights(backbone) if any(spec.needs_row_weights for spec in specs) else None
     jobs = []
-    for method in methods:
-        extra: dict[str, Any] = {"row_weights": weights} if method in FREQUENCY_METHODS else {}
-        if method in DENSE_METHODS:
-            byte_ratio = 4 * vocab * hidden / quantized_rows_bytes(vocab, hidden, method_bits(method))
-            jobs.append(_Job(method, make_compressor(method, None), round(byte_ratio, 4)))
-            continue
-        if method in BUDGETED_METHODS:
+    for spec in specs:
+        options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
+        if spec.needs_row_weights:
+            options["row_weights"] = weights
+        if spec.sizing == "fixed":
+            sizes = [spec.size(vocab, hidden)]
+        elif spec.sizing == "bytes":
             if not ratios:
-                raise BadInputError(f"{method} is sized by a byte ratio, not a rank: give ratios")
-            budgeted = [
-                _Job(method, make_compressor(method, None, ratio=r, **extra), float(r)) for r in ratios
-            ]
-            for job in budgeted:
-                job.compressor.check_fits(hidden)  # type: ignore[attr-defined]
-            jobs += budgeted
-            continue
-        bias = has_decoder_bias(method)
-        if base_method(method).startswith("ae"):
-            extra["recipe"] = recipe
-        if method in QUANTIZED_LOW_RANK and by == "bytes":
-            bits = method_bits(method)
-            sizes = [
-                (QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, r, bits, decoder_bias=bias), float(r))
-                for r in ratios or ()
-            ]
+                raise BadInputError(f"{spec.id} is sized by a byte ratio, not a rank: give ratios")
+            sizes = [spec.size(vocab, hidden, ratio=ratio) for ratio in ratios]
         else:
-            sizes = [(rank_for_ratio(vocab, hidden, r, decoder_bias=bias), float(r)) for r in ratios or ()]
-        sizes += [(check_rank(rank, hidden), None) for rank in ranks or ()]
-        jobs += [_Job(method, make_compressor(method, rank, **extra), target) for rank, target in sizes]
+            sizes = [spec.size(vocab, hidden, ratio=ratio, by=by) for ratio in ratios or ()]
+            sizes += [spec.size(vocab, hidden, rank=rank) for rank in ranks or ()]
+        jobs += [SweepJob(spec.id, spec.build(size, **options), size.target_ratio) for size in sizes]
     return jobs
-
-
-def _training_reporter(
-    progress: Progress, base: float, total: int, tag: str
-) -> Callable[[TrainingProgress], None]:
-    """Turn a fit's progress reports into sweep progress within step ``base``."""
-
-    def report(update: TrainingProgress) -> None:
-        done = ((update.epoch - 1) * update.steps + update.step) / (update.epochs * update.steps)
-        epochs = f", epoch {update.epoch}/{update.epochs}" if update.epochs > 1 else ""
-        progress(base + done, total, f"{tag}: fitting{epochs}")
-
-    return report
-
-
-def _flat_row(result: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    """A sweep row: the variant's perplexity flattened, columns in :data:`SWEEP_COLUMNS` order."""
-    flat = {**result, **extra, "perplexity": result["perplexity"]["compressed"]}
-    return {column: flat.get(column) for column in SWEEP_COLUMNS} | {
-        "original_perplexity": result["perplexity"]["original"],
-        "text": result["text"],
-        "mode": result["mode"],
-        "k": result["k"],
-        "protocol": result["protocol"],
-    }
 
 
 def sweep(
@@ -383,79 +530,95 @@ def sweep(
     max_tokens: int | None = None,
     recipe: str = "fast",
     by: str = "params",
-    progress: Progress | None = None,
-) -> list[dict[str, Any]]:
+    progress: ProgressCallback | None = None,
+    ablation: bool = False,
+) -> list[SweepRow]:
     """Compress with every method at every ratio (and rank), evaluate each, plus the uncompressed model.
 
     Ratios become ranks through the shared budget rule (:func:`embviz.compressors.rank_for_ratio`; the AE's
     decoder bias counts); with neither ``ratios`` nor ``ranks``, :data:`DEFAULT_RATIOS`. AE methods train
     with ``recipe``. Compressions go through the artifact cache and evaluations through the perplexity and
-    neighbour caches, so a repeated sweep refits nothing. ``progress(done, total, message)`` follows the
-    work (one step for the uncompressed row, two per pair: compress, evaluate).
+    neighbour caches, so a repeated sweep refits nothing. ``progress`` follows the work (one unit for the
+    uncompressed row, two per pair: compress, evaluate; each fit and evaluation nested in its unit).
 
-    Returns one flat row per pair (keys :data:`SWEEP_COLUMNS`, then ``original_perplexity``, ``text``,
-    ``mode``, ``k``, ``protocol``), after the ``uncompressed`` row (ratio 1, its own perplexity, recall 1).
-    ``by`` (``params`` or ``bytes``) sizes quantised low-rank methods, see :func:`_plan`; ``frontier`` marks
+    Returns one :class:`SweepRow` per pair (``to_dict()``: keys :data:`SWEEP_COLUMNS`, then
+    ``original_perplexity``, ``text``, ``mode``, ``k``, ``protocol`` and :data:`DIVERGENCE_COLUMNS`), after
+    the ``uncompressed`` row (ratio 1, its own perplexity, recall 1, KL 0, agreement 1). Every row has its
+    KL divergence and top-1 agreement; ``ablation`` adds the direction / length ablation perplexities of
+    every variant (see :func:`evaluate_variant`; it adds two passes over the text per variant to the three
+    of the perplexity and KL divergence, so it is off by default), else they are None.
+    ``by`` (``params`` or ``bytes``) sizes quantised low-rank methods, see :func:`plan_sweep`; ``frontier`` marks
     the rows on the bytes-perplexity Pareto frontier.
 
     Raises:
         BadInputError: unknown method, ratio <= 1, rank out of range, or a bad text / mode / k; all checked
             before any model runs.
     """
-    report = progress or _quiet
-    jobs = _plan(backbone, methods, ratios, ranks, recipe, by)
+    report = progress or quiet
+    jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by)
     evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
     total = 1 + 2 * len(jobs)
     started = time.perf_counter()
-    report(0, total, "perplexity of the uncompressed model")
-    original = evaluator.perplexity(progress=lambda done, _, message: report(done, total, message))[REFERENCE]
+    report(Progress(0, total, "perplexity of the uncompressed model"))
+    original = evaluator.perplexity(progress=nested(report, 0, 1, total))[REFERENCE]
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    reference = {
-        "method": UNCOMPRESSED,
-        "label": UNCOMPRESSED,
-        "rank": hidden,
-        "ratio": 1.0,
-        "params": vocab * hidden,
-        "bytes": 4 * vocab * hidden,
-        "byte_ratio": 1.0,
-        "text": text,
-        "mode": mode,
-        "k": k,
-        "perplexity": {"original": original.perplexity, "compressed": original.perplexity},
-        "vs_original": 1.0,
-        "recall_at_k": 1.0,
-        "mean_angle_deg": 0.0,
-        "median_angle_deg": 0.0,
-        "mean_norm_ratio": 1.0,
-        "mean_cosine": 1.0,
-        "relative_error": 0.0,
-        "protocol": evaluator.protocol,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    rows = [_flat_row(reference, target_ratio=1.0, train_seconds=0.0, cached=original.cached)]
+    rows = [
+        SweepRow(
+            method=UNCOMPRESSED,
+            label=UNCOMPRESSED,
+            target_ratio=1.0,
+            ratio=1.0,
+            rank=hidden,
+            params=vocab * hidden,
+            bytes=4 * vocab * hidden,
+            byte_ratio=1.0,
+            perplexity=original.perplexity,
+            vs_original=1.0,
+            frontier=False,
+            recall_at_k=1.0,
+            mean_angle_deg=0.0,
+            median_angle_deg=0.0,
+            mean_norm_ratio=1.0,
+            mean_cosine=1.0,
+            relative_error=0.0,
+            train_seconds=0.0,
+            seconds=round(time.perf_counter() - started, 3),
+            cached=original.cached,
+            artifact=None,
+            original_perplexity=original.perplexity,
+            text=text,
+            mode=mode,
+            k=k,
+            protocol=evaluator.protocol,
+            kl_nats=0.0,
+            top1_agreement=1.0,
+            perplexity_variant_directions=original.perplexity if ablation else None,
+            perplexity_variant_lengths=original.perplexity if ablation else None,
+            bits_per_weight=32.0,
+            bytes_vs_bf16=0.5,
+            **backbone.source_facts(32.0),
+        )
+    ]
     for index, job in enumerate(jobs):
         started = time.perf_counter()
         base = 1 + 2 * index
         rank = job.compressor.get_config()["rank"]
         tag = f"[{index + 1}/{len(jobs)}] {job.method}" + (f" r={rank}" if rank is not None else "")
-        report(base, total, f"{tag}: compressing")
+        report(Progress(base, total, f"{tag}: compressing"))
         artifact = compress_cached(
             backbone.name,
             backbone.embedding,
             job.compressor,
-            progress=_training_reporter(report, base, total, tag),
+            progress=nested(report, base, base + 1, total, f"{tag}: "),
         )
         if artifact.notice:
             logger.warning("%s: %s", tag, artifact.notice)
-        result = evaluator.evaluate(
-            artifact.compressed,
-            lambda done, steps, message, base=base, tag=tag: report(
-                base + 1 + done / steps, total, f"{tag}: {message}"
-            ),
+        evaluation = evaluator.evaluate(
+            artifact.compressed, nested(report, base + 1, base + 2, total, f"{tag}: "), ablation=ablation
         )
         rows.append(
-            _flat_row(
-                result,
+            SweepRow.from_evaluation(
+                evaluation,
                 target_ratio=job.target_ratio,
                 train_seconds=round(artifact.compressed.train_seconds, 3),
                 cached=artifact.cached,
@@ -463,23 +626,26 @@ def sweep(
                 seconds=round(time.perf_counter() - started, 3),
             )
         )
-    for row, optimal in zip(rows, frontier(rows), strict=True):
-        row["frontier"] = optimal
-    report(total, total, "sweep done")
+    optimal = frontier([row.to_dict() for row in rows])
+    rows = [replace(row, frontier=on) for row, on in zip(rows, optimal, strict=True)]
+    report(Progress(total, total, "sweep done"))
     return rows
 
 
 __all__ = [
     "DEFAULT_RATIOS",
     "DEFAULT_TEXT",
+    "DIVERGENCE_COLUMNS",
     "SIZINGS",
     "SWEEP_COLUMNS",
     "UNCOMPRESSED",
-    "Progress",
+    "Evaluation",
+    "SweepJob",
+    "SweepRow",
     "evaluate_variant",
     "frontier",
     "load_variant",
+    "plan_sweep",
     "sweep",
-    "variant_key",
     "variant_name",
 ]

@@ -20,7 +20,7 @@ loads the weights from safetensors only (never a pickle, never remote code), dec
 as :meth:`~embviz.compressors.base.CompressedEmbedding.reconstruct` does and installs it as the input
 embedding (and the tied output layer in ``tied`` mode). The resulting :class:`~embviz.backbones.Backbone`
 computes the same logits as the source backbone running the in-memory variant in that mode, and
-``Backbone.from_pretrained(folder)`` (hence every CLI command) goes through it.
+:func:`embviz.sources.load_model` (hence every CLI command) goes through it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors import SafetensorError
@@ -41,20 +41,32 @@ from embviz.artifacts import (
     MANIFEST_FILE,
     MANIFEST_HASH_KEY,
     WEIGHTS_FILE,
-    _from_parts,
-    _json_roundtrip,
-    _safetensors_metadata,
-    _stored_tensors,
     canonical_json,
+    decode_tensors,
+    encode_tensors,
+    json_roundtrip,
     matrix_fingerprint,
+    read_safetensors_metadata,
+    variant_key,
     versions,
 )
-from embviz.backbones import MODES, Backbone, Mode, _quiet_transformers
+from embviz.backbones import MODES, Backbone, Mode, input_embedding_weight, quiet_transformers
 from embviz.cache import atomic_directory, sha256_bytes, sha256_file
 from embviz.compressors.base import CompressedEmbedding
+from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError, EmbvizError
+from embviz.perplexity import (
+    DEFAULT_MAX_TOKENS,
+    REFERENCE,
+    build_eval_set,
+    evaluate_perplexity,
+    score_variant,
+)
 from embviz.resources import check_memory, config_parameters, format_bytes, model_memory
 from embviz.rng import seeded
+
+if TYPE_CHECKING:  # transformers is imported where it is used: its import takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EXPORT_FORMAT = "embviz-export"
 EXPORT_VERSION = 1
@@ -94,7 +106,7 @@ def _model_tensors(backbone: Backbone, mode: Mode) -> tuple[dict[str, torch.Tens
     stored: the compressed matrix stands in for them) and ``output_head``.
     """
     model = backbone.model
-    embedding = model.get_input_embeddings().weight.detach()
+    embedding = input_embedding_weight(model).detach()
     shared = embedding.untyped_storage().data_ptr()
     state = model.state_dict()
     removed = [key for key, tensor in state.items() if tensor.untyped_storage().data_ptr() == shared]
@@ -108,7 +120,8 @@ def _model_tensors(backbone: Backbone, mode: Mode) -> tuple[dict[str, torch.Tens
     input_key = _key_of(model, model.get_input_embeddings())
     if mode == "input" and backbone.tied:
         output_key = _key_of(model, model.get_output_embeddings())
-        tensors[output_key] = embedding.clone()  # type: ignore[index]
+        assert output_key is not None  # a tied model has an output layer, and it is one of its modules
+        tensors[output_key] = embedding.clone()
         removed.remove(output_key)
         head = "original matrix, stored untied in model.safetensors (input mode saves nothing on it)"
     elif mode == "input":
@@ -174,7 +187,7 @@ def export_compressed(
         raise BadInputError(f"{backbone.name} has separate input and output embeddings: use mode 'input'")
     out = Path(out_dir)
     _check_target(out, overwrite)
-    embedding_tensors = _stored_tensors(compressed)
+    embedding_tensors = encode_tensors(compressed)
     stored = _nbytes(embedding_tensors)
     if stored > compressed.bytes:
         raise ExportError(
@@ -184,7 +197,7 @@ def export_compressed(
     model_tensors, keys = _model_tensors(backbone, mode)
     vocab, hidden = compressed.shape
     original = 4 * vocab * hidden
-    manifest: dict[str, Any] = _json_roundtrip(
+    manifest: dict[str, Any] = json_roundtrip(
         {
             "format": EXPORT_FORMAT,
             "format_version": EXPORT_VERSION,
@@ -228,7 +241,7 @@ def export_compressed(
     if mode == "input" and backbone.tied:
         config.tie_word_embeddings = False
     try:
-        with atomic_directory(out) as tmp, _quiet_transformers():
+        with atomic_directory(out) as tmp, quiet_transformers():
             config.save_pretrained(tmp)
             generation = getattr(backbone.model, "generation_config", None)
             if backbone.kind == "causal" and generation is not None:
@@ -344,26 +357,26 @@ def _read_embedding(folder: Path, manifest: dict[str, Any]) -> CompressedEmbeddi
     """The compressed embedding, after checking that the manifest is the one it was written with."""
     data = (folder / EMBEDDING_FILE).read_bytes()
     try:
-        metadata = _safetensors_metadata(data)
+        metadata = read_safetensors_metadata(data)
         tensors = load_safetensors(data)
     except (SafetensorError, ValueError, UnicodeDecodeError) as exc:
         raise ExportError(f"{EMBEDDING_FILE} of {folder} is not a valid safetensors file ({exc})") from exc
     if metadata.get(MANIFEST_HASH_KEY) != sha256_bytes(canonical_json(manifest, without="files")):
         raise ExportError(f"{EXPORT_MANIFEST} of {folder} was modified after the export was written")
     try:
-        return _from_parts({**manifest, "history": []}, tensors)
+        return decode_tensors({**manifest, "history": []}, tensors)
     except (KeyError, TypeError, ValueError) as exc:
         raise ExportError(f"the compressed embedding of {folder} is inconsistent ({exc})") from exc
 
 
-def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The HF model (embedding still unset) and tokenizer from the folder: safetensors, no remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     options = {"trust_remote_code": False, "local_files_only": True}
     auto = AutoModelForMaskedLM if manifest.get("kind") == "masked" else AutoModelForCausalLM
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             config = AutoConfig.from_pretrained(folder, **options)
             if [config.vocab_size, config.hidden_size] != manifest["shape"]:
                 raise ExportError(f"the config of {folder} does not fit its {manifest['shape']} embedding")
@@ -371,7 +384,7 @@ def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module
             if parameters is not None:
                 check_memory(f"loading the export {folder}", model_memory(parameters))
             with seeded(0):  # the embedding is initialised before it is replaced: keep that reproducible
-                model, info = auto.from_pretrained(
+                loaded = auto.from_pretrained(
                     folder,
                     config=config,
                     dtype=torch.float32,
@@ -379,6 +392,8 @@ def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module
                     output_loading_info=True,
                     **options,
                 )
+            # with output_loading_info, from_pretrained returns (model, info); it is typed as the model alone
+            model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", loaded)
             tokenizer = AutoTokenizer.from_pretrained(folder, **options)
     except EmbvizError:
         raise
@@ -395,9 +410,9 @@ def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[torch.nn.Module
     return model, tokenizer
 
 
-def _install(model: torch.nn.Module, matrix: torch.Tensor, mode: str, folder: Path) -> None:
+def _install(model: PreTrainedModel, matrix: torch.Tensor, mode: str, folder: Path) -> None:
     """Make ``matrix`` the input embedding (and, in tied mode, the output projection)."""
-    embedding = model.get_input_embeddings().weight
+    embedding = input_embedding_weight(model)
     output = model.get_output_embeddings()
     shares = output is not None and output.weight.data_ptr() == embedding.data_ptr()
     if mode == "input" and shares:
@@ -405,7 +420,7 @@ def _install(model: torch.nn.Module, matrix: torch.Tensor, mode: str, folder: Pa
     with torch.no_grad():
         embedding.copy_(matrix)
         if mode == "tied" and not shares:
-            output.weight.copy_(matrix)  # type: ignore[union-attr]
+            output.weight.copy_(matrix)
 
 
 def load_compressed(path: str | Path, *, name: str | None = None) -> Backbone:
@@ -413,7 +428,9 @@ def load_compressed(path: str | Path, *, name: str | None = None) -> Backbone:
 
     Validates the manifest, every file's sha256 and the compressed tensors, loads the non-embedding weights
     (safetensors only, no remote code), decodes the embedding (dequantised rows, or ``codes @ decoder``
-    (+ bias, ELU if set)) and installs it. ``name`` defaults to ``path`` as given.
+    (+ bias, ELU if set)) and installs it. ``name`` defaults to ``path`` as given. The backbone's
+    ``source_format`` is the export's method label and ``source_bits_per_weight`` the compressed embedding's
+    stored bits per weight, from the manifest.
 
     Raises:
         ExportError: not an export, a file missing, corrupt or modified, or weights that do not fit.
@@ -435,6 +452,8 @@ def load_compressed(path: str | Path, *, name: str | None = None) -> Backbone:
         source=f"{folder} (embviz export {digest}: {manifest['label']}, {manifest['mode']} mode)",
         trained_head=bool(manifest.get("trained_head", True)),
         note=str(manifest.get("note") or ""),
+        source_format=f"embviz export: {manifest['label']}",
+        source_bits_per_weight=round(compressed.bits_per_weight, 4),
     )
 
 
@@ -454,16 +473,6 @@ def verify_export(
     them), ``max_abs_logit_diff``, and both perplexities, the variant's through the same cached evaluation
     ``embviz evaluate`` uses, the export's computed afresh.
     """
-    from embviz.corpora import resolve_texts
-    from embviz.evaluation import variant_key
-    from embviz.perplexity import (
-        DEFAULT_MAX_TOKENS,
-        REFERENCE,
-        build_eval_set,
-        evaluate_perplexity,
-        score_variant,
-    )
-
     loaded = load_compressed(folder)
     texts = resolve_texts(text)
     budget = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens

@@ -18,6 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from embviz.frontier import frontier
+from embviz.version import __version__
 
 ORIGINAL_COLOUR = "#7f7f7f"
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
@@ -29,8 +30,6 @@ NOTE_COLOUR = "#b35900"
 def provenance_line(model: str, **facts: Any) -> str:
     """``"model smollm2 · method svd · rank 64 · seed 42 · embviz 0.1.0, torch 2.13.0"`` (None facts skipped)."""
     import torch
-
-    from embviz import __version__
 
     parts = [f"model {model}"] + [f"{k.replace('_', ' ')} {v}" for k, v in facts.items() if v is not None]
     versions = (
@@ -233,7 +232,7 @@ def projection_panels(
     names = list(coords_by_variant)
     coords = [np.asarray(coords_by_variant[name]) for name in names]
     ids = np.arange(len(coords[0])) if ids is None else np.asarray(ids)
-    hover = [tokens[i] for i in ids]
+    hover = [tokens[int(i)] for i in ids]
     colours = variant_colours(names)
     focus_row = _row_of(ids, focus_id)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
@@ -253,7 +252,7 @@ def projection_panels(
             row=1,
             col=col,
         )
-        if focus_row is None:
+        if focus_row is None or focus_id is None:  # a focus row implies a focus id
             continue
         if movement_lines and col > 1:
             start, end = coords[0][focus_row], xy[focus_row]
@@ -264,14 +263,14 @@ def projection_panels(
                     mode="lines+markers",
                     line={"color": FOCUS_COLOUR, "dash": "dot", "width": 1},
                     marker={"size": [9, 0], "symbol": "circle-open", "color": FOCUS_COLOUR},
-                    name=f"{tokens[focus_id]} moved",  # type: ignore[index]
+                    name=f"{tokens[focus_id]} moved",
                     hoverinfo="skip",
                     showlegend=False,
                 ),
                 row=1,
                 col=col,
             )
-        fig.add_trace(_focus_trace(xy[focus_row], tokens[focus_id], focus_id), row=1, col=col)  # type: ignore[index,arg-type]
+        fig.add_trace(_focus_trace(xy[focus_row], tokens[focus_id], focus_id), row=1, col=col)
     x_range, y_range = _shared_range(coords, 0), _shared_range(coords, 1)
     fig.update_xaxes(range=x_range, matches="x", showticklabels=False, zeroline=False)
     fig.update_yaxes(range=y_range, matches="y", showticklabels=False, zeroline=False)
@@ -401,8 +400,9 @@ def perplexity_curve(
 ) -> go.Figure:
     """Perplexity (log scale) against compression ratio, one line per method, the uncompressed model dashed.
 
-    ``rows`` are sweep rows with ``method``, ``ratio`` and ``perplexity``; a row whose method is
-    ``uncompressed`` draws the horizontal reference line.
+    ``rows`` are sweep rows in their JSON form (:meth:`embviz.evaluation.SweepRow.to_dict`, as
+    ``embviz sweep --json`` prints them), at least ``method``, ``ratio`` and ``perplexity``; a row whose
+    method is ``uncompressed`` draws the horizontal reference line.
     """
     methods, reference_row = _series_by_method(rows, "perplexity")
     reference = float(reference_row["perplexity"]) if reference_row is not None else None
@@ -456,7 +456,8 @@ def rate_distortion(
     """``metric`` (perplexity, log scale; or recall@k) against stored bytes, one series per method.
 
     The Pareto frontier over every method is drawn as a thick line, the uncompressed model as a star.
-    ``rows`` are sweep rows with ``method``, ``label``, ``bytes``, ``rank`` and ``metric``.
+    ``rows`` are sweep rows in their JSON form (:meth:`embviz.evaluation.SweepRow.to_dict`), at least
+    ``method``, ``label``, ``bytes``, ``rank`` and ``metric``.
     """
     higher_is_better = metric != "perplexity"
     methods, reference = _series_by_method(rows, metric)

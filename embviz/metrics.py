@@ -25,13 +25,12 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeGuard
 
 import numpy as np
 import torch
 
 from embviz.artifacts import matrix_fingerprint
-from embviz.backbones import reserved_token_ids
 from embviz.cache import (
     config_key,
     locked,
@@ -41,7 +40,9 @@ from embviz.cache import (
     write_if_possible,
 )
 from embviz.compressors.base import CompressedEmbedding
+from embviz.corpora import load_texts
 from embviz.errors import BadInputError
+from embviz.progress import Progress, ProgressCallback, send
 from embviz.resources import check_memory, neighbour_memory
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,12 @@ _CACHE_VERSION = 1  # bump when a cached table's layout or meaning changes
 
 
 # -- small helpers -----------------------------------------------------------------------------------------
-def _as_tensor(matrix: Matrix) -> torch.Tensor:
+def as_float_matrix(matrix: Matrix) -> torch.Tensor:
+    """A 2-D tensor or array as a detached float32 tensor.
+
+    Raises:
+        BadInputError: not 2-D.
+    """
     tensor = torch.from_numpy(np.asarray(matrix)) if isinstance(matrix, np.ndarray) else matrix
     if tensor.ndim != 2:
         raise BadInputError(f"expected a 2-D matrix, got shape {tuple(tensor.shape)}")
@@ -65,14 +71,14 @@ def _as_tensor(matrix: Matrix) -> torch.Tensor:
 
 
 def _shape(matrix: MatrixLike) -> tuple[int, int]:
-    return tuple(matrix.shape)  # type: ignore[return-value]
+    return tuple(matrix.shape)
 
 
 def _rows(matrix: MatrixLike, start: int, stop: int) -> torch.Tensor:
     """Rows ``start:stop`` of a matrix or of a compressed variant's reconstruction, float32."""
     if isinstance(matrix, CompressedEmbedding):
         return matrix.reconstruct(slice(start, stop)).detach().float()
-    return _as_tensor(matrix)[start:stop]
+    return as_float_matrix(matrix)[start:stop]
 
 
 def default_block_rows(vocab_size: int) -> int:
@@ -84,13 +90,13 @@ def variant_fingerprint(matrix: MatrixLike) -> str:
     """A sha256 of what a matrix or variant stores: :func:`embviz.artifacts.matrix_fingerprint` for a plain
     matrix, else of its codes, decoder, bias, activation or dense rows."""
     if not isinstance(matrix, CompressedEmbedding):
-        return matrix_fingerprint(_as_tensor(matrix))
+        return matrix_fingerprint(as_float_matrix(matrix))
     digest = hashlib.sha256(f"{matrix.method}:{getattr(matrix, 'decoder_activation', None)}".encode())
     for tensor in (matrix.codes, matrix.decoder, matrix.decoder_bias, matrix.dense):
         if tensor is not None:
             array = np.ascontiguousarray(tensor.detach().float().numpy())
             digest.update(f"{array.shape}".encode())
-            digest.update(memoryview(array).cast("B"))
+            digest.update(array.data.cast("B"))
     return digest.hexdigest()
 
 
@@ -117,7 +123,7 @@ def cached_arrays(
             logger.warning("cache entry %s failed validation; recomputing", path)
         arrays = compute()
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez(buffer, allow_pickle=False, **arrays)  # read back with allow_pickle=False as well
         write_if_possible(path, buffer.getvalue())
         return arrays
 
@@ -151,7 +157,7 @@ def reconstruction_angles(
     The angle is computed as ``2 asin(||u - v|| / 2)`` on the unit rows (float64), which stays accurate for
     tiny angles where ``acos`` of a cosine near 1 would not.
     """
-    original = _as_tensor(original)
+    original = as_float_matrix(original)
     if _shape(compressed) != tuple(original.shape):
         raise BadInputError(f"shapes differ: {tuple(original.shape)} vs {_shape(compressed)}")
     vocab = original.shape[0]
@@ -175,7 +181,7 @@ def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
     return rows / torch.where(norms > 0, norms, 1.0)
 
 
-def is_linear_low_rank(matrix: MatrixLike) -> bool:
+def is_linear_low_rank(matrix: MatrixLike) -> TypeGuard[CompressedEmbedding]:
     """Whether ``matrix`` is a compressed variant whose rows are exactly ``codes @ decoder (+ bias)``."""
     return (
         isinstance(matrix, CompressedEmbedding)
@@ -188,8 +194,8 @@ def _augmented_factors(compressed: CompressedEmbedding) -> tuple[torch.Tensor, t
     """``(C, M)`` in float64 with ``C @ M`` the reconstruction: the bias becomes a column of ones and a row."""
     if not is_linear_low_rank(compressed):
         raise BadInputError(f"{compressed.label} has no linear factors (dense rows or a non-linear decoder)")
-    codes = compressed.codes.detach().double()  # type: ignore[union-attr]
-    factor = compressed.decoder.detach().double()  # type: ignore[union-attr]
+    codes, factor = compressed.factors()
+    codes, factor = codes.detach().double(), factor.detach().double()
     if compressed.decoder_bias is not None:
         codes = torch.cat([codes, torch.ones(codes.shape[0], 1, dtype=codes.dtype)], dim=1)
         factor = torch.cat([factor, compressed.decoder_bias.detach().double().reshape(1, -1)], dim=0)
@@ -209,14 +215,17 @@ def factor_embedding(compressed: CompressedEmbedding) -> torch.Tensor:
     return codes @ (eigenvectors * eigenvalues.clamp(min=0).sqrt())
 
 
-def _uses_factors(matrix: MatrixLike, method: NeighbourMethod) -> bool:
+def _factor_variant(matrix: MatrixLike, method: NeighbourMethod) -> CompressedEmbedding | None:
+    """``matrix`` when a neighbour search goes through its factors (per ``method``), else None."""
     if method == "dense":
-        return False
+        return None
     if method == "factors":
         if not is_linear_low_rank(matrix):
             raise BadInputError("method='factors' needs a linear low-rank CompressedEmbedding")
-        return True
-    return is_linear_low_rank(matrix) and (matrix.rank or 0) + 1 < matrix.shape[1]  # type: ignore[union-attr]
+        return matrix
+    if is_linear_low_rank(matrix) and (matrix.rank or 0) + 1 < matrix.shape[1]:
+        return matrix
+    return None
 
 
 def _dense_unit_rows(matrix: MatrixLike, block_rows: int) -> torch.Tensor:
@@ -254,7 +263,7 @@ def _blocked_topk(
     *,
     exclude_self: bool,
     block_rows: int,
-    progress: Callable[[float], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of ``queries @ keys.T`` row by row, one ``block_rows x len(keys)`` block at a time."""
     count, width = queries.shape[0], keys.shape[0]
@@ -275,8 +284,7 @@ def _blocked_topk(
         values, positions = _topk_rows(similarities, k)
         indices[start:stop] = positions.numpy()
         scores[start:stop] = values.numpy()
-        if progress is not None:
-            progress(stop / count)
+        send(progress, Progress(stop, count, f"nearest neighbours of {stop:,} of {count:,} rows"))
     return indices, scores
 
 
@@ -285,11 +293,14 @@ def _check_k(k: int, candidates: int) -> None:
         raise BadInputError(f"k must be between 1 and {candidates} here (the candidate tokens)")
 
 
-def _check_search_memory(queries: MatrixLike, keys: int, k: int, block_rows: int, factors: bool) -> None:
-    """Refuse (:class:`~embviz.errors.ResourceError`) a neighbour search that would not fit in memory."""
+def _check_search_memory(
+    queries: MatrixLike, keys: int, k: int, block_rows: int, factors: CompressedEmbedding | None
+) -> None:
+    """Refuse (:class:`~embviz.errors.ResourceError`) a neighbour search that would not fit in memory;
+    ``factors`` is the variant searched through its factors, if it is."""
     rows, width = _shape(queries)
-    if factors:
-        width = (queries.rank or 0) + 1  # type: ignore[union-attr]
+    if factors is not None:
+        width = (factors.rank or 0) + 1
     needed = neighbour_memory(rows, width, keys, k, block_rows, _CHUNK)
     check_memory(f"the {k} nearest neighbours of {rows:,} tokens among {keys:,}", needed)
 
@@ -300,7 +311,7 @@ def nearest_neighbours(
     *,
     method: NeighbourMethod = "auto",
     block_rows: int | None = None,
-    progress: Callable[[float], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest neighbours of every row by cosine similarity, excluding the row itself.
 
@@ -308,16 +319,16 @@ def nearest_neighbours(
     through :func:`factor_embedding` (same cosines, r+1 columns); ``"dense"`` reconstructs the rows;
     ``"auto"`` uses factors whenever they are narrower than D (and the decoder is linear). Returns
     ``(indices, scores)``, both V x k, int32 and float32, each row sorted by decreasing similarity (order
-    among exact ties is arbitrary). Zero rows have cosine 0 with everything.
+    among exact ties is arbitrary). Zero rows have cosine 0 with everything. ``progress`` counts rows done.
     """
     vocab = _shape(matrix)[0]
     _check_k(k, vocab - 1)
     block_rows = block_rows or default_block_rows(vocab)
-    factors = _uses_factors(matrix, method)
+    factors = _factor_variant(matrix, method)
     _check_search_memory(matrix, vocab, k, block_rows, factors)
     unit = (
-        _unit_rows(factor_embedding(matrix)).float()  # type: ignore[arg-type]
-        if factors
+        _unit_rows(factor_embedding(factors)).float()
+        if factors is not None
         else _dense_unit_rows(matrix, block_rows)
     )
     return _blocked_topk(unit, unit, k, exclude_self=True, block_rows=block_rows, progress=progress)
@@ -338,14 +349,14 @@ def cross_neighbours(
     ``x^_i . x_j = c_i . (M x_j)``, so projecting the keys once by ``M`` turns every product into an
     (r+1)-dimensional one, exactly.
     """
-    keys = _as_tensor(keys)
+    keys = as_float_matrix(keys)
     _check_k(k, keys.shape[0])
     block_rows = block_rows or default_block_rows(keys.shape[0])
-    factors = _uses_factors(queries, method)
+    factors = _factor_variant(queries, method)
     _check_search_memory(queries, keys.shape[0], k, block_rows, factors)
-    if factors:
-        codes, factor = _augmented_factors(queries)  # type: ignore[arg-type]
-        norms = factor_embedding(queries).norm(dim=1, keepdim=True)  # type: ignore[arg-type]
+    if factors is not None:
+        codes, factor = _augmented_factors(factors)
+        norms = factor_embedding(factors).norm(dim=1, keepdim=True)
         query_rows = (codes / torch.where(norms > 0, norms, 1.0)).float()
         key_norms = keys.double().norm(dim=1, keepdim=True)
         key_rows = ((keys.double() @ factor.T) / torch.where(key_norms > 0, key_norms, 1.0)).float()
@@ -386,7 +397,7 @@ def neighbour_table_cached(
     fingerprint = fingerprint or variant_fingerprint(embedding)
     key = config_key({"v": _CACHE_VERSION, "fingerprint": fingerprint, "k": k, "shape": _shape(embedding)})
     folder = optional_cache_dir("neighbours")
-    path = folder / f"{_safe_name(backbone_name)}-k{k}-{key}.npz" if folder else None
+    path = folder / f"{file_safe_name(backbone_name)}-k{k}-{key}.npz" if folder else None
 
     def compute() -> dict[str, np.ndarray]:
         indices, scores = nearest_neighbours(embedding, k)
@@ -396,7 +407,8 @@ def neighbour_table_cached(
     return arrays["indices"], arrays["scores"]
 
 
-def _safe_name(name: str) -> str:
+def file_safe_name(name: str) -> str:
+    """``name`` reduced to a short string that is safe as part of a file name (never empty, ``.`` or ``..``)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._")[:60] or "matrix"
 
 
@@ -490,9 +502,14 @@ def detect_convention(tokens: Sequence[str]) -> Convention:
     least 1% of the tokens; otherwise every token is read as plain text.
     """
     threshold = max(1, len(tokens) // 100)
-    for prefix, convention in (("##", "wordpiece"), ("Ġ", "byte-bpe"), ("▁", "sentencepiece")):
+    markers: tuple[tuple[str, Convention], ...] = (
+        ("##", "wordpiece"),
+        ("Ġ", "byte-bpe"),
+        ("▁", "sentencepiece"),
+    )
+    for prefix, convention in markers:
         if sum(token.startswith(prefix) for token in tokens) >= threshold:
-            return convention  # type: ignore[return-value]
+            return convention
     return "plain"
 
 
@@ -533,7 +550,7 @@ def token_classes(
 
     Rules, first match wins:
 
-    1. ``special`` -- the id is in ``special_ids`` (see :func:`reserved_token_ids`), or the token looks
+    1. ``special`` -- the id is in ``special_ids`` (see :func:`embviz.backbones.reserved_token_ids`), or the token looks
        reserved (``[unused7]``, ``<|x|>``).
     2. ``byte`` -- a byte piece: ``<0x0A>`` byte fallback, a byte-level piece that is not whole UTF-8 (part
        of a multi-byte character), or nothing printable left after the word marker (``Ġ`` alone,
@@ -584,15 +601,13 @@ def corpus_frequencies(
     tokenizer: Any, tokens: Sequence[str], corpus: str = "bible", split: str = "train"
 ) -> np.ndarray:
     """:func:`token_frequencies` on a named corpus split, cached per vocabulary and corpus slice."""
-    from embviz.corpora import load_texts
-
     vocab_hash = sha256_bytes("\x00".join(tokens).encode())
     key = config_key({"v": _CACHE_VERSION, "vocab": vocab_hash, "corpus": corpus, "split": split})
     folder = optional_cache_dir("frequencies")
-    path = folder / f"{_safe_name(corpus)}-{split}-{key}.npz" if folder else None
+    path = folder / f"{file_safe_name(corpus)}-{split}-{key}.npz" if folder else None
 
     def compute() -> dict[str, np.ndarray]:
-        texts = load_texts(corpus, split)  # type: ignore[arg-type]
+        texts = load_texts(corpus, split)
         return {"counts": token_frequencies(tokenizer, texts, len(tokens))}
 
     def valid(arrays: dict[str, np.ndarray]) -> bool:
@@ -675,12 +690,14 @@ __all__ = [
     "TOKEN_CLASSES",
     "Angles",
     "Recall",
+    "as_float_matrix",
     "cached_arrays",
     "corpus_frequencies",
     "cross_neighbours",
     "default_block_rows",
     "detect_convention",
     "factor_embedding",
+    "file_safe_name",
     "frequency_bands",
     "frequency_thresholds",
     "is_linear_low_rank",
@@ -689,7 +706,6 @@ __all__ = [
     "neighbour_table_cached",
     "recall_at_k",
     "reconstruction_angles",
-    "reserved_token_ids",
     "summary",
     "token_classes",
     "token_frequencies",

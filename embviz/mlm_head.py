@@ -17,7 +17,7 @@ What is trained, and what is not:
   paper's: the compressed variants replace the same E the head was fitted on.
 
 Masking is BERT's (15% whole-word, 80% mask / 10% random / 10% kept), the same code as the perplexity
-protocol (:mod:`embviz.perplexity`), drawn afresh for every step from a generator seeded by
+protocol (:mod:`embviz.masking`), drawn afresh for every step from a generator seeded by
 ``(seed, step, row)``. Batches are fixed length-bucketed groups of lines, visited in a seeded order per
 epoch; the learning rate is a function of the step; dropout is off. A run is therefore a deterministic
 function of ``(source, seed, steps)`` and resumes exactly from a checkpoint (model, optimiser and step,
@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from embviz.artifacts import versions
-from embviz.backbones import BUILTINS, Backbone, _quiet_transformers
+from embviz.backbones import Backbone, input_embedding_weight, quiet_transformers
 from embviz.cache import (
     atomic_directory,
     atomic_write_json,
@@ -57,15 +57,12 @@ from embviz.cache import (
 )
 from embviz.corpora import CORPORA, SPLITS, load_texts
 from embviz.errors import BadInputError, EmbvizError, UnknownModelError
-from embviz.perplexity import (
-    EvalSet,
-    _batch,
-    _mask_line,
-    _word_groups,
-    build_eval_set,
-    model_max_length,
-    special_frame,
-)
+from embviz.masking import IGNORE_INDEX, mask_line, pad_batches, word_groups
+from embviz.perplexity import EvalSet, build_eval_set, model_max_length, special_frame
+from embviz.progress import LOSS, Progress, ProgressCallback, quiet
+
+if TYPE_CHECKING:  # transformers is imported where it is used: its import takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +78,6 @@ TRAIN_CORPORA: tuple[str, ...] = tuple(CORPORA)
 EVAL_MAX_TOKENS = 20_000
 """Held-out tokens read per ``valid`` / ``test`` slice for the accuracy report (the whole slice if smaller)."""
 MIN_TRAIN_TOKENS = 8
-_IGNORE = -100
-
-Progress = Callable[[float, int, str], None]
-"""``(done, total, message)``, as in :mod:`embviz.evaluation`."""
 
 
 class MLMHeadError(EmbvizError):
@@ -147,9 +140,21 @@ class HeadResult:
 
 
 # -- where things live -----------------------------------------------------------------------------------
+class ModelLoader(Protocol):
+    """Loads a model by name or path, as :func:`embviz.sources.load_model` does."""
+
+    def __call__(self, name_or_path: str, *, trust_remote_code: bool = False) -> Backbone: ...
+
+
+def _is_model_name(source: str) -> bool:
+    """Whether ``source`` is a model name such as ``minilm`` rather than the path of a local folder."""
+    return re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", source) is not None and not Path(source).is_dir()
+
+
 def output_name(source: str) -> str:
-    """The backbone name of ``source`` with a fitted head: ``minilm`` -> ``minilm-mlm``."""
-    if source in BUILTINS:
+    """The backbone name of ``source`` with a fitted head: ``minilm`` -> ``minilm-mlm``; a folder's name
+    gets a hash of its path."""
+    if _is_model_name(source):
         return f"{source}-mlm"
     folder = Path(source).expanduser().resolve()
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", folder.name).strip("-.") or "model"
@@ -193,7 +198,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
 
 def built_folder(source: str = DEFAULT_SOURCE) -> Path:
-    """The validated folder of ``source``'s fitted head, for :class:`embviz.backbones.Backbone` to load.
+    """The validated folder of ``source``'s fitted head, for :mod:`embviz.sources` to load.
 
     Raises:
         UnknownModelError: not built yet, or corrupt; the message says the command that (re)builds it.
@@ -260,7 +265,7 @@ def _read_training_lines(backbone: Backbone, corpora: Sequence[str], max_length:
             encoded = tokenizer(list(texts[start : start + 256]), add_special_tokens=False, verbose=False)
             for offset, content in enumerate(encoded["input_ids"]):
                 content = content[:room]
-                words = _word_groups(encoded, offset, content, tokenizer, special, shift=len(leading))
+                words = word_groups(encoded, offset, content, tokenizer, special, shift=len(leading))
                 if sum(len(word) for word in words) >= MIN_TRAIN_TOKENS:
                     lines.ids.append([*leading, *content, *trailing])
                     lines.words.append(words)
@@ -288,34 +293,34 @@ def _step_batch(
     order = np.random.default_rng([seed, epoch]).permutation(len(batches))
     rows = batches[int(order[index])]
     examples = [
-        _mask_line(lines.ids[i], lines.words[i], np.random.default_rng([seed, step, row]), mask_id, pool)
+        mask_line(lines.ids[i], lines.words[i], np.random.default_rng([seed, step, row]), mask_id, pool)
         for row, i in enumerate(rows)
     ]
-    [batch] = _batch(examples, pad_id, 1, len(examples))
+    [batch] = pad_batches(examples, pad_id, batch_size=len(examples))
     return batch.input_ids, batch.attention_mask, batch.labels
 
 
 # -- the model pieces --------------------------------------------------------------------------------------
-def _parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(encoder model, MLM head) of a BERT-style ``*ForMaskedLM``."""
+def _parts(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.ModuleList]:
+    """(encoder model, MLM head, encoder layers) of a BERT-style ``*ForMaskedLM``."""
     encoder = getattr(model, model.base_model_prefix, None)
     head = getattr(model, "cls", None)
-    if encoder is None or head is None or not hasattr(getattr(encoder, "encoder", None), "layer"):
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if encoder is None or head is None or not isinstance(layers, torch.nn.ModuleList):
         raise BadInputError(
             f"{type(model).__name__} is not a BERT-family masked LM (needs .{model.base_model_prefix}.encoder"
             ".layer and a .cls head); fit-mlm-head supports BERT-style encoders"
         )
-    return encoder, head
+    return encoder, head, layers
 
 
-def _trainable(model: torch.nn.Module, train_layers: int | None) -> dict[str, torch.nn.Parameter]:
+def _trainable(model: PreTrainedModel, train_layers: int | None) -> dict[str, torch.nn.Parameter]:
     """Mark and return the trained parameters: the head (minus the tied decoder) and the top layers."""
-    encoder, head = _parts(model)
-    layers = encoder.encoder.layer
+    _, head, layers = _parts(model)
     count = len(layers) if train_layers is None else train_layers
     if not 0 <= count <= len(layers):
         raise BadInputError(f"train_layers must be between 0 and {len(layers)}, got {count}")
-    embedding = model.get_input_embeddings().weight
+    embedding = input_embedding_weight(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     modules = [head, *list(layers)[len(layers) - count :]]
@@ -330,15 +335,15 @@ def _trainable(model: torch.nn.Module, train_layers: int | None) -> dict[str, to
 
 
 def _masked_logits(
-    model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, bf16: bool
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, bf16: bool
 ) -> torch.Tensor:
     """Logits (float32) at the scored positions only: the V-wide output is the costly part."""
-    encoder, head = _parts(model)
-    device = model.get_input_embeddings().weight.device
+    encoder, head, _ = _parts(model)
+    device = input_embedding_weight(model).device
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-        logits = head(hidden[labels != _IGNORE])
+        logits = head(hidden[labels != IGNORE_INDEX])
     return logits.float()
 
 
@@ -410,13 +415,13 @@ def _load_checkpoint(
 
 
 # -- evaluation ---------------------------------------------------------------------------------------------
-def masked_accuracy(model: torch.nn.Module, eval_set: EvalSet, *, bf16: bool = False) -> dict[str, float]:
+def masked_accuracy(model: PreTrainedModel, eval_set: EvalSet, *, bf16: bool = False) -> dict[str, float]:
     """Top-1 / top-5 accuracy and mean loss over the scored (masked) tokens of ``eval_set``."""
     top1 = top5 = tokens = 0
     total_loss = 0.0
     with torch.inference_mode():
         for batch in eval_set.batches:
-            labels = batch.labels[batch.labels != _IGNORE]
+            labels = batch.labels[batch.labels != IGNORE_INDEX]
             logits = _masked_logits(model, batch.input_ids, batch.attention_mask, batch.labels, bf16)
             labels = labels.to(logits.device)
             best = logits.topk(5, dim=-1).indices
@@ -448,16 +453,20 @@ def held_out_sets(
 def fit_mlm_head(
     source: str = DEFAULT_SOURCE,
     *,
+    load: ModelLoader,
     config: HeadConfig | None = None,
     minutes: float | None = None,
     checkpoint_every: int = 50,
     eval_max_tokens: int = EVAL_MAX_TOKENS,
-    progress: Progress | None = None,
+    progress: ProgressCallback | None = None,
     force: bool = False,
     trust_remote_code: bool = False,
     device: str = "cpu",
 ) -> HeadResult:
     """Fit the masked-LM head of ``source`` (a built-in name or a local BERT-family folder) and save it.
+
+    ``load`` loads ``source`` (e.g. :func:`embviz.sources.load_model`); it is not called when the fit is
+    cached.
 
     Trains the head plus the top ``config.train_layers`` encoder layers on the corpora's ``train`` slices
     for ``config.steps`` steps, the word embeddings frozen (see the module docstring). ``minutes`` caps the
@@ -478,9 +487,9 @@ def fit_mlm_head(
         raise BadInputError(f"minutes must be a positive number, got {minutes}")
     if checkpoint_every < 1:
         raise BadInputError(f"checkpoint_every must be at least 1, got {checkpoint_every}")
-    if source.endswith("-mlm") and source in BUILTINS:
+    if source.endswith("-mlm") and _is_model_name(source):
         raise BadInputError(f"{source} already has a fitted head; fit its base model instead")
-    report = progress or (lambda done, total, message: None)
+    report = progress or quiet
     folder = output_folder(source)
     with locked(folder):
         remove_stale_temporaries(folder)
@@ -491,7 +500,7 @@ def fit_mlm_head(
                 logger.warning("rebuilding %s: %s", folder, exc)
             else:
                 if manifest.get("config_key") == config.key() and manifest.get("complete"):
-                    report(1, 1, "already fitted (cached)")
+                    report(Progress(1, 1, "already fitted (cached)"))
                     return HeadResult(folder, manifest, cached=True)
         return _fit(
             source,
@@ -501,7 +510,7 @@ def fit_mlm_head(
             checkpoint_every,
             eval_max_tokens,
             report,
-            trust_remote_code,
+            lambda: load(source, trust_remote_code=trust_remote_code),
             device,
         )
 
@@ -513,12 +522,12 @@ def _fit(
     minutes: float | None,
     checkpoint_every: int,
     eval_max_tokens: int,
-    report: Progress,
-    trust_remote_code: bool,
+    report: ProgressCallback,
+    load_source: Callable[[], Backbone],
     device: str,
 ) -> HeadResult:
     started = time.perf_counter()
-    backbone = Backbone.from_pretrained(source, trust_remote_code=trust_remote_code)
+    backbone = load_source()
     if backbone.kind != "masked" or backbone.tokenizer.mask_token_id is None:
         raise BadInputError(
             f"{source} is not a masked language model; fit-mlm-head needs a BERT-style encoder"
@@ -527,7 +536,7 @@ def _fit(
         model = backbone.model.to(device)
     except (RuntimeError, AssertionError) as exc:
         raise BadInputError(f"cannot use device {device!r}: {str(exc).splitlines()[0]}") from exc
-    embedding_before = model.get_input_embeddings().weight.detach().clone()
+    embedding_before = input_embedding_weight(model).detach().clone()
     parameters = _trainable(model, config.train_layers)
     optimizer = _optimizer(parameters, config)
     checkpoint = _checkpoint_folder(source, config)
@@ -539,7 +548,7 @@ def _fit(
     losses: list[float] = list(state.get("losses", [])) if state else []
     if state:
         logger.info("resuming %s from step %d of %d", source, step, config.steps)
-    report(step, config.steps, "tokenizing the training text")
+    report(Progress(step, config.steps, "tokenizing the training text"))
     lines = _training_lines(backbone, config.corpora, config.max_length)
     batches = _buckets(lines, config.batch_tokens)
     tokenizer = backbone.tokenizer
@@ -562,7 +571,7 @@ def _fit(
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, config)
             logits = _masked_logits(model, ids, mask, labels, config.bf16)
-            loss = F.cross_entropy(logits, labels[labels != _IGNORE].to(logits.device))
+            loss = F.cross_entropy(logits, labels[labels != IGNORE_INDEX].to(logits.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(parameters.values()), 1.0)
@@ -571,7 +580,9 @@ def _fit(
             losses.append(round(value, 4))
             step += 1
             spent += time.perf_counter() - tick
-            report(step, config.steps, f"step {step}/{config.steps} · loss {value:.3f} · {spent:.0f} s")
+            report(
+                Progress(step, config.steps, f"step {step}/{config.steps}", {LOSS: value}, elapsed_s=spent)
+            )
             if step % checkpoint_every == 0 and step < config.steps:
                 save()
     except KeyboardInterrupt:
@@ -580,9 +591,9 @@ def _fit(
     complete = step >= config.steps
     if not complete:
         save()
-    if not torch.equal(model.get_input_embeddings().weight.cpu(), embedding_before.cpu()):
+    if not torch.equal(input_embedding_weight(model).cpu(), embedding_before.cpu()):
         raise MLMHeadError("internal error: the word-embedding matrix changed while fitting the head")
-    report(step, config.steps, "measuring held-out accuracy")
+    report(Progress(step, config.steps, "measuring held-out accuracy"))
     accuracy = {
         name: masked_accuracy(model, eval_set, bf16=config.bf16)
         for name, eval_set in held_out_sets(backbone, config.corpora, eval_max_tokens).items()
@@ -615,16 +626,18 @@ def _fit(
     return HeadResult(folder, read_manifest(folder), complete=complete)
 
 
-def _describe_trained(model: torch.nn.Module, train_layers: int | None) -> str:
-    layers = len(_parts(model)[0].encoder.layer)
+def _describe_trained(model: PreTrainedModel, train_layers: int | None) -> str:
+    layers = len(_parts(model)[2])
     count = layers if train_layers is None else train_layers
     body = f"the top {count} of {layers} encoder layers" if count else "no encoder layer"
     return f"the MLM head (transform dense + GELU + LayerNorm, output bias) and {body}"
 
 
-def _write_folder(folder: Path, model: torch.nn.Module, tokenizer: Any, manifest: dict[str, Any]) -> None:
+def _write_folder(
+    folder: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, manifest: dict[str, Any]
+) -> None:
     """save_pretrained (safetensors only) + tokenizer + manifest with weight hashes, in one atomic rename."""
-    with atomic_directory(folder) as tmp, _quiet_transformers():  # the caller holds the folder's lock
+    with atomic_directory(folder) as tmp, quiet_transformers():  # the caller holds the folder's lock
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         weights = sorted(path.name for path in tmp.glob("*.safetensors"))
@@ -646,6 +659,7 @@ __all__ = [
     "HeadConfig",
     "HeadResult",
     "MLMHeadError",
+    "ModelLoader",
     "built_folder",
     "exists",
     "fit_mlm_head",

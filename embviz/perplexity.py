@@ -16,6 +16,14 @@ the same tokens:
   is predicted; perplexity is ``exp(mean next-token NLL over all predicted tokens)``.
 
 The masked examples / windows are built once in an :class:`EvalSet` and reused for every variant.
+
+Beside perplexity (SPEC §2), every variant gets, on exactly the scored tokens and in the same pass, the mean
+KL divergence ``KL(original || variant)`` of the predicted (next or masked) token's distribution over the
+full vocabulary, in nats per token, and the top-1 agreement (share of scored positions where the variant's
+most likely token is the original's). This runs the original model on every batch next to the variant, so
+scoring a variant costs two forward passes instead of one; batches are sized so that both logits tensors
+together fit :data:`LOGITS_BUDGET_BYTES`. :func:`direction_length_ablation` builds the two matrices of the
+direction / length ablation (a variant's row directions with the original lengths, and the reverse).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,27 +43,21 @@ import torch.nn.functional as F
 from embviz.backbones import Backbone, Kind, Mode
 from embviz.cache import config_key, optional_cache_dir, write_if_possible
 from embviz.errors import BadInputError
+from embviz.masking import IGNORE_INDEX, MASK_RATE, EvalBatch, mask_line, pad_batches, word_groups
+from embviz.progress import Progress, ProgressCallback, nested, send
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""Bumped whenever cached results change meaning (2: KL divergence and top-1 agreement stored with them)."""
 DEFAULT_MAX_TOKENS = 2048
 CAUSAL_WINDOW = 256
 MASKED_MAX_LENGTH = 512
 MIN_LINE_TOKENS = 20
-MASK_RATE = 0.15
 REFERENCE = "original"
-# Upper bound on one batch's logits (batch x seq x V float32); cross-entropy roughly doubles it.
+# Upper bound on one batch's logits (batch x seq x V float32) -- the variant's and the original's together,
+# since both are held for the KL divergence; the per-row log-softmax copies add a fraction of it.
 LOGITS_BUDGET_BYTES = 200 * 2**20
-_IGNORE = -100
+_LOGITS_HELD = 2  # logits tensors alive at once while a variant is scored (the variant's, the original's)
 _TOKENIZE_CHUNK = 256  # lines tokenized at a time, so a huge text file is only read as far as needed
-
-
-@dataclass(frozen=True)
-class EvalBatch:
-    """Padded inputs plus, per position, the token its logits must predict (``-100``: not scored)."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -92,31 +94,20 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class VariantPerplexity:
-    """The perplexity of one variant under an :class:`EvalSet`."""
+    """The perplexity of one variant under an :class:`EvalSet`.
+
+    ``kl_nats`` is the mean KL divergence KL(original || variant) of the predicted token's distribution per
+    scored token (nats), ``top1_agreement`` the share of scored positions where the variant's argmax is the
+    original's; 0.0 and 1.0 for the uncompressed model, None when not computed (``divergence=False``).
+    """
 
     perplexity: float
     mean_nll: float
     tokens: int
     seconds: float
     cached: bool = False
-
-
-@dataclass(frozen=True)
-class PerplexityProgress:
-    """Sent after every batch: ``variant`` is the ``variant_index``-th of ``variants`` being scored."""
-
-    variant: str
-    variant_index: int
-    variants: int
-    batch: int
-    batches: int
-
-    @property
-    def fraction(self) -> float:
-        return (self.variant_index + self.batch / max(self.batches, 1)) / max(self.variants, 1)
-
-
-PerplexityCallback = Callable[[PerplexityProgress], None]
+    kl_nats: float | None = None
+    top1_agreement: float | None = None
 
 
 @dataclass(frozen=True)
@@ -229,14 +220,14 @@ def _masked_eval_set(
         # setting is shared state, and flipping it races with other threads using the same tokenizer.
         encoded = tokenizer(lines, add_special_tokens=False, verbose=False)
         for offset, content in enumerate(encoded["input_ids"]):
-            words = _word_groups(encoded, offset, content[:room], tokenizer, special, shift=len(leading))
+            words = word_groups(encoded, offset, content[:room], tokenizer, special, shift=len(leading))
             length = sum(len(word) for word in words)
             if length < MIN_LINE_TOKENS:
                 dropped += 1
                 continue
             rng = np.random.default_rng([seed, start + offset])
             ids = [*leading, *content[:room], *trailing]
-            examples.append(_mask_line(ids, words, rng, mask_id, random_pool))
+            examples.append(mask_line(ids, words, rng, mask_id, random_pool))
             tokens_read += length
             used += 1
             if tokens_read >= max_tokens:
@@ -248,8 +239,8 @@ def _masked_eval_set(
             f"no line of the text has at least {MIN_LINE_TOKENS} tokens; masked-LM perplexity needs longer lines"
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _batch(examples, pad_id, backbone.vocab_size, batch_size)
-    scored = sum(int((batch.labels != _IGNORE).sum()) for batch in batches)
+    batches = _padded(examples, pad_id, backbone.vocab_size, batch_size)
+    scored = sum(int((batch.labels != IGNORE_INDEX).sum()) for batch in batches)
     description = (
         f"masked LM, zero-shot: {used} held-out lines ({tokens_read:,} tokens; lines under {MIN_LINE_TOKENS} "
         f"tokens dropped: {dropped}; each truncated to {max_length}), whole-word masking of "
@@ -270,54 +261,6 @@ def _masked_eval_set(
         texts_sha=texts_fingerprint(texts),
         description=description,
     )
-
-
-def _word_groups(
-    encoded: Any, index: int, ids: list[int], tokenizer: Any, special: frozenset[int], shift: int
-) -> list[list[int]]:
-    """Positions (plus ``shift``) of each whole word of one line's ``ids``, special tokens excluded, in order."""
-    if getattr(encoded, "is_fast", False):
-        word_ids = encoded.word_ids(index)[: len(ids)]
-        # Consecutive pieces of one word share a word id.
-        starts = [p == 0 or word_ids[p] is None or word_ids[p] != word_ids[p - 1] for p in range(len(ids))]
-    else:
-        # Slow tokenizers: WordPiece marks a word's continuation pieces with a leading '##'.
-        tokens = tokenizer.convert_ids_to_tokens(ids)
-        starts = [p == 0 or not token.startswith("##") for p, token in enumerate(tokens)]
-    groups: list[list[int]] = []
-    for position, token_id in enumerate(ids):
-        if token_id in special:
-            continue
-        if starts[position] or not groups or groups[-1][-1] != position - 1 + shift:
-            groups.append([])
-        groups[-1].append(position + shift)
-    return groups
-
-
-def _mask_line(
-    ids: list[int], words: list[list[int]], rng: np.random.Generator, mask_id: int, random_pool: np.ndarray
-) -> tuple[list[int], list[int]]:
-    """Whole-word masking of one line: (corrupted input ids, labels with -100 where not scored)."""
-    content = sum(len(word) for word in words)
-    target = max(1, round(content * MASK_RATE))
-    chosen: list[int] = []
-    for w in rng.permutation(len(words)):
-        if len(chosen) >= target:
-            break
-        if len(chosen) + len(words[w]) > target:  # never split a word to hit the target exactly
-            continue
-        chosen.extend(words[w])
-    chosen.sort()
-    draws = rng.random(len(chosen))
-    replacements = rng.choice(random_pool, size=len(chosen))
-    inputs, labels = list(ids), [_IGNORE] * len(ids)
-    for position, draw, replacement in zip(chosen, draws, replacements, strict=True):
-        labels[position] = ids[position]
-        if draw < 0.8:
-            inputs[position] = mask_id
-        elif draw < 0.9:
-            inputs[position] = int(replacement)
-    return inputs, labels
 
 
 def _causal_eval_set(
@@ -346,9 +289,9 @@ def _causal_eval_set(
     windows = [w for w in windows if len(w) >= 2]
     if not windows:
         raise BadInputError("the evaluation text is shorter than 2 tokens")
-    examples = [(w, [*w[1:], _IGNORE]) for w in windows]
+    examples = [(w, [*w[1:], IGNORE_INDEX]) for w in windows]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = _batch(examples, pad_id, backbone.vocab_size, batch_size)
+    batches = _padded(examples, pad_id, backbone.vocab_size, batch_size)
     scored = sum(len(w) - 1 for w in windows)
     description = (
         f"causal LM: the first {len(stream):,} tokens of the held-out text ({len(lines)} lines joined with "
@@ -372,33 +315,17 @@ def _causal_eval_set(
     )
 
 
-def _batch(
+def _padded(
     examples: list[tuple[list[int], list[int]]], pad_id: int, vocab: int, batch_size: int | None
 ) -> tuple[EvalBatch, ...]:
-    """Length-sorted padded batches, each within ``batch_size`` examples or the logits memory budget."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))
-    groups: list[list[int]] = [[]]
-    for i in order:
-        longest = len(examples[i][0])  # sorted, so the newest example is the longest of its group
-        if groups[-1] and (
-            len(groups[-1]) == batch_size
-            or (batch_size is None and (len(groups[-1]) + 1) * longest * vocab * 4 > LOGITS_BUDGET_BYTES)
-        ):
-            groups.append([])
-        groups[-1].append(i)
-    batches = []
-    for group in groups:
-        width = max(len(examples[i][0]) for i in group)
-        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(group), width), _IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(group), width), dtype=torch.long)
-        for row, i in enumerate(group):
-            inputs, targets = examples[i]
-            ids[row, : len(inputs)] = torch.tensor(inputs)
-            labels[row, : len(targets)] = torch.tensor(targets)
-            mask[row, : len(inputs)] = 1
-        batches.append(EvalBatch(ids, mask, labels))
-    return tuple(batches)
+    """Padded batches of ``batch_size`` examples, or else as many as fit the logits memory budget (the
+    variant's and the original's logits held together)."""
+    return pad_batches(
+        examples,
+        pad_id,
+        batch_size=batch_size,
+        max_padded_tokens=LOGITS_BUDGET_BYTES // (_LOGITS_HELD * vocab * 4),
+    )
 
 
 # -- scoring ---------------------------------------------------------------------------------------------
@@ -408,28 +335,93 @@ def score_variant(
     embedding: torch.Tensor | None = None,
     *,
     mode: Mode = "input",
-    progress: Callable[[int, int], None] | None = None,
+    progress: ProgressCallback | None = None,
+    divergence: bool = True,
 ) -> VariantPerplexity:
-    """Perplexity of ``backbone`` with ``embedding`` substituted (None: the original) on ``eval_set``."""
+    """Perplexity of ``backbone`` with ``embedding`` substituted (None: the original) on ``eval_set``.
+
+    With ``divergence`` (and a variant) the original model runs on every batch too, and the result carries
+    the mean KL divergence KL(original || variant) over the full vocabulary at every scored position (nats
+    per token) and the top-1 agreement; this doubles the cost. The original itself gets 0.0 and 1.0 without
+    any extra work; ``divergence=False`` leaves both None for a variant. ``progress`` hears after every
+    batch (``done`` batches of ``total``).
+    """
     start = time.perf_counter()
-    total_nll = 0.0
-    count = 0
+    compare = divergence and embedding is not None
+    total_nll = total_kl = 0.0
+    count = agreed = 0
     with torch.inference_mode():
         for index, batch in enumerate(eval_set.batches):
             logits = backbone.logits(batch.input_ids, batch.attention_mask, embedding=embedding, mode=mode)
+            reference = backbone.logits(batch.input_ids, batch.attention_mask) if compare else None
             # One row at a time, scored positions only: the log-softmax copies stay a fraction of the logits.
-            for row, labels in zip(logits, batch.labels, strict=True):
-                scored = labels != _IGNORE
-                if scored.any():
-                    total_nll += float(F.cross_entropy(row[scored], labels[scored], reduction="sum"))
-                    count += int(scored.sum())
-            del logits
-            if progress is not None:
-                progress(index + 1, len(eval_set.batches))
+            for row, labels in enumerate(batch.labels):
+                scored = labels != IGNORE_INDEX
+                if not scored.any():
+                    continue
+                predicted = logits[row][scored]
+                log_q = F.log_softmax(predicted, dim=-1)
+                total_nll += float(F.nll_loss(log_q, labels[scored], reduction="sum"))
+                count += int(scored.sum())
+                if reference is not None:
+                    kl, same = _divergence(reference[row][scored], predicted, log_q)
+                    total_kl += kl
+                    agreed += same
+                del predicted, log_q
+            del logits, reference
+            batches = len(eval_set.batches)
+            send(progress, Progress(index + 1, batches, f"batch {index + 1}/{batches}"))
     mean = total_nll / count
     return VariantPerplexity(
-        perplexity=math.exp(mean), mean_nll=mean, tokens=count, seconds=time.perf_counter() - start
+        perplexity=math.exp(mean),
+        mean_nll=mean,
+        tokens=count,
+        seconds=time.perf_counter() - start,
+        kl_nats=max(0.0, total_kl / count) if compare else (0.0 if embedding is None else None),
+        top1_agreement=agreed / count if compare else (1.0 if embedding is None else None),
     )
+
+
+def _divergence(
+    reference_logits: torch.Tensor, logits: torch.Tensor, log_q: torch.Tensor
+) -> tuple[float, int]:
+    """Summed KL(original || variant) over positions (nats) and the count of positions with equal argmax.
+
+    ``reference_logits`` and ``logits`` are (positions x V) of the original and the variant, ``log_q`` the
+    variant's log-softmax.
+    """
+    log_p = F.log_softmax(reference_logits, dim=-1)
+    kl = float(F.kl_div(log_q, log_p, reduction="sum", log_target=True))
+    same = int((reference_logits.argmax(dim=-1) == logits.argmax(dim=-1)).sum())
+    return kl, same
+
+
+def direction_length_ablation(original: torch.Tensor, variant: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two matrices of the direction / length ablation of a variant (both V x D, the variant's dtype).
+
+    ``"directions"``: every row with the variant's direction and the original row's length; ``"lengths"``:
+    the original row's direction with the variant row's length. A row whose direction comes from a zero row
+    stays zero. Each row is one rescaled row (the ratio of lengths computed in float64), so a variant equal
+    to the original gives both back unchanged, bit for bit.
+
+    Raises:
+        BadInputError: the matrices differ in shape.
+    """
+    if original.shape != variant.shape:
+        raise BadInputError(
+            f"the variant has shape {tuple(variant.shape)}, the original {tuple(original.shape)}"
+        )
+    original_norms = torch.linalg.vector_norm(original.double(), dim=1, keepdim=True)
+    variant_norms = torch.linalg.vector_norm(variant.double(), dim=1, keepdim=True)
+    zero = torch.zeros((), dtype=torch.float64)
+    safe_variant = torch.where(variant_norms > 0, variant_norms, 1.0)
+    safe_original = torch.where(original_norms > 0, original_norms, 1.0)
+    to_original = torch.where(variant_norms > 0, original_norms / safe_variant, zero)
+    to_variant = torch.where(original_norms > 0, variant_norms / safe_original, zero)
+    return {
+        "directions": variant * to_original.to(variant.dtype),
+        "lengths": original.to(variant.dtype) * to_variant.to(variant.dtype),
+    }
 
 
 def evaluate_perplexity(
@@ -442,8 +434,9 @@ def evaluate_perplexity(
     seed: int = 0,
     batch_size: int | None = None,
     window: int = CAUSAL_WINDOW,
-    progress: PerplexityCallback | None = None,
+    progress: ProgressCallback | None = None,
     variant_keys: Mapping[str, str] | None = None,
+    divergence: bool | Collection[str] = True,
 ) -> PerplexityReport:
     """Zero-shot perplexity of each variant (V x D replacement embedding; None = uncompressed).
 
@@ -451,7 +444,10 @@ def evaluate_perplexity(
     ``texts`` may be a prebuilt :class:`EvalSet` (then ``max_tokens``, ``seed``, ``batch_size`` and
     ``window`` are taken from it). With ``variant_keys`` (variant name -> fingerprint of its embedding, e.g.
     an artifact hash) the original's result and every keyed variant's are cached on disk; without it nothing
-    is cached.
+    is cached. ``progress`` counts variants (one unit each, fractional by batch); its message names the
+    variant: ``"perplexity (original) · batch 3/8"``. ``divergence`` says which variants also get the KL
+    divergence from the original and the top-1 agreement (see :func:`score_variant`; it doubles a variant's
+    cost): all (True), none (False) or the named ones.
     """
     started = time.perf_counter()
     named = with_reference(variants)
@@ -465,15 +461,18 @@ def evaluate_perplexity(
     )
     results: dict[str, VariantPerplexity] = {}
     for index, (name, embedding) in enumerate(named.items()):
+        report = nested(progress, index, index + 1, len(named), f"perplexity ({name}) · ")
 
-        def report(batch: int, batches: int, name: str = name, index: int = index) -> None:
-            if progress is not None:
-                progress(PerplexityProgress(name, index, len(named), batch, batches))
+        compare = divergence if isinstance(divergence, bool) else name in divergence
 
         def compute(
-            embedding: torch.Tensor | None = embedding, report: Callable = report
+            embedding: torch.Tensor | None = embedding,
+            report: ProgressCallback = report,
+            compare: bool = compare,
         ) -> VariantPerplexity:
-            return score_variant(backbone, eval_set, embedding, mode=mode, progress=report)
+            return score_variant(
+                backbone, eval_set, embedding, mode=mode, progress=report, divergence=compare
+            )
 
         key = None
         if variant_keys is not None:
@@ -481,10 +480,16 @@ def evaluate_perplexity(
         if key is None:
             results[name] = compute()
         else:
-            config = perplexity_cache_config(backbone, eval_set, key, "any" if embedding is None else mode)
+            config = perplexity_cache_config(
+                backbone,
+                eval_set,
+                key,
+                "any" if embedding is None else mode,
+                divergence=compare or embedding is None,
+            )
             results[name] = cached_perplexity(config, compute)
             if results[name].cached:
-                report(1, 1)
+                report(Progress(1, 1, "cached"))
     return PerplexityReport(
         backbone=backbone.name,
         kind=backbone.kind,
@@ -510,11 +515,12 @@ def with_reference(variants: Mapping[str, torch.Tensor | None] | None) -> dict[s
 
 
 def perplexity_cache_config(
-    backbone: Backbone, eval_set: EvalSet, variant_key: str, mode: str
+    backbone: Backbone, eval_set: EvalSet, variant_key: str, mode: str, *, divergence: bool = True
 ) -> dict[str, Any]:
-    """The full configuration a cached perplexity is keyed by."""
+    """The full configuration a cached perplexity is keyed by (``divergence``: KL and agreement included)."""
     return {
         "protocol": PROTOCOL_VERSION,
+        "divergence": divergence,
         "backbone": backbone.name,
         "source": backbone.source,
         "kind": eval_set.kind,
@@ -533,7 +539,8 @@ def cached_perplexity(
 ) -> VariantPerplexity:
     """The cached result for ``key_config`` (its full configuration), else ``compute()`` stored atomically.
 
-    A missing, corrupt or mismatching entry is recomputed and overwritten; a hit has ``cached=True``.
+    A missing, corrupt or mismatching entry is recomputed and overwritten; a hit has ``cached=True``. An
+    entry without a KL divergence does not answer a configuration with ``"divergence": True``.
     """
     config = json.loads(json.dumps(dict(key_config), sort_keys=True, default=str))
     folder = optional_cache_dir("perplexity")
@@ -544,13 +551,17 @@ def cached_perplexity(
         entry = json.loads(path.read_text(encoding="utf-8"))
         if entry["config"] == config:
             stored = entry["result"]
-            return VariantPerplexity(
-                perplexity=float(stored["perplexity"]),
-                mean_nll=float(stored["mean_nll"]),
-                tokens=int(stored["tokens"]),
-                seconds=float(stored["seconds"]),
-                cached=True,
-            )
+            kl, agreement = stored.get("kl_nats"), stored.get("top1_agreement")
+            if not (config.get("divergence") and (kl is None or agreement is None)):
+                return VariantPerplexity(
+                    perplexity=float(stored["perplexity"]),
+                    mean_nll=float(stored["mean_nll"]),
+                    tokens=int(stored["tokens"]),
+                    seconds=float(stored["seconds"]),
+                    cached=True,
+                    kl_nats=None if kl is None else float(kl),
+                    top1_agreement=None if agreement is None else float(agreement),
+                )
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no entry yet, or unreadable: recompute below
     result = compute()
@@ -561,7 +572,8 @@ def cached_perplexity(
 
 # -- presentation ----------------------------------------------------------------------------------------
 def perplexity_table(report: PerplexityReport) -> list[dict[str, Any]]:
-    """One row per variant (reference first): perplexity, ratio to the uncompressed model, tokens, time."""
+    """One row per variant (reference first): perplexity, ratio to the uncompressed model, tokens, time,
+    cached, KL divergence from the original (nats per token) and top-1 agreement (None: not computed)."""
     reference = report.results[report.reference].perplexity
     return [
         {
@@ -571,6 +583,8 @@ def perplexity_table(report: PerplexityReport) -> list[dict[str, Any]]:
             "tokens": result.tokens,
             "seconds": round(result.seconds, 2),
             "cached": result.cached,
+            "KL (nats)": None if result.kl_nats is None else round(result.kl_nats, 4),
+            "top-1 agreement": None if result.top1_agreement is None else round(result.top1_agreement, 4),
         }
         for name, result in report.results.items()
     ]
@@ -579,13 +593,12 @@ def perplexity_table(report: PerplexityReport) -> list[dict[str, Any]]:
 __all__ = [
     "DEFAULT_MAX_TOKENS",
     "PROTOCOL_VERSION",
-    "EvalBatch",
     "EvalSet",
-    "PerplexityProgress",
     "PerplexityReport",
     "VariantPerplexity",
     "build_eval_set",
     "cached_perplexity",
+    "direction_length_ablation",
     "evaluate_perplexity",
     "perplexity_cache_config",
     "perplexity_table",

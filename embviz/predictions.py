@@ -26,12 +26,11 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-import torch.nn.functional as F
 
-from embviz.backbones import _OUTPUT_WEIGHT, MODES, Backbone, Kind, Mode
+from embviz.backbones import Backbone, Kind, Mode
 from embviz.errors import BadInputError
 from embviz.perplexity import (
     LOGITS_BUDGET_BYTES,
@@ -41,6 +40,9 @@ from embviz.perplexity import (
     special_frame,
     with_reference,
 )
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 DEFAULT_K = 10
 DEFAULT_CANDIDATES = 50
@@ -271,7 +273,7 @@ class _MaskedScorer:
             left, right = left[len(left) - keep_left :], right[:keep_right]
         self.position = len(leading) + len(left)
         self.ids = torch.tensor([[*leading, *left, tokenizer.mask_token_id, *right, *trailing]])
-        self.context = tokenizer.decode(self.ids[0].tolist())
+        self.context = _decode(tokenizer, self.ids[0].tolist())
         self.excluded = _special_mask(backbone)
         self.method = (
             "masked LM: fill-mask at the blank (one token); probabilities over the whole vocabulary, "
@@ -319,7 +321,7 @@ class _CausalScorer:
             left = [start]
         self.left, self.right = torch.tensor([left]), torch.tensor(right)
         gap = " " if left_text != blank.left else ""
-        self.context = tokenizer.decode(left) + gap + "___" + tokenizer.decode(right)
+        self.context = _decode(tokenizer, left) + gap + "___" + _decode(tokenizer, right)
         self.excluded = _special_mask(backbone)
         self.reference_ids: torch.Tensor | None = None
         self.cache_argument = _cache_argument(backbone.model)
@@ -371,27 +373,15 @@ class _CausalScorer:
             totals.append(logp.gather(-1, targets.expand(rows, -1)[..., None])[..., 0].sum(-1))
         return torch.cat(totals)
 
-    # Prefix sharing runs the model directly (Backbone.logits takes no cache): the embedding lookup and the
-    # tied-mode output override below mirror Backbone.logits.
     def _call_model(self, embedding: torch.Tensor | None, ids: torch.Tensor, **kwargs: Any) -> Any:
-        table = self.backbone.embedding if embedding is None else embedding
-        token = _OUTPUT_WEIGHT.set(embedding if self.mode == "tied" else None)
-        try:
-            with torch.inference_mode():
-                return self.backbone.model(inputs_embeds=F.embedding(ids, table), use_cache=True, **kwargs)
-        finally:
-            _OUTPUT_WEIGHT.reset(token)
+        """The model's output with its key/value cache (prefix sharing needs it; logits alone do not)."""
+        return self.backbone.forward(ids, embedding=embedding, mode=self.mode, use_cache=True, **kwargs)
 
     def _left_pass(self, embedding: torch.Tensor | None) -> tuple[torch.Tensor, Any | None]:
         """One forward pass over ``left``: the next-token logits at the blank and the key/value cache of
         ``left`` under ``embedding`` (None where the model cannot share one)."""
         if self.cache_argument is None:
             return self.backbone.logits(self.left, embedding=embedding, mode=self.mode)[0, -1], None
-        # The checks Backbone.logits makes, since this path runs the model directly.
-        if self.mode not in MODES:
-            raise BadInputError(f"unknown substitution mode {self.mode!r}; use one of {', '.join(MODES)}")
-        if embedding is not None:
-            self.backbone._check_variant(embedding, self.mode)
         output = self._call_model(embedding, self.left)
         cache = getattr(output, "cache", None) or getattr(output, "past_key_values", None)
         return output.logits[0, -1], cache if hasattr(cache, "batch_repeat_interleave") else None
@@ -401,7 +391,13 @@ class _CausalScorer:
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(tail.shape[0])
         mask = torch.ones(tail.shape[0], self.left.shape[1] + tail.shape[1], dtype=torch.long)
+        assert self.cache_argument is not None  # _left_pass hands out a prefix only when there is one
         return self._call_model(embedding, tail, attention_mask=mask, **{self.cache_argument: cache}).logits
+
+
+def _decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The text of one sequence of ids (``decode`` is typed for batches too, which give a list)."""
+    return cast(str, tokenizer.decode(ids))
 
 
 def _cache_argument(model: torch.nn.Module) -> str | None:

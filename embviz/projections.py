@@ -32,22 +32,21 @@ from embviz.errors import BadInputError
 from embviz.metrics import (
     Matrix,
     MatrixLike,
-    _as_tensor,
-    _safe_name,
+    as_float_matrix,
     cached_arrays,
     cross_neighbours,
+    file_safe_name,
     is_linear_low_rank,
     nearest_neighbours,
     neighbour_table_cached,
     variant_fingerprint,
 )
+from embviz.progress import Progress, ProgressCallback, nested, send
 
 logger = logging.getLogger(__name__)
 
 ORIGINAL = "original"
 MapMethod = Literal["pca", "umap"]
-ProjectionProgress = Callable[[str, float], None]
-"""Receives ``(stage, fraction_done)`` at each stage of a map (fit, then one transform per variant)."""
 
 _CACHE_VERSION = 1
 _BLOCK_ROWS = 8192
@@ -96,7 +95,7 @@ class ProjectionMap:
 
 # -- shared helpers ------------------------------------------------------------------------------------------
 def _check_variants(original: Matrix, variants: Mapping[str, MatrixLike]) -> torch.Tensor:
-    original = _as_tensor(original)
+    original = as_float_matrix(original)
     for name, variant in variants.items():
         if name == ORIGINAL:
             raise BadInputError(f"a variant cannot be called {ORIGINAL!r}")
@@ -112,7 +111,7 @@ def _take(matrix: MatrixLike, ids: np.ndarray | None) -> torch.Tensor:
     if isinstance(matrix, CompressedEmbedding):
         rows = None if ids is None else torch.from_numpy(ids)
         return matrix.reconstruct(rows).detach().float()
-    tensor = _as_tensor(matrix)
+    tensor = as_float_matrix(matrix)
     return tensor if ids is None else tensor[torch.from_numpy(ids)]
 
 
@@ -135,8 +134,8 @@ def _project(matrix: MatrixLike, mean: torch.Tensor, axes: torch.Tensor) -> np.n
     """``(rows - mean) @ axes`` for every row; a low-rank variant is projected through its factors."""
     if is_linear_low_rank(matrix):
         offset = -mean if matrix.decoder_bias is None else matrix.decoder_bias.double() - mean
-        codes = matrix.codes.double()  # type: ignore[union-attr]
-        return (codes @ (matrix.decoder.double() @ axes) + offset @ axes).float().numpy()  # type: ignore[union-attr]
+        codes, decoder = matrix.factors()
+        return (codes.double() @ (decoder.double() @ axes) + offset @ axes).float().numpy()
     vocab = matrix.shape[0]
     blocks = [
         (_take(matrix, np.arange(s, min(s + _BLOCK_ROWS, vocab))).double() - mean) @ axes
@@ -158,14 +157,14 @@ def sample_ids(vocab_size: int, sample: int | None, seed: int, include: Iterable
     return np.union1d(chosen, include).astype(np.int64)
 
 
-def _report(progress: ProjectionProgress | None, stage: str, done: float) -> None:
-    if progress is not None:
-        progress(stage, done)
+def _report(progress: ProgressCallback | None, stage: str, done: float) -> None:
+    """A map's progress: ``done`` of 1 at each stage (fit, then one transform per variant)."""
+    send(progress, Progress(done, 1.0, stage))
 
 
 # -- PCA ----------------------------------------------------------------------------------------------------
 def pca_map(
-    original: Matrix, variants: Mapping[str, MatrixLike], progress: ProjectionProgress | None = None
+    original: Matrix, variants: Mapping[str, MatrixLike], progress: ProgressCallback | None = None
 ) -> ProjectionMap:
     """Exact 2-D PCA of the original (its own mean and top two axes), every variant in the same frame."""
     started = time.perf_counter()
@@ -192,8 +191,8 @@ def _subset(matrix: MatrixLike, ids: np.ndarray | None) -> MatrixLike:
     if ids is None:
         return matrix
     if is_linear_low_rank(matrix):
-        codes = matrix.codes[torch.from_numpy(ids)]  # type: ignore[index,union-attr]
-        return replace(matrix, codes=codes, history=[])  # type: ignore[type-var]
+        codes = matrix.factors()[0][torch.from_numpy(ids)]
+        return replace(matrix, codes=codes, history=[])
     return _take(matrix, ids)
 
 
@@ -216,7 +215,7 @@ def umap_map(
     sample: int | None = None,
     include_ids: Iterable[int] = (),
     original_neighbours: tuple[np.ndarray, np.ndarray] | None = None,
-    progress: ProjectionProgress | None = None,
+    progress: ProgressCallback | None = None,
 ) -> ProjectionMap:
     """UMAP fitted on the original's rows by cosine distance, each variant placed by the fitted ``transform``.
 
@@ -238,7 +237,9 @@ def umap_map(
     _report(progress, f"finding the exact {n_neighbors - 1} nearest neighbours of {len(ids):,} tokens", 0.0)
     keys = _take(original, subset)
     if original_neighbours is None or subset is not None or original_neighbours[0].shape[1] < n_neighbors - 1:
-        original_neighbours = nearest_neighbours(keys, n_neighbors - 1)
+        original_neighbours = nearest_neighbours(
+            keys, n_neighbors - 1, progress=nested(progress, 0.0, 1 / steps, 1.0)
+        )
     neighbours, scores = (table[:, : n_neighbors - 1] for table in original_neighbours)
     # umap-learn's neighbour lists start with the point itself, at distance 0.
     knn_indices = np.hstack([np.arange(len(ids))[:, None], neighbours]).astype(np.int64)
@@ -279,7 +280,7 @@ def projection_map(
     backbone_name: str = "matrix",
     fingerprint: str | None = None,
     variant_keys: Mapping[str, str] | None = None,
-    progress: ProjectionProgress | None = None,
+    progress: ProgressCallback | None = None,
     **params: Any,
 ) -> ProjectionMap:
     """:func:`pca_map` or :func:`umap_map` (``params`` go to it), cached on disk by the full configuration.
@@ -313,7 +314,7 @@ def projection_map(
         }
     )
     folder = optional_cache_dir("maps")
-    path = folder / f"{_safe_name(backbone_name)}-{method}-{key}.npz" if folder else None
+    path = folder / f"{file_safe_name(backbone_name)}-{method}-{key}.npz" if folder else None
     computed: list[ProjectionMap] = []
 
     def compute() -> dict[str, np.ndarray]:
@@ -400,7 +401,6 @@ def _valid_map(
 __all__ = [
     "ORIGINAL",
     "ProjectionMap",
-    "ProjectionProgress",
     "pca_map",
     "principal_axes",
     "projection_map",

@@ -91,20 +91,32 @@ def model_memory(parameters: int) -> int:
     return math.ceil(parameters * FLOAT32_BYTES * OVERHEAD)
 
 
+def safetensors_header(path: Path) -> dict[str, Any] | None:
+    """The JSON header of a safetensors file (tensor name -> ``dtype``, ``shape``, offsets; plus
+    ``__metadata__``), read without the tensors; None when it is unreadable or not one."""
+    try:
+        with open(path, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > _MAX_HEADER:
+                return None
+            header = json.loads(handle.read(length))
+    except (OSError, ValueError, struct.error):
+        return None
+    return header if isinstance(header, dict) else None
+
+
 def safetensors_parameters(files: Iterable[Path]) -> int | None:
     """Numbers stored in safetensors files, from their JSON headers (the tensors are not read)."""
     total = 0
     for path in files:
+        header = safetensors_header(path)
+        if header is None:
+            return None
         try:
-            with open(path, "rb") as handle:
-                (length,) = struct.unpack("<Q", handle.read(8))
-                if length > _MAX_HEADER:
-                    return None
-                header = json.loads(handle.read(length))
             total += sum(
                 math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__"
             )
-        except (OSError, ValueError, KeyError, TypeError, struct.error):
+        except (ValueError, KeyError, TypeError):
             return None
     return total
 
@@ -156,5 +168,6 @@ __all__ = [
     "gguf_memory",
     "model_memory",
     "neighbour_memory",
+    "safetensors_header",
     "safetensors_parameters",
 ]

@@ -1,6 +1,7 @@
 """Tiny random models for tests, demos and CI: built from a config in seconds, no download.
 
-``build_tiny_model("masked", folder)`` writes a Hugging Face folder (a 2-layer BertForMaskedLM, hidden 32,
+``example_compressor(spec, V, D)`` gives a small, quick configuration of any registered compression method
+(what the method contract test and the export tests fit). ``build_tiny_model("masked", folder)`` writes a Hugging Face folder (a 2-layer BertForMaskedLM, hidden 32,
 with a WordPiece tokenizer trained on a few sentences); ``"causal"`` writes a 2-layer LlamaForCausalLM with a
 byte-level BPE tokenizer. Load either with ``Backbone.from_pretrained(folder)``.
 """
@@ -8,9 +9,17 @@ byte-level BPE tokenizer. Load either with ``Backbone.from_pretrained(folder)``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+
+from embviz.compressors import Compressor, MethodSpec, RowWeights
+
+if TYPE_CHECKING:  # transformers is imported where it is used: its import takes seconds
+    from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+EXAMPLE_RANK = 4
+EXAMPLE_RATIO = 4.0
 
 SENTENCES = [
     "I went to the market to buy some bread and milk.",
@@ -32,7 +41,7 @@ SENTENCES = [
 ]
 
 
-def _train_tokenizer(kind: Literal["masked", "causal"], vocab_size: int):
+def _train_tokenizer(kind: Literal["masked", "causal"], vocab_size: int) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -92,6 +101,7 @@ def build_tiny_model(
     tokenizer = _train_tokenizer(kind, vocab_size)
     vocab = len(tokenizer)
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if kind == "masked":
         config = BertConfig(
             vocab_size=vocab,
@@ -104,7 +114,7 @@ def build_tiny_model(
         )
         model = BertForMaskedLM(config)
     else:
-        config = LlamaConfig(
+        llama_config = LlamaConfig(
             vocab_size=vocab,
             hidden_size=hidden_size,
             num_hidden_layers=layers,
@@ -117,8 +127,38 @@ def build_tiny_model(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(llama_config)
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def example_compressor(
+    spec: MethodSpec,
+    vocab_size: int,
+    hidden_size: int,
+    *,
+    rank: int = EXAMPLE_RANK,
+    ratio: float = EXAMPLE_RATIO,
+) -> Compressor:
+    """A small, quick configuration of a registered method for a V x D matrix (tests, demos).
+
+    Rank-sized methods get ``rank``, byte-sized ones ``ratio``, fixed-size ones their own size; methods that
+    train run one epoch of batches of 64; frequency-aware ones get a synthetic ramp of row weights.
+    """
+    if spec.sizing == "rank":
+        size = spec.size(vocab_size, hidden_size, rank=rank)
+    elif spec.sizing == "bytes":
+        size = spec.size(vocab_size, hidden_size, ratio=ratio)
+    else:
+        size = spec.size(vocab_size, hidden_size)
+    options: dict[str, Any] = {"epochs": 1, "batch_size": 64} if "epochs" in spec.options else {}
+    if spec.needs_row_weights:
+        options["row_weights"] = example_row_weights(vocab_size)
+    return spec.build(size, **options)
+
+
+def example_row_weights(vocab_size: int) -> RowWeights:
+    """Deterministic synthetic token frequencies (a ramp from 0.1 to 3), for frequency-aware examples."""
+    return RowWeights(torch.linspace(0.1, 3.0, vocab_size), source="example ramp")

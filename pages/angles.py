@@ -9,16 +9,10 @@ import streamlit as st
 from embviz.figures import angle_histogram, class_breakdown_bar, norm_ratio_histogram
 from embviz.metrics import FREQUENCY_BANDS, TOKEN_CLASSES
 from embviz.vocab import display_token
-from pages.common import (
-    angles_of,
-    downloads,
-    explain,
-    provenance,
-    require_variants,
-    token_groups,
-    use_app_router,
-    warn_ignored_url_values,
-)
+from pages.data import angles_of, token_groups
+from pages.routing import use_app_router
+from pages.state import warn_ignored_url_values
+from pages.widgets import downloads, explain, provenance, require_variants
 
 use_app_router()
 st.title("Reconstruction angles")
@@ -32,7 +26,7 @@ explain(
 
 config, backbone, variants = require_variants()
 
-angles = angles_of(backbone, config, variants)
+angles = angles_of(backbone, variants)
 note = provenance(backbone, config)
 columns = st.columns(2 * len(angles))
 for i, (name, result) in enumerate(angles.items()):

@@ -7,16 +7,10 @@ import streamlit as st
 
 from embviz.compressors import ratio_for_rank
 from embviz.figures import training_curve
-from pages.common import (
-    current_backbone,
-    downloads,
-    explain,
-    provenance,
-    quality_of,
-    settings,
-    use_app_router,
-    variants_for,
-)
+from pages.data import current_backbone, quality_of
+from pages.routing import use_app_router
+from pages.state import settings
+from pages.widgets import downloads, explain, provenance, variants_for
 
 use_app_router()
 st.title("Compress the token embedding")
@@ -54,9 +48,9 @@ if variants is None:
 ratio = ratio_for_rank(backbone.vocab_size, backbone.hidden_size, config.rank)
 st.subheader(f"Rank {config.rank}: {ratio:.1f}x fewer embedding parameters")
 rows = []
-for name, result in variants.items():
-    compressed = result.compressed
-    quality = quality_of(backbone, config, name, result)
+for name, variant in variants.items():
+    compressed = variant.compressed
+    quality = quality_of(backbone, variant)
     rows.append(
         {
             "variant": name,
@@ -68,7 +62,7 @@ for name, result in variants.items():
             "train_seconds": round(compressed.train_seconds, 1),
             "mean_cosine": round(quality["mean_cosine"], 4),
             "relative_error": round(quality["relative_error"], 4),
-            "from_cache": result.cached,
+            "from_cache": variant.result.cached,
         }
     )
 table = pd.DataFrame(rows)

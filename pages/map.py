@@ -9,16 +9,10 @@ from embviz.errors import EmbvizError
 from embviz.figures import projection_panels
 from embviz.projections import projection_map
 from embviz.vocab import display_token
-from pages.common import (
-    backbone_fingerprint,
-    downloads,
-    explain,
-    focus_token_id,
-    provenance,
-    require_variants,
-    use_app_router,
-    warn_ignored_url_values,
-)
+from pages.data import backbone_fingerprint
+from pages.routing import use_app_router
+from pages.state import warn_ignored_url_values
+from pages.widgets import downloads, explain, focus_token_id, progress_bar, provenance, require_variants
 
 use_app_router()
 st.title("Map of the vocabulary")
@@ -56,18 +50,20 @@ lines = controls[2].checkbox(
 
 focus = focus_token_id(backbone, config)
 # Low-rank variants are placed through their factors (about 2.5x cheaper than dense rows for UMAP).
-matrices = {name: result.compressed for name, result in variants.items()}
+matrices = {name: variant.compressed for name, variant in variants.items()}
 params = (
     {}
     if method == "pca"
     else {"sample": sample_choices[sample_label], "include_ids": [focus] if focus is not None else []}
 )
-keys = {name: result.path.name for name, result in variants.items() if result.path is not None}
+keys = {
+    name: variant.result.path.name for name, variant in variants.items() if variant.result.path is not None
+}
 try:
     with st.status(
         f"{method.upper()} map of {backbone.vocab_size:,} tokens…", expanded=method == "umap"
     ) as status:
-        bar = st.progress(0.0)
+        progress = progress_bar()
         result = projection_map(
             method,
             backbone.embedding,
@@ -75,7 +71,7 @@ try:
             backbone_name=backbone.name,
             fingerprint=backbone_fingerprint(backbone.name),
             variant_keys=keys if len(keys) == len(matrices) else None,
-            progress=lambda stage, done: bar.progress(min(max(done, 0.0), 1.0), text=stage),
+            progress=progress,
             **params,
         )
         status.update(

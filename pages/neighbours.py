@@ -10,16 +10,9 @@ from embviz.errors import EmbvizError
 from embviz.figures import recall_histogram
 from embviz.metrics import neighbour_comparison, recall_at_k
 from embviz.vocab import display_token, suggest
-from pages.common import (
-    backbone_fingerprint,
-    downloads,
-    explain,
-    focus_token_id,
-    neighbour_tables,
-    provenance,
-    require_variants,
-    use_app_router,
-)
+from pages.data import ORIGINAL, backbone_fingerprint, neighbour_tables
+from pages.routing import use_app_router
+from pages.widgets import downloads, explain, focus_token_id, provenance, require_variants
 
 _STATUS_COLOURS = {"kept": "#e6f4ea", "lost": "#fde8e8", "new": "#e8f0fe"}
 
@@ -38,11 +31,11 @@ try:
     with st.spinner(
         f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"
     ):
-        tables = neighbour_tables(backbone, config, variants)
+        tables = neighbour_tables(backbone, variants, config.k)
 except EmbvizError as error:  # e.g. not enough memory for the full-vocabulary search
     st.error(str(error))
     st.stop()
-original_indices, original_scores = tables["original"]
+original_indices, original_scores = tables[ORIGINAL]
 
 focus = focus_token_id(backbone, config)
 if config.token and focus is None:

@@ -5,19 +5,15 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from embviz.compressors import all_methods
 from embviz.figures import perplexity_curve, provenance_line
-from pages.common import current_backbone, downloads, explain, settings, sweep_panel, use_app_router
+from pages.data import current_backbone
+from pages.routing import use_app_router
+from pages.state import settings
+from pages.widgets import downloads, explain, sweep_panel
 
-SWEEP_METHODS = (
-    "svd",
-    "ae-paper",
-    "ae-mse",
-    "ae-cosine",
-    "svd-randomized",
-    "ae-paper-elu",
-    "svd-freq",
-    "ae-paper-freq",
-)
+# Every float low-rank method (quantised ones are compared by bytes on the Size page).
+SWEEP_METHODS = tuple(spec.id for spec in all_methods() if spec.sizing == "rank" and spec.code_bits is None)
 
 use_app_router()
 st.title("Perplexity vs compression")
@@ -46,10 +42,12 @@ computed = sweep_panel(
 if computed is None:
     st.stop()
 rows, text = computed
+records = [row.to_dict() for row in rows]
 figure = perplexity_curve(
-    rows, provenance=provenance_line(backbone.name, text=text, mode=config.mode, recipe=config.recipe, seed=1)
+    records,
+    provenance=provenance_line(backbone.name, text=text, mode=config.mode, recipe=config.recipe, seed=1),
 )
 st.plotly_chart(figure, use_container_width=True)
-table = pd.DataFrame(rows)
+table = pd.DataFrame(records)
 st.dataframe(table, hide_index=True, use_container_width=True)
 downloads("perplexity", table=table, figure=figure)

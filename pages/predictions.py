@@ -8,15 +8,10 @@ import streamlit as st
 from embviz.errors import EmbvizError
 from embviz.predictions import predict_blank, prediction_table
 from embviz.vocab import visible_text
-from pages.common import (
-    current_backbone,
-    downloads,
-    explain,
-    reconstructions,
-    settings,
-    use_app_router,
-    variants_for,
-)
+from pages.data import current_backbone, reconstructions
+from pages.routing import use_app_router
+from pages.state import settings
+from pages.widgets import downloads, explain, variants_for
 
 EXAMPLES = (
     "I went to the ___ to buy some bread.",
@@ -57,7 +52,7 @@ for column, example in zip(example_columns, EXAMPLES, strict=True):
         st.session_state["sentence"] = example
 sentence = st.text_input("Sentence with a blank", key="sentence", bind="query-params")
 
-matrices = reconstructions(backbone, config, variants)
+matrices = reconstructions(variants)
 try:
     with st.spinner("Predicting with three variants…"):
         result = predict_blank(

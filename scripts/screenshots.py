@@ -8,19 +8,15 @@ Uses Debian's Chromium through Playwright, as the end-to-end tests do.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-PAGES = {
-    "compress": ("", "Compress the token embedding"),
-    "neighbours": ("neighbours", "Nearest neighbours"),
-    "angles": ("angles", "Reconstruction angles"),
-    "map": ("map", "Map of the vocabulary"),
-    "predictions": ("predictions", "Fill in the blank"),
-    "perplexity": ("perplexity", "Perplexity vs compression"),
-    "size": ("size", "Size vs quality"),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the repository's pages/
+from pages.navigation import PAGES as PAGE_SPECS
+
+PAGES = {page.name: (page.url_path, page.heading) for page in PAGE_SPECS}
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 
 

@@ -14,9 +14,10 @@ from embviz import resources
 from embviz.artifacts import compress_cached
 from embviz.backbones import Backbone
 from embviz.compressors import AECompressor, make_compressor
+from embviz.progress import Progress
+from pages.navigation import PAGES, PageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = ("compress", "neighbours", "angles", "map", "predictions", "perplexity", "size")
 RANK = 8
 
 
@@ -25,7 +26,7 @@ def server_routing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Route every run through app.py's st.navigation, as a real server does.
 
     AppTest resets Streamlit's legacy ``pages/`` flag before every run, so each run would first go through
-    :func:`pages.common.use_app_router`'s one-off rerun (and lose a button click); a server clears the
+    :func:`pages.routing.use_app_router`'s one-off rerun (and lose a button click); a server clears the
     flag for good once any session has called ``st.navigation``. The rerun itself is covered by the
     browser tests, which open pages directly on a fresh server.
     """
@@ -91,12 +92,25 @@ def test_train_button_trains_and_caches_the_autoencoder(
     assert list((tmp_path / "fresh" / "artifacts").rglob("manifest.json"))
 
 
-@pytest.mark.parametrize("page", PAGES)
-def test_every_page_renders_without_errors(trained: Path, page: str) -> None:
-    app = run_app(page)
+@pytest.mark.parametrize("page", PAGES, ids=lambda page: page.name)
+def test_every_page_renders_without_errors(trained: Path, page: PageSpec) -> None:
+    app = run_app(page.name)
     assert_clean(app)
     assert app.title, "each page has a title"
+    assert app.title[0].value == page.heading, "the heading the browser tests wait for"
     assert app.expander, "each page explains itself"
+
+
+def test_the_navigation_lists_every_page_once() -> None:
+    """A page is a file under pages/ that starts with use_app_router(); each is in pages/navigation.py."""
+    scripts = {
+        f"pages/{path.name}"
+        for path in (ROOT / "pages").glob("*.py")
+        if "\nuse_app_router()\n" in path.read_text(encoding="utf-8")
+    }
+    assert sorted(page.path for page in PAGES) == sorted(scripts)
+    assert [page.url_path for page in PAGES if page.default] == [""]
+    assert len({page.title for page in PAGES}) == len(PAGES)
 
 
 def test_url_parameters_restore_the_shared_state(trained: Path) -> None:
@@ -242,10 +256,10 @@ def test_two_sessions_training_the_same_autoencoder_train_it_once(
     app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Two browser sessions share the server's caches: clicking "train" in both at once trains once."""
-    from pages import common
+    from pages import data
 
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "shared"))
-    common.variant_store.clear()
+    data.variant_store.clear()
     fits: list[int] = []
     fit = AECompressor.fit
 
@@ -254,13 +268,12 @@ def test_two_sessions_training_the_same_autoencoder_train_it_once(
         return fit(self, *args, **kwargs)
 
     monkeypatch.setattr(AECompressor, "fit", counting_fit)
-    backbone = common.load_backbone(str(app_env))
+    backbone = data.load_backbone(str(app_env))
+    spec = data.VariantSpec(backbone.name, "ae-paper", 5, "fast")
     results: dict[int, object] = {}
     sessions = [
         threading.Thread(
-            target=lambda i=i: results.__setitem__(
-                i, common.get_variant(backbone, "ae-paper", 5, "fast", train=True)
-            )
+            target=lambda i=i: results.__setitem__(i, data.get_variant(backbone, spec, train=True))
         )
         for i in range(2)
     ]
@@ -295,16 +308,16 @@ def test_an_unusable_cache_shows_one_warning_and_the_app_still_works(
 def test_a_neighbour_search_that_does_not_fit_is_an_error_not_a_crash(
     trained: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pages import common
+    from pages import data
 
-    common.load_backbone(str(trained))  # the model itself fits
+    data.load_backbone(str(trained))  # the model itself fits
     monkeypatch.setattr(resources, "available_memory", lambda: 600_000)
-    common._original_neighbours.clear()
-    common._variant_neighbours.clear()
+    data._original_neighbours.clear()
+    data._variant_neighbours.clear()
     app = run_app("neighbours")
     assert not app.exception
     assert any("needs about" in error.value and "available" in error.value for error in app.error)
-    common._original_neighbours.clear()
+    data._original_neighbours.clear()
 
 
 def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
@@ -314,18 +327,17 @@ def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
     writing the tiny masked model as the fitted folder) with its expected duration, then selects it."""
     import dataclasses
 
-    from embviz import mlm_head
-    from embviz.backbones import BUILTINS
+    from embviz import mlm_head, sources
 
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "home"))
-    tiny = dataclasses.replace(BUILTINS["minilm"], locate=lambda: tiny_masked_path)
-    monkeypatch.setitem(BUILTINS, "minilm", tiny)
+    tiny = dataclasses.replace(sources.builtin("minilm"), locate=lambda: tiny_masked_path)
+    monkeypatch.setitem(sources._BUILTINS, "minilm", tiny)
     st.cache_resource.clear()
     calls: list[str] = []
 
     def fake_fit(source: str, *, progress: object, **_: object) -> mlm_head.HeadResult:
         calls.append(source)
-        progress(1, 2, "step 1/2")  # type: ignore[operator]
+        progress(Progress(1, 2, "step 1/2"))  # type: ignore[operator]
         backbone = Backbone.from_pretrained(str(tiny_masked_path))
         folder = mlm_head.output_folder(source)
         manifest = {"format_version": mlm_head.FORMAT_VERSION, "accuracy": {"bible:test": {"top1": 0.5}}}

@@ -5,6 +5,7 @@ import torch
 
 from embviz.backbones import Backbone
 from embviz.errors import BadInputError, UnknownModelError
+from embviz.sources import inspect_model, load_model
 
 
 def _batch(backbone: Backbone) -> dict[str, torch.Tensor]:
@@ -72,12 +73,12 @@ def test_wrong_shape_and_mode_are_refused(tiny_backbone: Backbone) -> None:
 
 def test_unknown_model_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(UnknownModelError, match=r"cannot load|unknown model"):
-        Backbone.from_pretrained(str(tmp_path / "no-such-folder"))
+        load_model(str(tmp_path / "no-such-folder"))
     with pytest.raises(UnknownModelError):
-        Backbone.from_pretrained("no/such/model")
+        load_model("no/such/model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(UnknownModelError):
-        Backbone.from_pretrained(str(tmp_path / "empty"))
+        load_model(str(tmp_path / "empty"))
 
 
 def test_tokens_cover_the_vocabulary(tiny_masked: Backbone) -> None:
@@ -86,21 +87,75 @@ def test_tokens_cover_the_vocabulary(tiny_masked: Backbone) -> None:
 
 
 def test_inspect_reads_the_same_facts_as_loading(tiny_backbone: Backbone) -> None:
-    from embviz.backbones import inspect_backbone
-
-    assert inspect_backbone(tiny_backbone.source) == tiny_backbone.info()
+    assert inspect_model(tiny_backbone.source) == tiny_backbone.info()
 
 
 def test_inspect_falls_back_to_loading_when_files_do_not_say(tiny_masked_path, tmp_path) -> None:
     import json
     import shutil
 
-    from embviz.backbones import inspect_backbone
-
     folder = tmp_path / "no-architectures"
     shutil.copytree(tiny_masked_path, folder)
     config = json.loads((folder / "config.json").read_text())
     config.pop("architectures", None)
     (folder / "config.json").write_text(json.dumps(config))
-    info = inspect_backbone(str(folder))
+    info = inspect_model(str(folder))
     assert info.kind == "masked" and info.hidden_size == 32
+
+
+def test_a_backbone_knows_the_format_its_embedding_ships_in(tiny_backbone: Backbone) -> None:
+    assert (tiny_backbone.source_format, tiny_backbone.source_bits_per_weight) == ("float32", 32.0)
+    info = tiny_backbone.info().to_dict()
+    assert (info["source_format"], info["source_bits_per_weight"]) == ("float32", 32.0)
+
+
+@pytest.mark.parametrize(("dtype", "expected"), [(torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
+def test_a_half_precision_folder_ships_in_its_stored_dtype(tiny_causal_path, tmp_path, dtype, expected):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / expected
+    shutil.copytree(tiny_causal_path, folder)
+    weights = folder / "model.safetensors"
+    tensors = {name: tensor.to(dtype) for name, tensor in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    backbone = load_model(str(folder))
+    assert backbone.embedding.dtype == torch.float32  # loaded as float32, shipped in half precision
+    assert (backbone.source_format, backbone.source_bits_per_weight) == (expected, 16.0)
+    assert inspect_model(str(folder)) == backbone.info()
+
+
+def test_the_embedding_is_found_by_name_among_same_shaped_tensors(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from embviz.backbones import embedding_storage
+
+    tensors = {
+        "lm_head.weight": torch.zeros(10, 4, dtype=torch.float32),
+        "model.embed_tokens.weight": torch.zeros(10, 4, dtype=torch.bfloat16),
+        "model.norm.weight": torch.zeros(4),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert embedding_storage([tmp_path / "model.safetensors"], 10, 4) == ("bfloat16", 16.0)
+    assert embedding_storage([tmp_path / "model.safetensors"], 11, 4) == (None, None)
+    assert embedding_storage([], 10, 4) == (None, None)
+
+
+def test_a_gguf_embeddings_format_comes_from_the_gguf_packages_block_sizes(tmp_path) -> None:
+    import numpy as np
+    from gguf import GGMLQuantizationType, GGUFWriter
+    from gguf.quants import quantize
+
+    from embviz.sources import gguf_embedding_format
+
+    for qtype, bits in ((GGMLQuantizationType.Q8_0, 8.5), (GGMLQuantizationType.Q4_1, 5.0)):
+        path = tmp_path / f"{qtype.name}.gguf"
+        writer = GGUFWriter(str(path), "llama")
+        rows = quantize(np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32), qtype)
+        writer.add_tensor("token_embd.weight", rows, raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        assert gguf_embedding_format(path) == (f"GGUF {qtype.name}", bits)

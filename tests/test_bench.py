@@ -33,6 +33,7 @@ from embviz.bench import (
 )
 from embviz.cli import main
 from embviz.errors import BadInputError
+from embviz.progress import Progress
 
 TOP_KEYS = {
     "benchmark",
@@ -264,8 +265,10 @@ def fake_stages(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.usefixtures("fake_stages")
 def test_run_bench_report_shape() -> None:
-    messages: list[str] = []
-    result = run_bench(BenchSettings(repeats=1, heavy_repeats=1), progress=messages.append)
+    reports: list[Progress] = []
+    result = run_bench(BenchSettings(repeats=1, heavy_repeats=1), progress=reports.append)
+    messages = [report.message for report in reports]
+    assert reports[-1].finished and [report.done for report in reports] == sorted(r.done for r in reports)
     assert set(result) == TOP_KEYS
     assert set(result["machine"]) >= MACHINE_KEYS
     assert result["mode"] == "full"

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import pytest
 
-from embviz.backbones import Backbone
 from embviz.evaluation import UNCOMPRESSED, sweep
+from embviz.sources import load_model
 
 pytestmark = pytest.mark.slow
 
 
 def test_direction_loss_beats_svd_at_rank_64() -> None:
-    backbone = Backbone.from_pretrained("smollm2")
+    backbone = load_model("smollm2")
     rows = sweep(backbone, ["svd", "ae-paper"], ranks=[64], text="bible:test", mode="input", recipe="fast")
-    by_method = {row["method"]: row for row in rows}
+    by_method = {row.method: row.to_dict() for row in rows}
     original = by_method[UNCOMPRESSED]["perplexity"]
     svd, ae = by_method["svd"], by_method["ae-paper"]
     assert svd["params"] <= ae["params"] <= svd["params"] + backbone.hidden_size  # same budget (+ AE bias)
@@ -32,12 +32,14 @@ def test_frequency_aware_compressors_meet_the_issue_7_targets() -> None:
     """Beyond the paper (issue 7), bible:test, input mode: at equal parameters the frequency-weighted SVD
     beats the paper-loss AE by >= 2x at rank 64 (measured: 312 vs 2513, 8x), and at 8x fewer bytes the
     frequency-aware mixed-precision rows stay within 1.2x of the original (measured: 0.999x)."""
-    backbone = Backbone.from_pretrained("smollm2")
+    backbone = load_model("smollm2")
     options = {"text": "bible:test", "mode": "input", "recipe": "fast"}
     rows = sweep(backbone, ["ae-paper", "svd-freq"], ranks=[64], **options)
-    by_method = {row["method"]: row for row in rows}
+    by_method = {row.method: row.to_dict() for row in rows}
     assert by_method["svd-freq"]["params"] <= by_method["ae-paper"]["params"]
     assert 2 * by_method["svd-freq"]["perplexity"] <= by_method["ae-paper"]["perplexity"]
-    [original, mixed] = sweep(backbone, ["quant-mixed"], ratios=[8.0], by="bytes", **options)
+    [original, mixed] = (
+        row.to_dict() for row in sweep(backbone, ["quant-mixed"], ratios=[8.0], by="bytes", **options)
+    )
     assert mixed["byte_ratio"] >= 8.0
     assert mixed["perplexity"] <= 1.2 * original["perplexity"], (mixed["perplexity"], original["perplexity"])

@@ -20,6 +20,7 @@ from embviz.backbones import Backbone
 from embviz.evaluation import UNCOMPRESSED, sweep
 from embviz.mlm_head import fit_mlm_head
 from embviz.predictions import predict_blank
+from embviz.sources import load_model
 
 pytestmark = pytest.mark.slow
 
@@ -29,16 +30,17 @@ METHODS = ["svd", "ae-paper", "ae-mse"]
 
 @pytest.fixture(scope="module")
 def minilm_mlm() -> Backbone:
-    result = fit_mlm_head("minilm")
+    result = fit_mlm_head("minilm", load=load_model)
     test = result.accuracies["bible:test"]
     assert test["top1"] >= 0.40, result.accuracies  # the target
     assert result.accuracies["bible:valid"]["top1"] >= 0.38
     assert all(0 < figures["top1"] < figures["top5"] < 1 for figures in result.accuracies.values())
-    return Backbone.from_pretrained("minilm-mlm")
+    return load_model("minilm-mlm")
 
 
 def _perplexities(backbone: Backbone, mode: str) -> tuple[float, dict[tuple[str, float], float]]:
-    rows = sweep(backbone, METHODS, ratios=list(RATIOS), text="bible:test", mode=mode, recipe="fast")
+    swept = sweep(backbone, METHODS, ratios=list(RATIOS), text="bible:test", mode=mode, recipe="fast")
+    rows = [row.to_dict() for row in swept]
     [original] = [row["perplexity"] for row in rows if row["method"] == UNCOMPRESSED]
     table = {(row["method"], row["target_ratio"]): row["perplexity"] for row in rows[1:]}
     ranks = {row["target_ratio"]: row["rank"] for row in rows[1:]}

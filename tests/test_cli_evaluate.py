@@ -63,6 +63,27 @@ def test_evaluate_json(
     assert set(result["perplexity"]) == {"original", "compressed"}
     assert result["rank"] == 8 and result["artifact"] == artifact and 0 <= result["recall_at_k"] <= 1
     assert "evaluated" in err  # progress goes to stderr
+    assert list(result)[-9:] == [
+        "kl_nats",
+        "top1_agreement",
+        "perplexity_variant_directions",
+        "perplexity_variant_lengths",
+        "bits_per_weight",
+        "bytes_vs_bf16",
+        "source_format",
+        "source_bits_per_weight",
+        "bytes_vs_source",
+    ]
+    assert result["bits_per_weight"] == pytest.approx(8 * result["bytes"] / tiny_causal.embedding.numel())
+    assert (result["source_format"], result["source_bits_per_weight"]) == ("float32", 32.0)
+    assert result["bytes_vs_source"] == pytest.approx(32.0 / result["bits_per_weight"], rel=1e-3)
+    assert result["kl_nats"] > 0 and 0 <= result["top1_agreement"] <= 1
+    assert result["perplexity_variant_directions"] > 1 and result["perplexity_variant_lengths"] > 1
+    argv = ["evaluate", str(tiny_causal_path), "--artifact", artifact, "--text", text_file]
+    status, out, _ = _run(capsys, *argv, "--no-ablation", "--json")
+    quick = json.loads(out)
+    assert status == 0 and quick["kl_nats"] == result["kl_nats"]
+    assert quick["perplexity_variant_directions"] is None and quick["perplexity_variant_lengths"] is None
 
 
 def test_evaluate_human_output(
@@ -73,6 +94,10 @@ def test_evaluate_human_output(
     status, out, _ = _run(capsys, *argv, "--mode", "tied", "--max-tokens", "300")
     assert status == 0
     assert "perplexity (original)" in out and "recall_at_k" in out and "masked LM" in out
+    assert "KL(original || compressed), nats/token" in out and "top-1 agreement" in out
+    assert "perplexity (compressed directions, original lengths)" in out
+    status, out, _ = _run(capsys, *argv, "--max-tokens", "300", "--no-ablation")
+    assert status == 0 and "top-1 agreement" in out and "directions" not in out
 
 
 SWEEP = ["--methods", "svd,ae-mse", "--ratios", "2,4", "--max-tokens", "256"]
@@ -91,6 +116,24 @@ def test_sweep_json(tiny_causal_path: Path, text_file: str, capsys: pytest.Captu
     ]
     assert all(row.keys() >= set(SWEEP_COLUMNS) | {"original_perplexity", "protocol"} for row in rows)
     assert "sweep done" in err
+    assert (rows[0]["kl_nats"], rows[0]["top1_agreement"]) == (0.0, 1.0)
+    assert all(row["kl_nats"] > 0 for row in rows[1:])
+    assert all(row["perplexity_variant_directions"] is None for row in rows)
+
+
+def test_sweep_ablation_flag(
+    tiny_causal_path: Path, text_file: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sweep", str(tiny_causal_path), "--methods", "svd", "--ranks", "4", "--max-tokens", "256"]
+    status, out, _ = _run(capsys, *argv, "--text", text_file, "--ablation", "--json")
+    assert status == 0
+    rows = json.loads(out)
+    assert all(
+        row["perplexity_variant_directions"] > 1 and row["perplexity_variant_lengths"] > 1 for row in rows
+    )
+    status, out, _ = _run(capsys, *argv, "--text", text_file, "--ablation")
+    assert status == 0
+    assert out.splitlines()[0].split()[-2:] == ["perplexity_variant_directions", "perplexity_variant_lengths"]
 
 
 def test_sweep_by_bytes_marks_the_frontier(
@@ -127,6 +170,8 @@ def test_sweep_csv_and_table(
         "frontier",
         "recall_at_k",
         "mean_angle_deg",
+        "kl_nats",
+        "top1_agreement",
     ]
     assert len(lines) == 5 and lines[0].split()[0] == "uncompressed"
 

@@ -4,19 +4,19 @@ import pytest
 import torch
 
 from embviz.compressors import (
-    METHODS,
     AECompressor,
     CompressedEmbedding,
     SVDCompressor,
     TrainingCancelled,
-    TrainingProgress,
     compressor_from_config,
+    get_method,
     make_compressor,
     rank_for_ratio,
     reconstruction_quality,
 )
 from embviz.compressors.autoencoder import split_rows
 from embviz.errors import BadInputError
+from embviz.progress import Progress
 
 
 def _matrix(rows: int = 240, cols: int = 16, seed: int = 0) -> torch.Tensor:
@@ -142,7 +142,7 @@ def test_paper_recipe_halves_the_learning_rate_every_four_epochs_and_anneals_alp
 
 
 def test_ae_progress_reports_and_cancellation() -> None:
-    reports: list[TrainingProgress] = []
+    reports: list[Progress] = []
     compressor = AECompressor(4, epochs=2, batch_size=2)  # 114 steps per epoch: reports are thinned out
     compressor.fit(_matrix(), progress=lambda report: reports.append(report) or None)
     per_epoch = [sum(r.epoch == e for r in reports) for e in (1, 2)]
@@ -150,9 +150,9 @@ def test_ae_progress_reports_and_cancellation() -> None:
     assert [r.epoch for r in reports if r.epoch_end] == [1, 2]
     assert all(r.terms.keys() == {"cosine", "abs_power"} for r in reports)
 
-    seen: list[TrainingProgress] = []
+    seen: list[Progress] = []
 
-    def cancel(report: TrainingProgress) -> bool:
+    def cancel(report: Progress) -> bool:
         seen.append(report)
         return False
 
@@ -171,7 +171,7 @@ def test_nonlinear_ae_decodes_through_elu() -> None:
 
 def test_make_compressor_ids() -> None:
     assert make_compressor("svd", 8).method == "svd"
-    assert make_compressor("svd-randomized", 8, n_iter=2).label == METHODS["svd-randomized"]
+    assert make_compressor("svd-randomized", 8, n_iter=2).label == get_method("svd-randomized").label
     for loss in ("paper", "cosine", "mse"):
         compressor = make_compressor(f"ae-{loss}", 8)
         assert compressor.method == f"ae-{loss}" and compressor.get_config()["recipe"] == "fast"
@@ -203,9 +203,9 @@ def test_compressed_embedding_rejects_unknown_activation() -> None:
 @pytest.mark.slow
 def test_smollm2_ae_beats_svd_and_is_cached() -> None:
     from embviz.artifacts import compress_cached
-    from embviz.backbones import Backbone
+    from embviz.sources import load_model
 
-    backbone = Backbone.from_pretrained("smollm2")
+    backbone = load_model("smollm2")
     embedding = backbone.embedding
     quality = {}
     for method in ("svd", "ae-paper"):

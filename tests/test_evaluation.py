@@ -4,8 +4,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from embviz.artifacts import ArtifactError, compress_cached
+from embviz.artifacts import ArtifactError, compress_cached, variant_key
 from embviz.backbones import Backbone
 from embviz.compressors import (
     AECompressor,
@@ -18,12 +19,13 @@ from embviz.errors import BadInputError
 from embviz.evaluation import (
     SWEEP_COLUMNS,
     UNCOMPRESSED,
+    SweepRow,
     evaluate_variant,
     load_variant,
     sweep,
-    variant_key,
     variant_name,
 )
+from embviz.progress import Progress
 from embviz.testing import SENTENCES
 
 MAX_TOKENS = 256
@@ -44,6 +46,48 @@ KEYS = {
     "seconds",
     "protocol",
 }
+
+STORAGE_KEYS = [
+    "bits_per_weight",
+    "bytes_vs_bf16",
+    "source_format",
+    "source_bits_per_weight",
+    "bytes_vs_source",
+]
+"""Bits per weight and the ratios against bfloat16 and the backbone's source format (issue 14)."""
+
+EVALUATION_ORDER = [
+    "backbone",
+    "method",
+    "label",
+    "rank",
+    "ratio",
+    "params",
+    "bytes",
+    "byte_ratio",
+    "text",
+    "mode",
+    "k",
+    "perplexity",
+    "vs_original",
+    "recall_at_k",
+    "mean_angle_deg",
+    "median_angle_deg",
+    "mean_norm_ratio",
+    "mean_cosine",
+    "min_cosine",
+    "relative_error",
+    "tokens_scored",
+    "perplexity_cached",
+    "protocol",
+    "seconds",
+    "kl_nats",
+    "top1_agreement",
+    "perplexity_variant_directions",
+    "perplexity_variant_lengths",
+    *STORAGE_KEYS,
+]
+"""The keys of ``embviz evaluate --json`` (after ``artifact``), in order."""
 
 
 @pytest.fixture
@@ -67,14 +111,13 @@ def _identity(backbone: Backbone) -> CompressedEmbedding:
 
 def test_evaluate_variant_reports_every_figure(tiny_backbone: Backbone, text_file: str) -> None:
     compressed = _svd(tiny_backbone)
-    steps: list[tuple[float, int, str]] = []
-    result = evaluate_variant(
-        tiny_backbone,
-        compressed,
-        text=text_file,
-        max_tokens=MAX_TOKENS,
-        progress=lambda *step: steps.append(step),
+    steps: list[Progress] = []
+    evaluation = evaluate_variant(
+        tiny_backbone, compressed, text=text_file, max_tokens=MAX_TOKENS, progress=steps.append
     )
+    result = evaluation.to_dict()
+    assert list(result) == EVALUATION_ORDER
+    assert evaluation.perplexity == result["perplexity"]["compressed"]
     assert result.keys() >= KEYS
     perplexity = result["perplexity"]
     assert set(perplexity) == {"original", "compressed"}
@@ -89,14 +132,14 @@ def test_evaluate_variant_reports_every_figure(tiny_backbone: Backbone, text_fil
     assert result["bytes"] == 4 * compressed.params
     assert result["k"] == 10 and result["mode"] == "input"
     assert "recall@10" in result["protocol"] and "input embedding" in result["protocol"]
-    assert steps and steps[-1][0] == steps[-1][1]
-    assert [step[0] for step in steps] == sorted(step[0] for step in steps)
+    assert steps and steps[-1].done == steps[-1].total
+    assert [step.done for step in steps] == sorted(step.done for step in steps)
 
 
 def test_repeated_evaluation_is_cached_and_identical(tiny_causal: Backbone, text_file: str) -> None:
     compressed = _svd(tiny_causal)
-    first = evaluate_variant(tiny_causal, compressed, text=text_file, max_tokens=MAX_TOKENS)
-    again = evaluate_variant(tiny_causal, compressed, text=text_file, max_tokens=MAX_TOKENS)
+    first = evaluate_variant(tiny_causal, compressed, text=text_file, max_tokens=MAX_TOKENS).to_dict()
+    again = evaluate_variant(tiny_causal, compressed, text=text_file, max_tokens=MAX_TOKENS).to_dict()
     assert first["perplexity_cached"] is False and again["perplexity_cached"] is True
     drop = {"seconds", "perplexity_cached"}
     assert {k: v for k, v in first.items() if k not in drop} == {
@@ -108,7 +151,7 @@ def test_repeated_evaluation_is_cached_and_identical(tiny_causal: Backbone, text
 def test_an_exact_copy_changes_nothing(tiny_backbone: Backbone, text_file: str, mode: str) -> None:
     result = evaluate_variant(
         tiny_backbone, _identity(tiny_backbone), text=text_file, mode=mode, max_tokens=MAX_TOKENS
-    )
+    ).to_dict()
     assert result["perplexity"]["compressed"] == pytest.approx(result["perplexity"]["original"], rel=1e-9)
     assert result["recall_at_k"] == 1.0
     assert result["mean_angle_deg"] == pytest.approx(0, abs=1e-3)
@@ -138,6 +181,43 @@ def test_bad_evaluation_settings(tiny_causal: Backbone, options: dict, message: 
         evaluate_variant(tiny_causal, _identity(tiny_causal), **options)
 
 
+def _dense(matrix: torch.Tensor, label: str) -> CompressedEmbedding:
+    return CompressedEmbedding(method=label, config={"label": label}, dense=matrix)
+
+
+def test_divergence_and_ablation_of_an_exact_copy(tiny_backbone: Backbone, text_file: str) -> None:
+    result = evaluate_variant(tiny_backbone, _identity(tiny_backbone), text=text_file, max_tokens=MAX_TOKENS)
+    original = result.original_perplexity
+    assert result.kl_nats == pytest.approx(0.0, abs=1e-7) and result.top1_agreement == 1.0
+    assert result.perplexity_variant_directions == pytest.approx(original, rel=1e-9)
+    assert result.perplexity_variant_lengths == pytest.approx(original, rel=1e-9)
+
+
+def test_ablation_separates_direction_from_length(tiny_causal: Backbone, text_file: str) -> None:
+    half = _dense(tiny_causal.embedding * 0.5, "half")
+    result = evaluate_variant(tiny_causal, half, text=text_file, max_tokens=MAX_TOKENS)
+    # The rows' directions are the original's: restoring the lengths restores the model.
+    assert result.perplexity_variant_directions == pytest.approx(result.original_perplexity, rel=1e-6)
+    # The original's directions with the variant's lengths is the variant itself.
+    assert result.perplexity_variant_lengths == pytest.approx(result.perplexity, rel=1e-6)
+    assert result.perplexity != pytest.approx(result.original_perplexity, rel=1e-3)
+    assert result.kl_nats > 0
+
+
+def test_a_damaged_variant_diverges_and_the_ablation_is_optional(
+    tiny_causal: Backbone, text_file: str
+) -> None:
+    options = {"text": text_file, "max_tokens": MAX_TOKENS}
+    result = evaluate_variant(tiny_causal, _svd(tiny_causal, rank=1), ablation=False, **options).to_dict()
+    assert result["kl_nats"] > 0 and 0 <= result["top1_agreement"] < 1
+    assert result["perplexity_variant_directions"] is None and result["perplexity_variant_lengths"] is None
+    full = evaluate_variant(tiny_causal, _svd(tiny_causal, rank=1), **options).to_dict()
+    assert full["perplexity_cached"] and full["kl_nats"] == result["kl_nats"]
+    assert all(
+        math.isfinite(full[key]) for key in ("perplexity_variant_directions", "perplexity_variant_lengths")
+    )
+
+
 def test_load_variant_checks_the_matrix(tiny_causal: Backbone, tiny_masked: Backbone) -> None:
     path = compress_cached(tiny_causal.name, tiny_causal.embedding, make_compressor("svd", 4)).path
     assert load_variant(tiny_causal, path).rank == 4
@@ -149,9 +229,28 @@ def test_load_variant_checks_the_matrix(tiny_causal: Backbone, tiny_masked: Back
 
 # -- sweep ---------------------------------------------------------------------------------------------
 def test_sweep_rows_and_cache(tiny_causal: Backbone, text_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    steps: list[tuple[float, int, str]] = []
+    steps: list[Progress] = []
     options = {"ratios": [2, 4], "text": text_file, "max_tokens": MAX_TOKENS}
-    rows = sweep(tiny_causal, ["svd", "ae-paper"], progress=lambda *step: steps.append(step), **options)
+    typed = sweep(tiny_causal, ["svd", "ae-paper"], progress=steps.append, **options)
+    rows = [row.to_dict() for row in typed]
+    assert all(isinstance(row, SweepRow) for row in typed) and typed[1].method == rows[1]["method"]
+    assert list(rows[0])[len(SWEEP_COLUMNS) :] == [
+        "original_perplexity",
+        "text",
+        "mode",
+        "k",
+        "protocol",
+        "kl_nats",
+        "top1_agreement",
+        "perplexity_variant_directions",
+        "perplexity_variant_lengths",
+        *STORAGE_KEYS,
+    ]
+    assert (rows[0]["bits_per_weight"], rows[0]["source_bits_per_weight"]) == (32.0, 32.0)
+    assert all(
+        row["bits_per_weight"] == pytest.approx(8 * row["bytes"] / tiny_causal.embedding.numel(), abs=1e-4)
+        for row in rows
+    )
 
     assert len(rows) == 1 + 2 * 2
     assert all(list(row)[: len(SWEEP_COLUMNS)] == list(SWEEP_COLUMNS) for row in rows)
@@ -167,15 +266,15 @@ def test_sweep_rows_and_cache(tiny_causal: Backbone, text_file: str, monkeypatch
         assert row["ratio"] >= ratio and row["original_perplexity"] == reference["perplexity"]
         assert math.isfinite(row["perplexity"]) and 0 < row["recall_at_k"] < 1
         assert Path(row["artifact"]).is_dir()
-    assert steps[-1][0] == steps[-1][1] == 1 + 2 * 4
-    assert [step[0] for step in steps] == sorted(step[0] for step in steps)
+    assert steps[-1].done == steps[-1].total == 1 + 2 * 4
+    assert [step.done for step in steps] == sorted(step.done for step in steps)
 
     def refit(*_: object, **__: object) -> None:
         raise AssertionError("a cached configuration was fitted again")
 
     monkeypatch.setattr(SVDCompressor, "fit", refit)
     monkeypatch.setattr(AECompressor, "fit", refit)
-    again = sweep(tiny_causal, ["svd", "ae-paper"], **options)
+    again = [row.to_dict() for row in sweep(tiny_causal, ["svd", "ae-paper"], **options)]
     assert all(row["cached"] for row in again)
     volatile = {"seconds", "cached"}
     assert [{k: v for k, v in row.items() if k not in volatile} for row in again] == [
@@ -183,15 +282,30 @@ def test_sweep_rows_and_cache(tiny_causal: Backbone, text_file: str, monkeypatch
     ]
 
 
+def test_sweep_divergence_and_optional_ablation(tiny_causal: Backbone, text_file: str) -> None:
+    options = {"ranks": [2, 16], "text": text_file, "max_tokens": MAX_TOKENS}
+    plain = sweep(tiny_causal, ["svd"], **options)
+    assert (plain[0].kl_nats, plain[0].top1_agreement) == (0.0, 1.0)
+    assert all(row.perplexity_variant_directions is None for row in plain)
+    assert all(row.perplexity_variant_lengths is None for row in plain)
+    assert all(row.kl_nats > 0 and 0 <= row.top1_agreement < 1 for row in plain[1:])
+    assert plain[1].kl_nats > plain[2].kl_nats  # rank 2 diverges more than rank 16
+    ablated = sweep(tiny_causal, ["svd"], ablation=True, **options)
+    assert ablated[0].perplexity_variant_directions == ablated[0].perplexity
+    for row, before in zip(ablated[1:], plain[1:], strict=True):
+        assert (row.kl_nats, row.perplexity) == (before.kl_nats, before.perplexity)
+        assert row.perplexity_variant_directions is not None and row.perplexity_variant_lengths is not None
+
+
 def test_sweep_by_rank_with_the_masked_protocol(tiny_masked: Backbone, text_file: str) -> None:
     rows = sweep(tiny_masked, ["svd"], ranks=[4, 16], text=text_file, max_tokens=MAX_TOKENS)
-    assert [(row["method"], row["rank"], row["target_ratio"]) for row in rows] == [
+    assert [(row.method, row.rank, row.target_ratio) for row in rows] == [
         (UNCOMPRESSED, tiny_masked.hidden_size, 1.0),
         ("svd", 4, None),
         ("svd", 16, None),
     ]
-    assert rows[2]["recall_at_k"] > rows[1]["recall_at_k"]
-    assert "masked LM" in rows[0]["protocol"]
+    assert rows[2].recall_at_k > rows[1].recall_at_k
+    assert "masked LM" in rows[0].protocol
 
 
 @pytest.mark.parametrize(
@@ -209,7 +323,29 @@ def test_sweep_by_rank_with_the_masked_protocol(tiny_masked: Backbone, text_file
 def test_sweep_checks_everything_before_running(
     tiny_causal: Backbone, methods: list[str], options: dict, message: str
 ) -> None:
-    steps: list[tuple[float, int, str]] = []
+    steps: list[Progress] = []
     with pytest.raises(BadInputError, match=message):
-        sweep(tiny_causal, methods, progress=lambda *step: steps.append(step), **options)
+        sweep(tiny_causal, methods, progress=steps.append, **options)
     assert steps == []
+
+
+# -- the real default backbone ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_smollm2_svd_diverges_by_direction_not_length() -> None:
+    """SPEC §2: direction errors, not length errors, destroy the model; KL and agreement say so too."""
+    from embviz.sources import load_model
+
+    backbone = load_model("smollm2")
+    compressed = _svd(backbone, rank=64)
+    result = evaluate_variant(backbone, compressed, text="bible:test", max_tokens=512, ablation=True)
+    original, variant = result.original_perplexity, result.perplexity
+    assert variant > 10 * original
+    assert result.kl_nats > 0.5 and 0 < result.top1_agreement < 1
+    directions, lengths = result.perplexity_variant_directions, result.perplexity_variant_lengths
+    assert directions is not None and lengths is not None
+    # Restoring the lengths barely helps: the variant's directions alone keep most of the damage (measured
+    # at 512 tokens: original 19.9, variant 3,742, directions 2,550) ... while the original's directions
+    # with the variant's lengths stay close to the original (43.4).
+    damage = math.log(variant / original)
+    assert math.log(directions / original) > 0.75 * damage
+    assert math.log(lengths / original) < 0.25 * damage

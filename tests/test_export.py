@@ -14,9 +14,9 @@ from safetensors import safe_open
 
 import embviz
 from embviz.artifacts import WEIGHTS_FILE, compress_cached
-from embviz.backbones import Backbone, inspect_backbone
+from embviz.backbones import Backbone
 from embviz.cli import main
-from embviz.compressors import CompressedEmbedding, make_compressor
+from embviz.compressors import CompressedEmbedding, get_method, make_compressor, method_ids
 from embviz.errors import BadInputError, EmbvizError
 from embviz.evaluation import evaluate_variant
 from embviz.export import (
@@ -28,23 +28,12 @@ from embviz.export import (
     load_compressed,
     verify_export,
 )
-from embviz.frequency import frequency_weights
 from embviz.perplexity import build_eval_set, score_variant
-from embviz.testing import SENTENCES
+from embviz.sources import inspect_model, load_model
+from embviz.testing import SENTENCES, example_compressor
 
 RANK = 8
-METHODS: dict[str, tuple[str, int | None, dict[str, Any]]] = {
-    "svd": ("svd", RANK, {}),
-    "ae": ("ae-paper", RANK, {"epochs": 2}),
-    "ae-elu": ("ae-paper-elu", RANK, {"epochs": 2}),
-    "ae-int8": ("ae-paper-int8", RANK, {"epochs": 2}),
-    "quant-int8": ("quant-int8", None, {}),
-    "quant-int4": ("quant-int4", None, {}),
-    "svd-int8": ("svd-int8", RANK, {}),
-    "svd-int4": ("svd-int4", RANK, {}),
-    "svd-freq": ("svd-freq", RANK, {"row_weights": "frequency"}),
-    "quant-mixed": ("quant-mixed", None, {"row_weights": "frequency", "ratio": 6.0}),
-}
+METHODS = method_ids()
 _VARIANTS: dict[tuple[int, str], CompressedEmbedding] = {}
 
 
@@ -66,10 +55,9 @@ def backbone(request: pytest.FixtureRequest) -> Backbone:
 def _variant(backbone: Backbone, name: str) -> CompressedEmbedding:
     key = (id(backbone), name)
     if key not in _VARIANTS:
-        method, rank, options = METHODS[name]
-        if options.get("row_weights") == "frequency":
-            options = {**options, "row_weights": frequency_weights(backbone)}
-        _VARIANTS[key] = make_compressor(method, rank, **options).fit(backbone.embedding)
+        spec = get_method(name)
+        compressor = example_compressor(spec, backbone.vocab_size, backbone.hidden_size, rank=RANK, ratio=6.0)
+        _VARIANTS[key] = compressor.fit(backbone.embedding)
     return _VARIANTS[key]
 
 
@@ -89,7 +77,7 @@ def _header_bytes(path: Path) -> int:
 
 # -- round trip --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("mode", ["tied", "input"])
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", METHODS)
 def test_export_load_gives_identical_logits(backbone: Backbone, name: str, mode: str, tmp_path: Path) -> None:
     compressed = _variant(backbone, name)
     out = tmp_path / "export"
@@ -137,16 +125,16 @@ def test_quantised_codes_are_stored_as_integers(tiny_causal: Backbone, tmp_path:
             assert {key: handle.get_tensor(key).dtype for key in handle.keys()} == dtypes  # noqa: SIM118
 
 
-def test_from_pretrained_and_package_level_loader(tiny_causal: Backbone, tmp_path: Path) -> None:
+def test_load_model_and_package_level_loader(tiny_causal: Backbone, tmp_path: Path) -> None:
     out = tmp_path / "export"
     export_compressed(tiny_causal, _variant(tiny_causal, "svd"), out)
     ids = _ids(tiny_causal)
-    via_backbone = Backbone.from_pretrained(str(out))
+    via_backbone = load_model(str(out))
     via_package = embviz.load_compressed(out)
     assert embviz.load_compressed is load_compressed
     assert torch.equal(via_backbone.logits(ids), via_package.logits(ids))
     assert via_backbone.name == str(out) and "embviz export" in via_backbone.source
-    info = inspect_backbone(str(out))
+    info = inspect_model(str(out))
     assert (info.vocab_size, info.hidden_size, info.tied) == (*tiny_causal.embedding.shape, True)
 
 
@@ -176,10 +164,10 @@ def test_export_perplexity_equals_the_variants(
     loaded = load_compressed(out)
     texts = Path(text_file).read_text(encoding="utf-8").splitlines()
     exported = score_variant(loaded, build_eval_set(loaded, texts, max_tokens=256))
-    assert exported.perplexity == reported["perplexity"]["compressed"]
+    assert exported.perplexity == reported.perplexity
     check = verify_export(tiny_causal, compressed, out, mode=mode, text=text_file, max_tokens=256)  # type: ignore[arg-type]
     assert check["identical_logits"] and check["max_abs_logit_diff"] == 0.0
-    assert check["perplexity_export"] == check["perplexity_variant"] == reported["perplexity"]["compressed"]
+    assert check["perplexity_export"] == check["perplexity_variant"] == reported.perplexity
 
 
 # -- corruption and tampering ----------------------------------------------------------------------------
@@ -222,7 +210,7 @@ def test_tampered_export_is_refused(exported: Path, tamper: Any, message: str) -
     with pytest.raises(ExportError, match=message):
         load_compressed(exported)
     with pytest.raises(EmbvizError, match=message):
-        Backbone.from_pretrained(str(exported))
+        load_model(str(exported))
 
 
 def _edit_manifest(out: Path, **changes: Any) -> None:

@@ -9,15 +9,15 @@ import torch
 from embviz.artifacts import load_artifact, save_artifact
 from embviz.backbones import Backbone
 from embviz.compressors import (
-    FREQUENCY_METHODS,
-    METHODS,
     AECompressor,
     MixedPrecisionRows,
     QuantizedLowRank,
     RowWeights,
     SVDCompressor,
     compressor_from_config,
+    get_method,
     make_compressor,
+    method_ids,
 )
 from embviz.compressors.quantize import (
     MIXED_BITS,
@@ -29,7 +29,7 @@ from embviz.compressors.quantize import (
     unpack_subbyte,
 )
 from embviz.errors import BadInputError
-from embviz.evaluation import _plan
+from embviz.evaluation import plan_sweep
 from embviz.frequency import frequency_weights, train_counts
 from embviz.frontier import frontier
 
@@ -190,12 +190,12 @@ def test_mixed_rows_refuse_impossible_budgets() -> None:
 # -- registry and sweep plan -----------------------------------------------------------------------------
 def test_registry_builds_every_frequency_method_and_rebuilds_it_from_config() -> None:
     weights = _skewed_weights()
-    for method in FREQUENCY_METHODS:
+    for method in method_ids(needs_row_weights=True):
         options = {"ratio": 4.0} if method == "quant-mixed" else {}
         compressor = make_compressor(
             method, None if method == "quant-mixed" else 3, row_weights=weights, **options
         )
-        assert compressor.method == method and METHODS[method]
+        assert compressor.method == method and get_method(method).label
         rebuilt = compressor_from_config(compressor.get_config(), row_weights=weights)
         assert rebuilt.get_config() == compressor.get_config()
         with pytest.raises(BadInputError):
@@ -216,17 +216,17 @@ def test_quantised_low_rank_wraps_any_low_rank_base(method: str) -> None:
 
 
 def test_sweep_plan_sizes_mixed_rows_by_bytes_and_needs_ratios(tiny_causal: Backbone) -> None:
-    jobs = _plan(tiny_causal, ["quant-mixed", "svd-freq"], [4.0, 8.0], None, "fast")
+    jobs = plan_sweep(tiny_causal, ["quant-mixed", "svd-freq"], [4.0, 8.0], None, "fast")
     assert [(job.method, job.target_ratio) for job in jobs][:2] == [
         ("quant-mixed", 4.0),
         ("quant-mixed", 8.0),
     ]
     with pytest.raises(BadInputError):
-        _plan(tiny_causal, ["quant-mixed"], None, [3], "fast")
+        plan_sweep(tiny_causal, ["quant-mixed"], None, [3], "fast")
     with pytest.raises(BadInputError, match="at most"):
-        _plan(tiny_causal, ["quant-mixed", "svd"], [4.0, 20.0], None, "fast")  # refused before any fit
+        plan_sweep(tiny_causal, ["quant-mixed", "svd"], [4.0, 20.0], None, "fast")  # refused before any fit
     with pytest.raises(BadInputError):
-        _plan(tiny_causal, ["svd"], [2.0], None, "fast", by="flops")
+        plan_sweep(tiny_causal, ["svd"], [2.0], None, "fast", by="flops")
 
 
 def test_frontier_marks_pareto_optimal_rows() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embviz import metrics
-from embviz.backbones import Backbone
+from embviz.backbones import Backbone, reserved_token_ids
 from embviz.cache import cache_dir
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError
@@ -29,6 +29,7 @@ from embviz.metrics import (
     token_classes,
     token_frequencies,
 )
+from embviz.progress import Progress
 
 
 def _random(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
@@ -109,9 +110,9 @@ def test_neighbours_match_brute_force_reference() -> None:
 
 
 def test_neighbours_accept_numpy_and_report_progress() -> None:
-    seen: list[float] = []
+    seen: list[Progress] = []
     indices, _ = nearest_neighbours(_random(100, 8).numpy(), 3, block_rows=30, progress=seen.append)
-    assert indices.shape == (100, 3) and seen[-1] == 1.0 and len(seen) == 4
+    assert indices.shape == (100, 3) and seen[-1].fraction == 1.0 and len(seen) == 4
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -276,14 +277,14 @@ def test_token_classes_sentencepiece_and_plain() -> None:
 
 
 def test_reserved_token_ids_include_added_special_tokens(tiny_causal: Backbone) -> None:
-    reserved = metrics.reserved_token_ids(tiny_causal.tokenizer)
+    reserved = reserved_token_ids(tiny_causal.tokenizer)
     assert reserved >= set(tiny_causal.special_ids)
     fake = types.SimpleNamespace(
         all_special_ids=[0],
         added_tokens_decoder={0: types.SimpleNamespace(special=True), 5: types.SimpleNamespace(special=True),
                               6: types.SimpleNamespace(special=False)},
     )  # fmt: skip
-    assert metrics.reserved_token_ids(fake) == {0, 5}
+    assert reserved_token_ids(fake) == {0, 5}
 
 
 def test_token_classes_on_tiny_tokenizers(tiny_masked: Backbone, tiny_causal: Backbone) -> None:

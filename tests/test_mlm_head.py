@@ -15,6 +15,8 @@ from embviz.backbones import Backbone
 from embviz.cli import main
 from embviz.errors import BadInputError, UnknownModelError
 from embviz.mlm_head import HeadConfig, fit_mlm_head
+from embviz.progress import Progress
+from embviz.sources import load_model
 
 # One short corpus, short lines and small batches: a few seconds per fit.
 TINY = HeadConfig(steps=12, corpora=("britannica",), batch_tokens=512, max_length=48, head_lr=3e-2, lr=3e-3)
@@ -22,7 +24,7 @@ EVAL_TOKENS = 200
 
 
 def _fit(source: Path, config: HeadConfig = TINY, **kwargs: object) -> mlm_head.HeadResult:
-    return fit_mlm_head(str(source), config=config, eval_max_tokens=EVAL_TOKENS, **kwargs)  # type: ignore[arg-type]
+    return fit_mlm_head(str(source), load=load_model, config=config, eval_max_tokens=EVAL_TOKENS, **kwargs)  # type: ignore[arg-type]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -68,15 +70,15 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(
 
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "interrupted"))
 
-    def interrupt_at_step_7(done: float, total: int, message: str) -> None:
-        if message.startswith("step 7/"):
+    def interrupt_at_step_7(update: Progress) -> None:
+        if update.message.startswith("step 7/"):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         _fit(tiny_masked_path, checkpoint_every=4, progress=interrupt_at_step_7)
     assert not mlm_head.exists(str(tiny_masked_path))
     seen: list[str] = []
-    resumed = _fit(tiny_masked_path, checkpoint_every=4, progress=lambda d, t, m: seen.append(m))
+    resumed = _fit(tiny_masked_path, checkpoint_every=4, progress=lambda update: seen.append(update.message))
     assert not any(m.startswith("step 7/") for m in seen), "steps 1-7 come from the checkpoint"
     assert resumed.manifest["steps_done"] == 12 and len(resumed.manifest["losses"]) == 12
     weights = _weights(resumed.folder)
@@ -108,7 +110,7 @@ def test_a_corrupt_head_is_refused_on_load_and_rebuilt_by_the_next_fit(tiny_mask
 
 def test_minilm_mlm_before_it_is_built_says_how_to_build_it(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UnknownModelError, match=r"embviz fit-mlm-head minilm.*minutes"):
-        Backbone.from_pretrained("minilm-mlm")
+        load_model("minilm-mlm")
     assert main(["info", "minilm-mlm"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fit-mlm-head minilm" in err

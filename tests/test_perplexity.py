@@ -14,14 +14,18 @@ from embviz.cache import cache_dir
 from embviz.errors import BadInputError
 from embviz.perplexity import (
     DEFAULT_MAX_TOKENS,
+    PROTOCOL_VERSION,
     EvalSet,
-    PerplexityProgress,
+    VariantPerplexity,
     build_eval_set,
     cached_perplexity,
+    direction_length_ablation,
     evaluate_perplexity,
+    perplexity_cache_config,
     perplexity_table,
     score_variant,
 )
+from embviz.progress import Progress
 from embviz.testing import SENTENCES
 
 # Held-out "lines" long enough for the 20-token rule: three of the tokenizers' training sentences each.
@@ -223,13 +227,14 @@ def test_threads_give_the_serial_results(tiny_backbone: Backbone) -> None:
 
 # -- report, progress, cache -----------------------------------------------------------------------------
 def test_report_progress_and_table(tiny_causal: Backbone) -> None:
-    seen: list[PerplexityProgress] = []
+    seen: list[Progress] = []
     report = evaluate_perplexity(
         tiny_causal, TEXTS, {"half": tiny_causal.embedding * 0.5}, max_tokens=300, progress=seen.append
     )
     assert report.kind == "causal" and report.mode == "input" and report.reference == "original"
     assert "non-overlapping windows" in report.protocol
-    assert {p.variant for p in seen} == {"original", "half"} and seen[-1].fraction == 1.0
+    assert {p.message.split(" · ")[0] for p in seen} == {"perplexity (original)", "perplexity (half)"}
+    assert seen[-1].fraction == 1.0
     payload = report.to_dict()
     json.dumps(payload)
     assert payload["results"]["original"]["vs_reference"] == 1.0
@@ -295,12 +300,134 @@ def test_bad_inputs_are_clear_errors(tiny_backbone: Backbone) -> None:
         evaluate_perplexity(tiny_backbone, TEXTS, {"bad": torch.zeros(3, 32)}, max_tokens=100)
 
 
+# -- KL divergence, top-1 agreement and the direction / length ablation ---------------------------------
+def _rank_one(backbone: Backbone) -> torch.Tensor:
+    """A clearly damaged variant: the best rank-1 approximation of the embedding."""
+    u, s, vh = torch.linalg.svd(backbone.embedding, full_matrices=False)
+    return (u[:, :1] * s[:1]) @ vh[:1]
+
+
+@pytest.mark.parametrize("mode", ["input", "tied"])
+def test_kl_of_the_original_and_of_a_copy_is_zero(tiny_backbone: Backbone, mode: str) -> None:
+    eval_set = build_eval_set(tiny_backbone, TEXTS, max_tokens=400)
+    original = score_variant(tiny_backbone, eval_set)
+    assert (original.kl_nats, original.top1_agreement) == (0.0, 1.0)
+    copy = score_variant(tiny_backbone, eval_set, tiny_backbone.embedding.clone(), mode=mode)
+    assert copy.kl_nats == pytest.approx(0.0, abs=1e-7) and copy.top1_agreement == 1.0
+    assert copy.perplexity == original.perplexity
+    unscored = score_variant(tiny_backbone, eval_set, tiny_backbone.embedding.clone(), divergence=False)
+    assert (unscored.kl_nats, unscored.top1_agreement) == (None, None)
+    assert unscored.perplexity == original.perplexity
+
+
+def test_a_damaged_variant_diverges(tiny_backbone: Backbone) -> None:
+    eval_set = build_eval_set(tiny_backbone, TEXTS, max_tokens=400)
+    damaged = score_variant(tiny_backbone, eval_set, _rank_one(tiny_backbone))
+    assert damaged.kl_nats is not None and damaged.kl_nats > 1e-4  # tiny random models: near-uniform outputs
+    assert damaged.top1_agreement is not None and 0 <= damaged.top1_agreement < 1
+
+
+def test_kl_and_agreement_match_a_direct_computation(tiny_backbone: Backbone) -> None:
+    eval_set = build_eval_set(tiny_backbone, TEXTS, max_tokens=400, batch_size=64)
+    assert len(eval_set.batches) == 1
+    (batch,) = eval_set.batches
+    variant = tiny_backbone.embedding + 0.05 * torch.randn(
+        tiny_backbone.embedding.shape, generator=torch.Generator().manual_seed(0)
+    )
+    model = tiny_backbone.model
+    with torch.no_grad():
+        p_logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        q_logits = model(
+            inputs_embeds=F.embedding(batch.input_ids, variant), attention_mask=batch.attention_mask
+        ).logits
+    scored = batch.labels != -100
+    log_p = torch.log_softmax(p_logits[scored].double(), dim=-1)
+    log_q = torch.log_softmax(q_logits[scored].double(), dim=-1)
+    expected_kl = float((log_p.exp() * (log_p - log_q)).sum(dim=-1).mean())
+    expected_agreement = float((log_p.argmax(-1) == log_q.argmax(-1)).double().mean())
+    result = score_variant(tiny_backbone, eval_set, variant)
+    assert expected_kl > 1e-4
+    assert result.kl_nats == pytest.approx(expected_kl, rel=1e-4)
+    assert result.top1_agreement == pytest.approx(expected_agreement)
+    assert result.tokens == int(scored.sum())
+
+
+def test_divergence_is_reported_cached_and_can_be_limited(tiny_causal: Backbone) -> None:
+    damaged = _rank_one(tiny_causal)
+    variants = {"damaged": damaged, "also": damaged}
+    keys = {"damaged": "rank-1", "also": "rank-1-again"}
+
+    def run(divergence: bool | set[str] = True) -> dict:
+        report = evaluate_perplexity(
+            tiny_causal, TEXTS, variants, max_tokens=200, variant_keys=keys, divergence=divergence
+        )
+        return report.to_dict()["results"]
+
+    first = run({"damaged"})
+    assert (first["original"]["kl_nats"], first["original"]["top1_agreement"]) == (0.0, 1.0)
+    assert first["damaged"]["kl_nats"] > 0 and first["also"]["kl_nats"] is None
+    assert list(first["damaged"])[-3:] == ["kl_nats", "top1_agreement", "vs_reference"]
+    again = run({"damaged"})
+    assert again["damaged"]["cached"] and again["damaged"]["kl_nats"] == first["damaged"]["kl_nats"]
+    # An entry scored without the KL divergence does not answer a request for it.
+    full = run(True)
+    assert not full["also"]["cached"] and full["also"]["kl_nats"] == first["damaged"]["kl_nats"]
+    assert full["damaged"]["cached"]
+    table = perplexity_table(evaluate_perplexity(tiny_causal, TEXTS, {"damaged": damaged}, max_tokens=200))
+    assert table[0]["KL (nats)"] == 0.0 and table[1]["top-1 agreement"] < 1
+
+
+def test_cache_entries_of_the_previous_protocol_are_not_used(tiny_causal: Backbone) -> None:
+    assert PROTOCOL_VERSION >= 2
+    eval_set = build_eval_set(tiny_causal, TEXTS, max_tokens=200)
+    fake = VariantPerplexity(perplexity=1234.0, mean_nll=math.log(1234.0), tokens=1, seconds=0.0)
+    for key, mode in (("uncompressed", "any"), ("half-v1", "input")):
+        old = perplexity_cache_config(tiny_causal, eval_set, key, mode)
+        old.pop("divergence")
+        old["protocol"] = 1  # what version 1 stored: no KL divergence
+        cached_perplexity(old, lambda: fake)
+        assert cached_perplexity(old, lambda: fake).cached  # the old entry is on disk
+    report = evaluate_perplexity(
+        tiny_causal, eval_set, {"half": tiny_causal.embedding * 0.5}, variant_keys={"half": "half-v1"}
+    )
+    for result in report.results.values():
+        assert not result.cached and result.perplexity != 1234.0 and result.kl_nats is not None
+    # Even an entry under the current key that lacks the KL divergence is recomputed.
+    config = perplexity_cache_config(tiny_causal, eval_set, "other", "input")
+    cached_perplexity(config, lambda: fake)
+    assert not cached_perplexity(config, lambda: fake).cached
+
+
+def test_direction_length_ablation_matrices() -> None:
+    original = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
+    variant = torch.randn(50, 8, generator=torch.Generator().manual_seed(1))
+    original[3] = 0
+    variant[7] = 0
+    swapped = direction_length_ablation(original, variant)
+    directions, lengths = swapped["directions"], swapped["lengths"]
+    norms = torch.linalg.vector_norm
+    keep = torch.ones(50, dtype=torch.bool)
+    keep[[3, 7]] = False
+    assert torch.allclose(norms(directions[keep], dim=1), norms(original[keep], dim=1))
+    assert torch.allclose(F.cosine_similarity(directions[keep], variant[keep]), torch.ones(48))
+    assert torch.allclose(norms(lengths[keep], dim=1), norms(variant[keep], dim=1))
+    assert torch.allclose(F.cosine_similarity(lengths[keep], original[keep]), torch.ones(48))
+    assert not directions[[3, 7]].any() and not lengths[[3, 7]].any()  # zero rows stay zero
+    same = direction_length_ablation(original, original.clone())
+    assert torch.equal(same["directions"], original) and torch.equal(same["lengths"], original)
+    half = direction_length_ablation(original, original * 0.5)
+    assert torch.allclose(half["directions"], original) and torch.equal(half["lengths"], original * 0.5)
+    with pytest.raises(BadInputError, match="shape"):
+        direction_length_ablation(original, variant[:10])
+
+
 # -- the real default backbone ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_bible_perplexity_is_plausible() -> None:
     from embviz.corpora import resolve_texts
+    from embviz.sources import load_model
 
-    backbone = Backbone.from_pretrained("smollm2")
+    backbone = load_model("smollm2")
     report = evaluate_perplexity(backbone, resolve_texts("bible:test"))
     # Measured: 19.5 (256-token windows over the first 2,048 tokens; 20.2 over 8,192). SPEC's 8.05 came from
     # another slice: the same protocol on the first 2,048 tokens of bible:train (Genesis 1) gives 7.4.

@@ -245,7 +245,9 @@ def test_bad_k_is_refused(tiny_backbone: Backbone) -> None:
 # -- the real default backbone ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_smollm2_fills_a_plausible_noun() -> None:
-    backbone = Backbone.from_pretrained("smollm2")
+    from embviz.sources import load_model
+
+    backbone = load_model("smollm2")
     result = predict_blank(backbone, "I went to the ___ to buy some bread.", k=5)
     top5 = {p.token.strip().lower() for p in result.variants["original"].predictions}
     assert top5 & {"store", "shop", "market", "bakery", "supermarket"}

@@ -14,6 +14,7 @@ from embviz import projections
 from embviz.cache import cache_dir
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError
+from embviz.progress import Progress
 from embviz.projections import ORIGINAL, pca_map, projection_map, sample_ids, umap_map
 
 
@@ -88,11 +89,11 @@ def test_pca_is_exact_and_low_rank_variants_project_through_factors() -> None:
 
 def test_pca_is_deterministic_and_reports_progress() -> None:
     matrix = _random(100, 6)
-    stages: list[tuple[str, float]] = []
-    first = pca_map(matrix, {"a": matrix * 2}, progress=lambda stage, done: stages.append((stage, done)))
+    stages: list[Progress] = []
+    first = pca_map(matrix, {"a": matrix * 2}, progress=stages.append)
     second = pca_map(matrix.clone(), {"a": matrix * 2})
     np.testing.assert_array_equal(first.coords[ORIGINAL], second.coords[ORIGINAL])
-    assert stages[-1][1] == 1.0
+    assert stages[-1].done == 1.0
 
 
 def test_variants_are_checked() -> None:

@@ -6,13 +6,13 @@ import torch
 from embviz.artifacts import WEIGHTS_FILE, load_artifact, read_manifest, save_artifact
 from embviz.backbones import Backbone
 from embviz.compressors import (
-    METHODS,
     CompressedEmbedding,
     QuantizedLowRank,
     RowQuantizer,
     SVDCompressor,
     compressor_from_config,
     make_compressor,
+    method_ids,
 )
 from embviz.compressors.quantize import (
     dequantize_rows,
@@ -21,7 +21,7 @@ from embviz.compressors.quantize import (
     unpack_int4,
 )
 from embviz.errors import BadInputError
-from embviz.evaluation import _plan
+from embviz.evaluation import plan_sweep
 from embviz.metrics import is_linear_low_rank
 
 QUANT_IDS = ("quant-int8", "quant-int4", "svd-int8", "svd-int4")
@@ -135,7 +135,7 @@ def test_artifact_round_trip_is_exact_and_stores_the_compressed_form(method: str
 
 def test_registry_ids_and_configs() -> None:
     for method in QUANT_IDS:
-        assert method in METHODS
+        assert method in method_ids()
         compressor = make_compressor(method, None if method.startswith("quant") else 5)
         assert compressor.method == method
         assert compressor_from_config(compressor.get_config()).get_config() == compressor.get_config()
@@ -163,7 +163,7 @@ def test_rank_for_byte_ratio_meets_float32_svd_at_equal_bytes() -> None:
 
 def test_sweep_plan_runs_dense_quantisers_once_at_their_byte_ratio(tiny_causal: Backbone) -> None:
     vocab, hidden = tiny_causal.vocab_size, tiny_causal.hidden_size
-    jobs = _plan(tiny_causal, ["quant-int8", "svd-int8", "svd"], [2.0, 4.0], [3], "fast", by="bytes")
+    jobs = plan_sweep(tiny_causal, ["quant-int8", "svd-int8", "svd"], [2.0, 4.0], [3], "fast", by="bytes")
     dense = [job for job in jobs if job.method == "quant-int8"]
     assert len(dense) == 1 and dense[0].target_ratio == pytest.approx(4 * hidden / (hidden + 2), abs=1e-4)
     int8 = [job.compressor.get_config()["rank"] for job in jobs if job.method == "svd-int8"]
@@ -171,7 +171,7 @@ def test_sweep_plan_runs_dense_quantisers_once_at_their_byte_ratio(tiny_causal: 
     for rank, ratio in zip(int8[:2], (2.0, 4.0), strict=True):
         assert rank == QuantizedLowRank.rank_for_byte_ratio(vocab, hidden, ratio)
     # By parameters, the quantised method gets its float base's rank: same numbers, fewer bytes.
-    by_params = _plan(tiny_causal, ["svd-int8", "svd"], [2.0, 4.0], None, "fast", by="params")
+    by_params = plan_sweep(tiny_causal, ["svd-int8", "svd"], [2.0, 4.0], None, "fast", by="params")
     ranks = [job.compressor.get_config()["rank"] for job in by_params]
     assert ranks[:2] == ranks[2:] and ranks[:2] != int8[:2]
 

@@ -39,9 +39,15 @@ def test_minilm_facts() -> None:
 
 
 def test_smollm2_predicts_paris() -> None:
-    from embviz.backbones import Backbone
+    from embviz.sources import load_model
 
-    backbone = Backbone.from_pretrained("smollm2")
+    backbone = load_model("smollm2")
     ids = backbone.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     top = backbone.logits(ids)[0, -1].argmax().item()
     assert backbone.tokenizer.decode([top]).strip() == "Paris"
+
+
+def test_smollm2_ships_its_embedding_as_gguf_q8_0() -> None:
+    info = _info("smollm2")
+    assert (info["source_format"], info["source_bits_per_weight"]) == ("GGUF Q8_0", 8.5)
+    assert _info("minilm")["source_format"] == "float32"

@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import save as save_safetensors
 
-from embviz import backbones, resources
+from embviz import resources, sources
 from embviz.artifacts import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -404,10 +404,10 @@ def test_smollm2_converts_into_a_temporary_folder_without_a_cache(
         target.mkdir(parents=True)
         (target / "embviz.json").write_text("{}")
 
-    monkeypatch.setattr(backbones, "_package_dir", lambda name: package)
-    monkeypatch.setattr(backbones, "_convert_gguf", convert)
-    monkeypatch.setattr(backbones, "_UNCACHED", {})
-    first, second = backbones._smollm2_folder(), backbones._smollm2_folder()
+    monkeypatch.setattr(sources, "_package_dir", lambda name: package)
+    monkeypatch.setattr(sources, "_convert_gguf", convert)
+    monkeypatch.setattr(sources, "_UNCACHED", {})
+    first, second = sources._smollm2_folder(), sources._smollm2_folder()
     assert first == second == conversions[0] and len(conversions) == 1
     assert (first / "embviz.json").exists() and not first.is_relative_to(unusable_home)
 
@@ -591,7 +591,7 @@ def test_a_smollm2_conversion_that_does_not_fit_is_refused(
     gguf.write_bytes(bytes(4096))
     little_memory(1000)
     with pytest.raises(ResourceError, match=r"converting model\.gguf"):
-        backbones._convert_gguf(gguf, tmp_path / "out")
+        sources._convert_gguf(gguf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

@@ -22,13 +22,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from embviz import cli
+from embviz import cli, sources
 from embviz.artifacts import artifact_path
 from embviz.backbones import Backbone
 from embviz.cache import cache_dir, embviz_home, resolve_inside
 from embviz.compressors import SVDCompressor
 from embviz.errors import BadInputError, EmbvizError
-from embviz.metrics import _safe_name, neighbour_table_cached
+from embviz.metrics import file_safe_name, neighbour_table_cached
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(ROOT / "embviz").rglob("*.py"), *(ROOT / "pages").glob("*.py"), ROOT / "app.py"])
@@ -159,16 +159,18 @@ MODEL_COMMANDS = {
 
 ALWAYS_OFF = {"bench": ["bench"]}
 """Commands that load a model but never with remote code (the benchmark measures packaged models)."""
+NO_MODEL = {"methods": ["methods"]}
+"""Commands that load no model at all."""
 
 
 def test_every_command_that_loads_a_model_has_the_option() -> None:
-    known = set(MODEL_COMMANDS) | set(ALWAYS_OFF)
+    known = set(MODEL_COMMANDS) | set(ALWAYS_OFF) | set(NO_MODEL)
     assert known >= set(cli._COMMANDS), "a new command: add it here (does it load a model?)"
     parser = cli.build_parser()
     for argv in MODEL_COMMANDS.values():
         assert parser.parse_args(argv).trust_remote_code is False
         assert parser.parse_args([*argv, "--trust-remote-code"]).trust_remote_code is True
-    for argv in ALWAYS_OFF.values():
+    for argv in [*ALWAYS_OFF.values(), *NO_MODEL.values()]:
         assert getattr(parser.parse_args(argv), "trust_remote_code", False) is False
 
 
@@ -182,7 +184,7 @@ def test_the_option_reaches_the_loader(
         seen.append(trust_remote_code)
         raise EmbvizError("stop here")
 
-    monkeypatch.setattr(Backbone, "from_pretrained", staticmethod(load))
+    monkeypatch.setattr(sources, "load_model", load)
     argv = MODEL_COMMANDS[command]
     assert cli.main(argv) == 2 and cli.main([*argv, "--trust-remote-code"]) == 2
     assert seen == [False, True]
@@ -214,13 +216,13 @@ def _assert_inside(path: Path) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_backbone_names_cannot_steer_cache_paths_out(name: str) -> None:
     _assert_inside(artifact_path(name, "0" * 64, SVDCompressor(2)))
-    _assert_inside(cache_dir("neighbours") / f"{_safe_name(name)}-k10.npz")
+    _assert_inside(cache_dir("neighbours") / f"{file_safe_name(name)}-k10.npz")
 
 
 @given(st.text(max_size=80))
 def test_any_backbone_name_stays_inside_the_cache(name: str) -> None:
     _assert_inside(artifact_path(name, "0" * 64, SVDCompressor(2)))
-    assert "/" not in _safe_name(name) and _safe_name(name) not in ("", ".", "..")
+    assert "/" not in file_safe_name(name) and file_safe_name(name) not in ("", ".", "..")
 
 
 @pytest.mark.parametrize("part", ["..", ".", "", "a/b", "../x", "x\\y", "x\x00"])

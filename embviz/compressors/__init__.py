@@ -1,80 +1,38 @@
 """Compressors of the token-embedding matrix: exact SVD, the direction-loss AutoEncoder, quantisation.
 
-Method ids (used by the sweep, the app and the CLI) map to compressors through :func:`make_compressor`;
-:data:`METHODS` gives each id its human label.
+Every method is a :class:`~embviz.compressors.registry.MethodSpec` registered by the module that
+implements it (:mod:`.svd`, :mod:`.autoencoder`, :mod:`.quantize`, :mod:`.gguf_formats`); importing this package registers them
+all. :func:`make_compressor` builds one by id, :func:`compressor_from_config` rebuilds one from a stored
+configuration, and :func:`~embviz.compressors.registry.get_method` answers everything else (label,
+family, sizing, whether it trains, what it stores).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from embviz.compressors.autoencoder import RECIPES, AECompressor
-from embviz.compressors.base import (
-    CompressedEmbedding,
-    Compressor,
-    ProgressCallback,
-    TrainingCancelled,
-    TrainingProgress,
-)
+from embviz.compressors.autoencoder import RECIPES, SIMPLE_LOSSES, AECompressor
+from embviz.compressors.base import CompressedEmbedding, Compressor, TrainingCancelled
 from embviz.compressors.budget import check_rank, low_rank_params, rank_for_ratio, ratio_for_rank
+from embviz.compressors.gguf_formats import GGUFQuantizer
 from embviz.compressors.quality import reconstruction_quality
 from embviz.compressors.quantize import MixedPrecisionRows, QuantizedLowRank, RowQuantizer
+from embviz.compressors.registry import (
+    MethodSpec,
+    Size,
+    all_methods,
+    find_method,
+    get_method,
+    method_ids,
+    method_label,
+    register_method,
+    registered,
+    unregister_method,
+)
 from embviz.compressors.svd import SVDCompressor
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
-
-METHODS: dict[str, str] = {
-    "svd": "SVD (exact)",
-    "svd-randomized": "randomised SVD (original baseline)",
-    "ae-paper": "AE, paper loss",
-    "ae-cosine": "AE, cosine loss",
-    "ae-mse": "AE, MSE loss",
-    "ae-weighted": "AE, free-weights loss",
-    "ae-paper-elu": "non-linear (ELU) AE, paper loss",
-    "svd-freq": "SVD, frequency-weighted",
-    "ae-paper-freq": "AE, paper loss, frequency-weighted rows",
-    "quant-int8": "int8 rows (per-row scale)",
-    "quant-int4": "int4 rows (per-row scale)",
-    "quant-mixed": "mixed int8/int4/int2 rows, frequency-aware",
-    "svd-int8": "SVD, int8 codes + fp16 decoder",
-    "svd-int4": "SVD, int4 codes + fp16 decoder",
-    "svd-freq-int8": "SVD, frequency-weighted, int8 codes + fp16 decoder",
-    "ae-paper-int8": "AE, paper loss, int8 codes + fp16 decoder",
-}
-"""Method id -> human label."""
-
-DENSE_METHODS = ("quant-int8", "quant-int4")
-"""Methods without a rank (their size is fixed by the code width); :func:`make_compressor` ignores it."""
-BUDGETED_METHODS = ("quant-mixed",)
-"""Methods without a rank that are sized by a byte ratio (``ratio=``)."""
-QUANTIZED_LOW_RANK = tuple(
-    method for method in METHODS if "-int" in method and not method.startswith("quant")
-)
-"""Low-rank methods with quantised codes (``<base method>-int<bits>``)."""
-FREQUENCY_METHODS = tuple(method for method in METHODS if "freq" in method or method == "quant-mixed")
-"""Methods that need row weights (token frequencies from a train slice, see :mod:`embviz.frequency`)."""
-
-
-def method_bits(method_id: str) -> int:
-    """The code width of a quantised method id (``quant-int4`` -> 4)."""
-    return int(method_id.rsplit("-int", 1)[1])
-
-
-def base_method(method_id: str) -> str:
-    """The float low-rank method under a quantised one (``svd-freq-int8`` -> ``svd-freq``), else itself."""
-    return method_id.rsplit("-int", 1)[0] if method_id in QUANTIZED_LOW_RANK else method_id
-
-
-def has_decoder_bias(method_id: str) -> bool:
-    """Whether the method's decoder has a bias (every AE), which the budget rule counts."""
-    return base_method(method_id).startswith("ae")
-
-
-def check_method(method_id: str) -> str:
-    """Validate a method id (one of :data:`METHODS`)."""
-    if method_id not in METHODS:
-        raise BadInputError(f"unknown method {method_id!r}; choose one of {', '.join(METHODS)}")
-    return method_id
+from embviz.progress import ProgressCallback
 
 
 def make_compressor(
@@ -85,46 +43,28 @@ def make_compressor(
     ratio: float | None = None,
     **options: Any,
 ) -> Compressor:
-    """The compressor for ``method_id`` at latent size ``rank``.
+    """The compressor for ``method_id`` at latent size ``rank`` (``ratio`` for byte-sized methods).
 
-    ``options`` go to the constructor: ``n_iter``/``seed`` for SVD; ``recipe``, ``epochs``, ``batch_size``,
-    ``lr``, ``seed``, ``warm_start``, ``loss_weights`` (``ae-weighted``), ``device`` for the AE (whose loss
-    is the id's second part; ``-elu`` makes it non-linear); ``seed`` for the dense quantisers, whose ``rank``
-    is ignored (pass None). Quantised ids (``...-int8``) wrap their base method. Frequency-aware ids
-    (:data:`FREQUENCY_METHODS`) need ``row_weights``; ``quant-mixed`` needs ``ratio`` (bytes) instead of a
-    rank. Unknown ids or options raise :class:`BadInputError`.
+    ``options`` go to the method's constructor and must be among its spec's ``options`` (e.g. ``seed``;
+    ``recipe``, ``epochs``, ``lr``, ``device`` for the AE). A fixed-size method ignores ``rank``;
+    frequency-aware methods need ``row_weights``. To turn a ratio into a rank, use
+    ``get_method(id).size(V, D, ratio=...)`` first.
+
+    Raises:
+        BadInputError: unknown id, missing size or row weights, or an option the method does not take.
     """
-    check_method(method_id)
-    if method_id in FREQUENCY_METHODS and row_weights is None:
-        raise BadInputError(f"method {method_id!r} is frequency-aware: it needs row weights (token counts)")
-    if method_id not in FREQUENCY_METHODS and row_weights is not None:
-        raise BadInputError(f"method {method_id!r} does not take row weights")
-    if method_id in BUDGETED_METHODS:
+    spec = get_method(method_id)
+    if spec.sizing == "rank":
+        if rank is None:
+            raise BadInputError(f"method {method_id!r} needs a rank")
+        size = Size(rank=rank)
+    elif spec.sizing == "bytes":
         if ratio is None:
             raise BadInputError(f"method {method_id!r} is sized by a byte ratio, not a rank")
-        return MixedPrecisionRows(ratio, row_weights, **options)  # type: ignore[arg-type]
-    if rank is None and method_id not in DENSE_METHODS:
-        raise BadInputError(f"method {method_id!r} needs a rank")
-    try:
-        if method_id in DENSE_METHODS:
-            return RowQuantizer(bits=method_bits(method_id), **options)
-        base = _low_rank(base_method(method_id), rank, row_weights, options)  # type: ignore[arg-type]
-        if method_id in QUANTIZED_LOW_RANK:
-            return QuantizedLowRank(base, bits=method_bits(method_id))
-        return base
-    except TypeError as exc:
-        raise BadInputError(f"bad option for method {method_id!r}: {exc}") from exc
-
-
-def _low_rank(
-    method_id: str, rank: int, row_weights: RowWeights | None, options: dict[str, Any]
-) -> Compressor:
-    if method_id.startswith("svd"):
-        return SVDCompressor(
-            rank, randomized=method_id == "svd-randomized", row_weights=row_weights, **options
-        )
-    _, loss, *flags = method_id.split("-")
-    return AECompressor(rank, loss=loss, nonlinear="elu" in flags, row_weights=row_weights, **options)
+        size = Size(ratio=ratio)
+    else:
+        size = Size()
+    return spec.build(size, row_weights=row_weights, **options)
 
 
 def compressor_from_config(config: dict[str, Any], **overrides: Any) -> Compressor:
@@ -132,51 +72,38 @@ def compressor_from_config(config: dict[str, Any], **overrides: Any) -> Compress
 
     Frequency-aware methods need their ``row_weights`` passed again in ``overrides``.
     """
-    method = config["method"]
-    if method in DENSE_METHODS:
-        options = {"seed": config["seed"]}
-    elif method in BUDGETED_METHODS:
-        options = {"ratio": config["ratio"]}
-    elif method in QUANTIZED_LOW_RANK:
-        base = compressor_from_config(config["base"], **overrides)
-        return QuantizedLowRank(base, bits=config["bits"])
-    elif method.startswith("svd"):
-        options = {key: config[key] for key in ("n_iter", "seed") if key in config}
-    else:
-        options = {key: config[key] for key in ("recipe", "epochs", "batch_size", "lr", "seed")}
-        options["warm_start"] = config["warm_start"]
-        if method == "ae-weighted":
-            options["loss_weights"] = config["loss_weights"]
-    return make_compressor(method, config.get("rank"), **{**options, **overrides})
+    return get_method(config["method"]).from_config(config, **overrides)
 
 
 __all__ = [
-    "BUDGETED_METHODS",
-    "DENSE_METHODS",
-    "FREQUENCY_METHODS",
-    "METHODS",
-    "QUANTIZED_LOW_RANK",
     "RECIPES",
+    "SIMPLE_LOSSES",
     "AECompressor",
     "CompressedEmbedding",
     "Compressor",
+    "GGUFQuantizer",
+    "MethodSpec",
     "MixedPrecisionRows",
     "ProgressCallback",
     "QuantizedLowRank",
     "RowQuantizer",
     "RowWeights",
     "SVDCompressor",
+    "Size",
     "TrainingCancelled",
-    "TrainingProgress",
-    "base_method",
-    "check_method",
+    "all_methods",
     "check_rank",
     "compressor_from_config",
-    "has_decoder_bias",
+    "find_method",
+    "get_method",
     "low_rank_params",
     "make_compressor",
-    "method_bits",
+    "method_ids",
+    "method_label",
     "rank_for_ratio",
     "ratio_for_rank",
     "reconstruction_quality",
+    "register_method",
+    "registered",
+    "unregister_method",
 ]

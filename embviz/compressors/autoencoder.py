@@ -35,18 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from embviz.compressors.base import (
-    CompressedEmbedding,
-    ProgressCallback,
-    TrainingCancelled,
-    TrainingProgress,
-    check_device,
-    check_seed,
-)
+from embviz.compressors.base import CompressedEmbedding, TrainingCancelled, check_device, check_seed
 from embviz.compressors.losses import LOSS_NAMES, alpha_schedule, loss_with_weights, resolve_weights
+from embviz.compressors.registry import MethodSpec, register_method
 from embviz.compressors.svd import BLOCK_ROWS, top_right_singular_vectors
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
+from embviz.progress import LOSS, Progress, ProgressCallback, send
 from embviz.rng import seeded
 
 VALIDATION_FRACTION = 0.05
@@ -285,11 +280,11 @@ class AECompressor:
                 for name, value in terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value
                 if progress is not None and step % report_every == 0 and step < steps:
-                    report = TrainingProgress(
+                    report = _fit_progress(
                         epoch, recipe.epochs, step, steps, *_means(loss_sum, term_sums, step),
                         time.perf_counter() - started,
                     )  # fmt: skip
-                    cancelled |= progress(report) is False
+                    cancelled |= not send(progress, report)
             if recipe.schedule == "step":
                 scheduler.step()
             model.eval()
@@ -309,11 +304,11 @@ class AECompressor:
                 }
             )
             if progress is not None:
-                report = TrainingProgress(
+                report = _fit_progress(
                     epoch, recipe.epochs, steps, steps, mean_loss, mean_terms,
                     time.perf_counter() - started, epoch_end=True,
                 )  # fmt: skip
-                cancelled |= progress(report) is False
+                cancelled |= not send(progress, report)
             if cancelled:
                 raise TrainingCancelled(f"training cancelled after epoch {epoch} of {recipe.epochs}")
 
@@ -335,6 +330,29 @@ class AECompressor:
         )
 
 
+def _fit_progress(
+    epoch: int,
+    epochs: int,
+    step: int,
+    steps: int,
+    loss: float,
+    terms: dict[str, float],
+    elapsed_s: float,
+    epoch_end: bool = False,
+) -> Progress:
+    """A fit's report: steps done over all epochs, the running loss and loss terms as metrics."""
+    return Progress(
+        done=(epoch - 1) * steps + step,
+        total=epochs * steps,
+        message=f"epoch {epoch}/{epochs} · step {step}/{steps}",
+        metrics={LOSS: loss, **terms},
+        epoch=epoch,
+        epochs=epochs,
+        epoch_end=epoch_end,
+        elapsed_s=elapsed_s,
+    )
+
+
 def _clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
@@ -343,3 +361,81 @@ def _means(
     loss_sum: torch.Tensor, term_sums: dict[str, torch.Tensor], count: int
 ) -> tuple[float, dict[str, float]]:
     return float(loss_sum) / count, {name: float(value) / count for name, value in term_sums.items()}
+
+
+# -- registration ------------------------------------------------------------------------------------------
+SIMPLE_LOSSES = ("paper", "cosine", "mse")
+"""The AE losses offered by name (``ae-<loss>``); the free-weights loss also needs ``loss_weights``."""
+TRAINING_OPTIONS = ("recipe", "epochs", "batch_size", "lr", "seed", "warm_start", "device")
+"""The options every AE method takes (``device`` changes where it trains, not what it computes)."""
+TRAINING_CONFIG = ("recipe", "epochs", "batch_size", "lr", "seed", "warm_start")
+
+
+def _ae_method(
+    method_id: str,
+    label: str,
+    loss: str,
+    description: str,
+    *,
+    nonlinear: bool = False,
+    weighted_rows: bool = False,
+) -> MethodSpec:
+    """Register the AE with ``loss`` (linear unless ``nonlinear``; frequency-weighted rows if asked)."""
+    extra = ("loss_weights",) if loss == "weighted" else ()
+
+    def build(rank: int, ratio: float | None, row_weights: RowWeights | None, **options: Any) -> AECompressor:
+        return AECompressor(rank, loss=loss, nonlinear=nonlinear, row_weights=row_weights, **options)
+
+    return register_method(
+        MethodSpec(
+            id=method_id,
+            label=label,
+            family="autoencoder",
+            sizing="rank",
+            factory=build,
+            stores=("codes", "decoder", "decoder_bias"),
+            trains=True,
+            needs_row_weights=weighted_rows,
+            options=TRAINING_OPTIONS + extra,
+            config_keys=TRAINING_CONFIG + extra,
+            decoder_bias=True,
+            description=description,
+        )
+    )
+
+
+AE_PAPER = _ae_method(
+    "ae-paper",
+    "AE, paper loss",
+    "paper",
+    "Linear AutoEncoder with the paper's loss: cosine plus a small annealed |error|^alpha term.",
+)
+AE_COSINE = _ae_method(
+    "ae-cosine", "AE, cosine loss", "cosine", "Linear AutoEncoder trained on direction (cosine) alone."
+)
+AE_MSE = _ae_method(
+    "ae-mse",
+    "AE, MSE loss",
+    "mse",
+    "Linear AutoEncoder trained on Euclidean error: the control for direction.",
+)
+AE_WEIGHTED = _ae_method(
+    "ae-weighted",
+    "AE, free-weights loss",
+    "weighted",
+    "Linear AutoEncoder with user-chosen weights of the cosine, |error|^alpha and MSE terms (loss_weights).",
+)
+AE_PAPER_ELU = _ae_method(
+    "ae-paper-elu",
+    "non-linear (ELU) AE, paper loss",
+    "paper",
+    "The paper's non-linear variant: ELU after the encoder and the decoder.",
+    nonlinear=True,
+)
+AE_PAPER_FREQ = _ae_method(
+    "ae-paper-freq",
+    "AE, paper loss, frequency-weighted rows",
+    "paper",
+    "The paper-loss AE with rows drawn and weighted by token frequency.",
+    weighted_rows=True,
+)

@@ -9,7 +9,6 @@ works from this one type.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -17,6 +16,7 @@ import torch
 
 from embviz.compressors.budget import low_rank_params
 from embviz.errors import BadInputError, EmbvizError
+from embviz.progress import Progress, ProgressCallback
 
 DECODER_ACTIVATIONS = ("elu",)
 MAX_SEED = 2**63 - 1
@@ -40,26 +40,14 @@ def check_device(device: str) -> str:
     return device
 
 
-@dataclass(frozen=True)
-class TrainingProgress:
-    """One progress report from a fit: sent after every logged step and at every epoch end."""
-
-    epoch: int
-    epochs: int
-    step: int
-    steps: int
-    loss: float
-    terms: dict[str, float]
-    elapsed_s: float
-    epoch_end: bool = False
-
-
-ProgressCallback = Callable[[TrainingProgress], bool | None]
-"""Receives progress; returning ``False`` cancels the fit at the next epoch boundary."""
+def closed_form_progress(elapsed_s: float) -> Progress:
+    """The one report of a fit without iterations (SVD, quantisation): done, as a single finished epoch."""
+    return Progress(1, 1, "fitted", epoch=1, epochs=1, epoch_end=True, elapsed_s=elapsed_s)
 
 
 class TrainingCancelled(EmbvizError):
-    """A fit stopped because its progress callback returned ``False``; nothing was produced or saved."""
+    """A fit stopped because its progress callback returned ``False`` (at the end of an epoch); nothing
+    was produced or saved."""
 
 
 @dataclass
@@ -78,7 +66,8 @@ class CompressedEmbedding:
         stored_bytes: bytes the deployed form needs; defaults to float32 storage of its tensors.
         qcodes: the deployable integer codes of a quantised variant (``dense`` or ``codes`` hold their
             dequantised float32 values), or None; see :mod:`embviz.compressors.quantize`.
-        qscales: float16 per-row scales that go with ``qcodes``, or None.
+        qscales: float16 per-row scales that go with ``qcodes``, or None (a block format such as GGUF's keeps
+            its scales inside ``qcodes``).
         qbits: uint8 code width of every row of a mixed-precision variant (its ``qcodes`` is then one flat
             buffer), or None.
     """
@@ -110,8 +99,8 @@ class CompressedEmbedding:
             )
         if self.decoder_activation not in (None, *DECODER_ACTIVATIONS):
             raise ValueError(f"unknown decoder activation {self.decoder_activation!r}")
-        if (self.qcodes is None) != (self.qscales is None):
-            raise ValueError("quantised codes and their scales come together")
+        if self.qscales is not None and self.qcodes is None:
+            raise ValueError("quantisation scales come with quantised codes")
         if self.qbits is not None and self.qcodes is None:
             raise ValueError("row widths come with quantised codes")
 
@@ -122,8 +111,19 @@ class CompressedEmbedding:
     @property
     def shape(self) -> tuple[int, int]:
         if self.dense is not None:
-            return tuple(self.dense.shape)  # type: ignore[return-value]
-        return (self.codes.shape[0], self.decoder.shape[1])  # type: ignore[union-attr]
+            return (self.dense.shape[0], self.dense.shape[1])
+        codes, decoder = self.factors()
+        return (codes.shape[0], decoder.shape[1])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(codes, decoder)`` of a low-rank result (both are set whenever ``dense`` is None).
+
+        Raises:
+            ValueError: a dense result, which has neither.
+        """
+        if self.codes is None or self.decoder is None:
+            raise ValueError(f"{self.method} stores dense rows, not codes and a decoder")
+        return self.codes, self.decoder
 
     @property
     def rank(self) -> int | None:
@@ -153,9 +153,21 @@ class CompressedEmbedding:
         vocab, hidden = self.shape
         return 4 * vocab * hidden / self.bytes
 
+    @property
+    def bits_per_weight(self) -> float:
+        """Every stored byte (codes, scales, codebooks, decoders, biases, per-row widths) x 8, over V*D: the
+        figure llama.cpp's formats are quoted in (GGUF Q8_0 8.5, Q4_0 4.5; float32 32, bfloat16 16)."""
+        vocab, hidden = self.shape
+        return 8 * self.bytes / (vocab * hidden)
+
+    @property
+    def bytes_vs_bf16(self) -> float:
+        """Compression ratio in bytes against the matrix in bfloat16 (16 bits per weight)."""
+        return 16 / self.bits_per_weight
+
     def facts(self) -> dict[str, Any]:
         """What it is and what it costs: ``method``, ``label``, ``rank``, ``ratio``, ``params``, ``bytes``,
-        ``byte_ratio``."""
+        ``byte_ratio`` (against float32), ``bits_per_weight`` and ``bytes_vs_bf16`` (against bfloat16)."""
         return {
             "method": self.method,
             "label": self.label,
@@ -164,14 +176,16 @@ class CompressedEmbedding:
             "params": self.params,
             "bytes": self.bytes,
             "byte_ratio": round(self.byte_ratio, 4),
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "bytes_vs_bf16": round(self.bytes_vs_bf16, 4),
         }
 
     def reconstruct(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """The reconstructed matrix (or the given rows of it), float32."""
         if self.dense is not None:
             return self.dense if rows is None else self.dense[rows]
-        codes = self.codes if rows is None else self.codes[rows]  # type: ignore[index]
-        out = codes @ self.decoder  # type: ignore[operator]
+        codes, decoder = self.factors()
+        out = (codes if rows is None else codes[rows]) @ decoder
         if self.decoder_bias is not None:
             out = out + self.decoder_bias
         return torch.nn.functional.elu(out) if self.decoder_activation == "elu" else out
@@ -185,7 +199,15 @@ class CompressedEmbedding:
 class Compressor(Protocol):
     """What every compression method provides."""
 
-    method: str
+    @property
+    def method(self) -> str:
+        """The short method id of what :meth:`fit` returns (``svd``, ``ae``, ...)."""
+        ...
+
+    @property
+    def label(self) -> str:
+        """A short human label for the method and its settings."""
+        ...
 
     def fit(self, embedding: torch.Tensor, progress: ProgressCallback | None = None) -> CompressedEmbedding:
         """Compress the V x D matrix ``embedding``."""

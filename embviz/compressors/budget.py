@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 from embviz.errors import BadInputError
 
@@ -20,7 +21,7 @@ def _whole(value: object) -> bool:
 _MAX_SIDE = 10**12
 
 
-def _check_shape(vocab_size: int, hidden_size: int) -> None:
+def check_shape(vocab_size: int, hidden_size: int) -> None:
     """A V x D matrix that the budget rule applies to: 1 <= V and 2 <= D, both integers (and not absurd)."""
     if not (_whole(vocab_size) and _whole(hidden_size)) or not (
         1 <= vocab_size <= _MAX_SIDE and 2 <= hidden_size <= _MAX_SIDE
@@ -45,7 +46,7 @@ def ratio_for_rank(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias
 def check_ratio(ratio: object) -> float:
     """Validate a compression ratio: a finite number above 1 (returned as float)."""
     try:
-        value = float(ratio)  # type: ignore[arg-type]
+        value = float(ratio)  # type: ignore[arg-type]  # any input: what float() refuses is caught below
     except (TypeError, ValueError, OverflowError):
         raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}") from None
     if isinstance(ratio, bool) or not math.isfinite(value) or value <= 1:
@@ -61,7 +62,7 @@ def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_b
     Raises:
         BadInputError: ``ratio`` <= 1, or so large that not even rank 1 fits.
     """
-    _check_shape(vocab_size, hidden_size)
+    check_shape(vocab_size, hidden_size)
     ratio = check_ratio(ratio)
     budget = vocab_size * hidden_size / ratio - (hidden_size if decoder_bias else 0)
     rank = math.floor(budget / (vocab_size + hidden_size) + 1e-9)
@@ -83,3 +84,26 @@ def check_rank(rank: int, hidden_size: int) -> int:
             f"rank must be between 1 and {hidden_size - 1} (the hidden size is {hidden_size}), got {rank}"
         )
     return int(rank)
+
+
+def rank_for_byte_ratio(
+    vocab_size: int, hidden_size: int, ratio: float, bytes_for_rank: Callable[[int], int]
+) -> int:
+    """The largest rank whose stored bytes (``bytes_for_rank(r)``) are at most ``4*V*D / ratio``.
+
+    That is the byte budget of a float32 method at parameter ratio ``ratio``, so a quantised low-rank method
+    at a sweep ratio is compared with its float base at equal bytes (SPEC §2).
+
+    Raises:
+        BadInputError: ``ratio`` <= 1 or not a number, or not even rank 1 fits.
+    """
+    check_shape(vocab_size, hidden_size)
+    budget = 4 * vocab_size * hidden_size / check_ratio(ratio)
+    rank = 0
+    while rank + 1 < hidden_size and bytes_for_rank(rank + 1) <= budget:
+        rank += 1
+    if rank < 1:
+        raise BadInputError(
+            f"ratio {ratio} leaves less than rank 1 for a {vocab_size} x {hidden_size} matrix"
+        )
+    return rank

@@ -19,7 +19,8 @@ codes, V x C; for 4 bits two codes per byte, low nibble first, as uint8 V x ceil
 ``qcodes`` is one flat uint8 buffer: the packed 8-bit rows, then the 4-bit rows, then the 2-bit rows, each
 group in row order. An artifact stores these instead of the float32 ``dense``/``codes`` tensor (and a float16
 decoder), so its size on disk reflects the compressed form; loading dequantises them with
-:func:`dequantize_rows`, bit-identically to the fit.
+:func:`dequantize_rows` / :func:`dequantize_mixed` (each method's registered ``decode``), bit-identically to
+the fit.
 
 Byte counts (``stored_bytes``), packing per row: ``V*ceil(C*bits/8) + 2V`` for the codes and scales, plus
 ``2*r*D`` for an fp16 decoder (``4*D`` for a float32 decoder bias); mixed rows add one byte per row for
@@ -34,10 +35,14 @@ from typing import Any
 
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback, TrainingProgress
-from embviz.compressors.budget import _check_shape, check_ratio
+from embviz.compressors.autoencoder import AE_PAPER
+from embviz.compressors.base import CompressedEmbedding, Compressor, closed_form_progress
+from embviz.compressors.budget import check_ratio, rank_for_byte_ratio
+from embviz.compressors.registry import MethodSpec, Size, register_method
+from embviz.compressors.svd import SVD, SVD_FREQ
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
+from embviz.progress import ProgressCallback, send
 
 BITS = (8, 4)
 MIXED_BITS = (8, 4, 2)
@@ -154,8 +159,7 @@ def _quantize(matrix: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def _report(progress: ProgressCallback | None, elapsed: float) -> None:
-    if progress is not None:
-        progress(TrainingProgress(1, 1, 1, 1, 0.0, {}, elapsed, epoch_end=True))
+    send(progress, closed_form_progress(elapsed))
 
 
 # -- compressors ---------------------------------------------------------------------------------------
@@ -219,7 +223,7 @@ class QuantizedLowRank:
 
     @property
     def rank(self) -> int:
-        return self.base.rank  # type: ignore[attr-defined]
+        return self.base.rank  # type: ignore[attr-defined]  # __init__ refused a base without a rank
 
     @property
     def method(self) -> str:
@@ -227,7 +231,7 @@ class QuantizedLowRank:
 
     @property
     def label(self) -> str:
-        return f"{self.base.label}, int{self.bits} codes + fp16 decoder"  # type: ignore[attr-defined]
+        return f"{self.base.label}, int{self.bits} codes + fp16 decoder"
 
     def get_config(self) -> dict[str, Any]:
         """``method``, ``label``, ``rank``, ``bits`` and the base compressor's configuration."""
@@ -259,20 +263,12 @@ class QuantizedLowRank:
         Raises:
             BadInputError: ``ratio`` <= 1 or not a number, or not even rank 1 fits.
         """
-        _check_shape(vocab_size, hidden_size)
-        budget = 4 * vocab_size * hidden_size / check_ratio(ratio)
-
-        def size(rank: int) -> int:
-            return cls.stored_bytes(vocab_size, hidden_size, rank, bits, decoder_bias=decoder_bias)
-
-        rank = 0
-        while rank + 1 < hidden_size and size(rank + 1) <= budget:
-            rank += 1
-        if rank < 1:
-            raise BadInputError(
-                f"ratio {ratio} leaves less than rank 1 for a {vocab_size} x {hidden_size} matrix"
-            )
-        return rank
+        return rank_for_byte_ratio(
+            vocab_size,
+            hidden_size,
+            ratio,
+            lambda rank: cls.stored_bytes(vocab_size, hidden_size, rank, bits, decoder_bias=decoder_bias),
+        )
 
     def fit(self, embedding: torch.Tensor, progress: ProgressCallback | None = None) -> CompressedEmbedding:
         """Fit the base compressor, then quantise its codes per row and round its decoder to float16."""
@@ -280,8 +276,9 @@ class QuantizedLowRank:
         factors = self.base.fit(embedding, progress)
         if not factors.low_rank:
             raise BadInputError(f"{self.base.method!r} did not produce codes and a decoder")
-        codes, stored, scales = _quantize(factors.codes.cpu(), self.bits)  # type: ignore[union-attr]
-        decoder = factors.decoder.cpu().to(torch.float16).to(torch.float32)  # type: ignore[union-attr]
+        base_codes, base_decoder = factors.factors()
+        codes, stored, scales = _quantize(base_codes.cpu(), self.bits)
+        decoder = base_decoder.cpu().to(torch.float16).to(torch.float32)
         vocab, hidden = embedding.shape
         bias = factors.decoder_bias is not None
         return CompressedEmbedding(
@@ -446,3 +443,113 @@ class MixedPrecisionRows:
             stored_bytes=mixed_rows_bytes(row_bits, hidden),
             train_seconds=time.perf_counter() - started,
         )
+
+
+# -- decoding stored tensors (each spec's ``decode``) ------------------------------------------------------
+def decode_rows(
+    config: dict[str, Any], stored: dict[str, torch.Tensor], shape: tuple[int, int], rank: int | None
+) -> dict[str, torch.Tensor]:
+    """``dense`` from a row quantiser's stored ``qcodes`` and ``qscales`` (width: ``config["bits"]``)."""
+    return {"dense": dequantize_rows(stored["qcodes"], stored["qscales"], config["bits"], shape[1])}
+
+
+def decode_mixed(
+    config: dict[str, Any], stored: dict[str, torch.Tensor], shape: tuple[int, int], rank: int | None
+) -> dict[str, torch.Tensor]:
+    """``dense`` from mixed-precision rows: the flat ``qcodes`` buffer, ``qscales`` and ``qbits``."""
+    return {"dense": dequantize_mixed(stored["qcodes"], stored["qscales"], stored["qbits"], shape[1])}
+
+
+def decode_low_rank_codes(
+    config: dict[str, Any], stored: dict[str, torch.Tensor], shape: tuple[int, int], rank: int | None
+) -> dict[str, torch.Tensor]:
+    """``codes`` (V x rank) from a quantised low-rank method's stored ``qcodes`` and ``qscales``."""
+    if rank is None:
+        raise ValueError("quantised low-rank codes need the rank they were stored at")
+    return {"codes": dequantize_rows(stored["qcodes"], stored["qscales"], config["bits"], rank)}
+
+
+# -- registration ------------------------------------------------------------------------------------------
+def _row_quantizer(bits: int) -> MethodSpec:
+    def build(
+        rank: int | None, ratio: float | None, row_weights: RowWeights | None, **options: Any
+    ) -> RowQuantizer:
+        return RowQuantizer(bits=bits, **options)
+
+    return register_method(
+        MethodSpec(
+            id=f"quant-int{bits}",
+            label=f"int{bits} rows (per-row scale)",
+            family="row quantisation",
+            sizing="fixed",
+            factory=build,
+            stores=("qcodes", "qscales"),
+            options=("seed",),
+            config_keys=("seed",),
+            code_bits=bits,
+            fixed_bytes=lambda vocab, hidden: quantized_rows_bytes(vocab, hidden, bits),
+            decode=decode_rows,
+            description=f"Every row quantised symmetrically to {bits} bits with its own float16 scale.",
+        )
+    )
+
+
+def _mixed(rank: int | None, ratio: float, row_weights: RowWeights, **options: Any) -> MixedPrecisionRows:
+    return MixedPrecisionRows(ratio, row_weights, **options)
+
+
+def _quantized_low_rank(base: MethodSpec, bits: int) -> MethodSpec:
+    """Register ``<base>-int<bits>``: the base method's codes quantised per row, its decoder in float16."""
+
+    def build(
+        rank: int, ratio: float | None, row_weights: RowWeights | None, **options: Any
+    ) -> QuantizedLowRank:
+        return QuantizedLowRank(base.build(Size(rank=rank), row_weights=row_weights, **options), bits=bits)
+
+    def rebuild(config: dict[str, Any], **overrides: Any) -> QuantizedLowRank:
+        return QuantizedLowRank(base.from_config(config["base"], **overrides), bits=config["bits"])
+
+    return register_method(
+        MethodSpec(
+            id=f"{base.id}-int{bits}",
+            label=f"{base.label}, int{bits} codes + fp16 decoder",
+            family="quantised low-rank",
+            sizing="rank",
+            factory=build,
+            stores=("qcodes", "qscales", "decoder") + (("decoder_bias",) if base.decoder_bias else ()),
+            trains=base.trains,
+            needs_row_weights=base.needs_row_weights,
+            options=base.options,
+            decoder_bias=base.decoder_bias,
+            code_bits=bits,
+            bytes_for_rank=lambda vocab, hidden, rank: QuantizedLowRank.stored_bytes(
+                vocab, hidden, rank, bits, decoder_bias=base.decoder_bias
+            ),
+            rebuild=rebuild,
+            decode=decode_low_rank_codes,
+            description=f"{base.label}, then its codes quantised to {bits} bits per row and its decoder "
+            "rounded to float16.",
+        )
+    )
+
+
+QUANT_INT8 = _row_quantizer(8)
+QUANT_INT4 = _row_quantizer(4)
+QUANT_MIXED = register_method(
+    MethodSpec(
+        id="quant-mixed",
+        label="mixed int8/int4/int2 rows, frequency-aware",
+        family="row quantisation",
+        sizing="bytes",
+        factory=_mixed,
+        stores=("qcodes", "qscales", "qbits"),
+        needs_row_weights=True,
+        max_byte_ratio=MixedPrecisionRows.max_ratio,
+        decode=decode_mixed,
+        description="8, 4 or 2 bits per row, chosen by token frequency to fit a byte budget.",
+    )
+)
+SVD_INT8 = _quantized_low_rank(SVD, 8)
+SVD_INT4 = _quantized_low_rank(SVD, 4)
+SVD_FREQ_INT8 = _quantized_low_rank(SVD_FREQ, 8)
+AE_PAPER_INT8 = _quantized_low_rank(AE_PAPER, 8)

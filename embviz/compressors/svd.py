@@ -18,9 +18,11 @@ from typing import Any
 
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, ProgressCallback, TrainingProgress, check_seed
+from embviz.compressors.base import CompressedEmbedding, check_seed, closed_form_progress
+from embviz.compressors.registry import MethodSpec, register_method
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
+from embviz.progress import ProgressCallback, send
 from embviz.rng import seeded
 
 BLOCK_ROWS = 8192
@@ -144,8 +146,56 @@ class SVDCompressor:
         codes = project(embedding, basis)
         decoder = basis.T.to(torch.float32).contiguous()
         elapsed = time.perf_counter() - started
-        if progress is not None:
-            progress(TrainingProgress(1, 1, 1, 1, 0.0, {}, elapsed, epoch_end=True))
+        send(progress, closed_form_progress(elapsed))
         return CompressedEmbedding(
             method=self.method, config=self.get_config(), codes=codes, decoder=decoder, train_seconds=elapsed
         )
+
+
+# -- registration ------------------------------------------------------------------------------------------
+def _exact(rank: int, ratio: float | None, row_weights: RowWeights | None) -> SVDCompressor:
+    return SVDCompressor(rank, row_weights=row_weights)
+
+
+def _randomized(
+    rank: int, ratio: float | None, row_weights: RowWeights | None, **options: Any
+) -> SVDCompressor:
+    return SVDCompressor(rank, randomized=True, **options)
+
+
+SVD = register_method(
+    MethodSpec(
+        id="svd",
+        label="SVD (exact)",
+        family="svd",
+        sizing="rank",
+        factory=_exact,
+        stores=("codes", "decoder"),
+        description="Truncated SVD, not mean-centred: the Euclidean optimum at each rank (the paper's baseline).",
+    )
+)
+SVD_RANDOMIZED = register_method(
+    MethodSpec(
+        id="svd-randomized",
+        label="randomised SVD (original baseline)",
+        family="svd",
+        sizing="rank",
+        factory=_randomized,
+        stores=("codes", "decoder"),
+        options=("n_iter", "seed"),
+        config_keys=("n_iter", "seed"),
+        description="The original code's randomised SVD (power iterations): a weaker baseline, kept for comparison.",
+    )
+)
+SVD_FREQ = register_method(
+    MethodSpec(
+        id="svd-freq",
+        label="SVD, frequency-weighted",
+        family="svd",
+        sizing="rank",
+        factory=_exact,
+        stores=("codes", "decoder"),
+        needs_row_weights=True,
+        description="SVD of the rows weighted by token frequency: the basis favours the tokens text uses.",
+    )
+)

@@ -8,19 +8,13 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
+from pages.navigation import PAGES as PAGE_SPECS
 from tests.e2e.conftest import RANK, wait_for_idle
 
 pytestmark = pytest.mark.e2e
 
-PAGES = {
-    "": "Compress",
-    "neighbours": "Nearest neighbours",
-    "angles": "Reconstruction angles",
-    "map": "Map of the vocabulary",
-    "predictions": "Fill in the blank",
-    "perplexity": "Perplexity vs compression",
-    "size": "Size vs quality",
-}
+PAGES = {page.url_path: page.heading for page in PAGE_SPECS}
+"""URL path -> the heading each page draws (``pages/navigation.py`` lists them)."""
 
 
 def open_page(page, app_url: str, path: str = "", query: str = "") -> None:

@@ -1,0 +1,321 @@
+"""The method registry: one :class:`MethodSpec` per compression method, registered by its own module.
+
+Everything that offers methods (the CLI's choices and sizing, the sweep plan, the app's lists and train
+buttons, artifacts, exports, ``embviz methods`` and the tests) reads this registry instead of parsing
+method ids. Adding a method is one module that implements a :class:`~embviz.compressors.base.Compressor`
+and calls :func:`register_method` (the way ``peft`` registers each tuner); packages outside embviz can
+register theirs through the ``embviz.methods`` entry-point group (each entry point is a module to import).
+
+How a method is sized (``MethodSpec.sizing``):
+
+* ``rank`` -- a latent size r, or a compression ratio that becomes the largest r meeting it (in
+  parameters, or in bytes for quantised codes with ``by="bytes"``);
+* ``fixed`` -- the method's own size (e.g. int8 rows); it takes neither a rank nor a ratio;
+* ``bytes`` -- a byte ratio against float32 storage (e.g. mixed-precision rows); no rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Literal
+
+import torch
+
+from embviz.compressors.base import Compressor
+from embviz.compressors.budget import check_rank, check_ratio, rank_for_byte_ratio, rank_for_ratio
+from embviz.compressors.weights import RowWeights
+from embviz.errors import BadInputError
+
+Sizing = Literal["rank", "fixed", "bytes"]
+SIZINGS: tuple[Sizing, ...] = ("rank", "fixed", "bytes")
+RatioBasis = Literal["params", "bytes"]
+RATIO_BASES: tuple[RatioBasis, ...] = ("params", "bytes")
+"""What a ratio holds equal for a rank-sized method with quantised codes: parameters or bytes."""
+ENTRY_POINT_GROUP = "embviz.methods"
+
+Factory = Callable[..., Compressor]
+"""``factory(rank, ratio, row_weights, **options) -> Compressor``; ``rank``/``ratio`` per the sizing."""
+Decoder = Callable[
+    [dict[str, Any], dict[str, torch.Tensor], tuple[int, int], int | None], dict[str, torch.Tensor]
+]
+"""``decode(config, stored, (V, D), rank) -> {name: float32 tensor}``: turns an artifact's stored tensors
+(quantised codes, scales, ...) into the float ``codes`` or ``dense`` a
+:class:`~embviz.compressors.base.CompressedEmbedding` holds. Raises ValueError / KeyError when they do not fit."""
+
+
+@dataclass(frozen=True)
+class Size:
+    """A method's size, resolved from a rank or a ratio: what its factory gets and what a sweep reports."""
+
+    rank: int | None = None
+    ratio: float | None = None
+    """The byte ratio a ``bytes``-sized method is built with (None otherwise)."""
+    target_ratio: float | None = None
+    """The ratio asked for (a fixed-size method: its own byte ratio against float32); None for a rank."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """Everything the rest of embviz needs to know about one compression method.
+
+    Attributes:
+        id: the method id (``svd``, ``ae-paper``, ``quant-int8``, ...), as compressors report it.
+        label: a short human label.
+        family: what kind of method it is (``svd``, ``autoencoder``, ``row quantisation``, ...).
+        sizing: ``rank``, ``fixed`` or ``bytes`` (see the module docstring).
+        factory: builds the compressor: ``factory(rank, ratio, row_weights, **options)``.
+        stores: the tensors its artifacts hold (names of :class:`CompressedEmbedding` fields).
+        trains: whether fitting is iterative training (the app shows progress and may ask first).
+        needs_row_weights: whether it needs token frequencies (:class:`RowWeights`).
+        options: the constructor options it accepts (``seed``, ``recipe``, ``epochs``, ...).
+        config_keys: the keys of its ``get_config()`` that rebuild it (:meth:`from_config`).
+        decoder_bias: whether its decoder has a bias, which the parameter budget counts.
+        code_bits: the width of its quantised codes, for rank-sized methods sized by bytes.
+        bytes_for_rank: stored bytes at a rank, ``(V, D, r) -> bytes`` (quantised rank-sized methods).
+        fixed_bytes: stored bytes of a V x D matrix, ``(V, D) -> bytes`` (``fixed`` sizing).
+        max_byte_ratio: the largest byte ratio it reaches for D columns (``bytes`` sizing).
+        rebuild: ``(config, **overrides) -> Compressor`` where :attr:`config_keys` cannot say it (nested
+            configurations, e.g. a quantised method over a base method).
+        decode: how its stored quantised tensors become float ``codes`` / ``dense`` on load (a
+            :data:`Decoder`); needed by every method that stores ``qcodes``.
+        description: one sentence for ``embviz methods`` and the README.
+    """
+
+    id: str
+    label: str
+    family: str
+    sizing: Sizing
+    factory: Factory
+    stores: tuple[str, ...]
+    trains: bool = False
+    needs_row_weights: bool = False
+    options: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    decoder_bias: bool = False
+    code_bits: int | None = None
+    bytes_for_rank: Callable[[int, int, int], int] | None = field(default=None, repr=False)
+    fixed_bytes: Callable[[int, int], int] | None = field(default=None, repr=False)
+    max_byte_ratio: Callable[[int], float] | None = field(default=None, repr=False)
+    rebuild: Callable[..., Compressor] | None = field(default=None, repr=False)
+    decode: Decoder | None = field(default=None, repr=False)
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.id or self.id != self.id.strip() or "," in self.id:
+            raise ValueError(f"a method id must be a non-empty name without commas, got {self.id!r}")
+        if self.sizing not in SIZINGS:
+            raise ValueError(f"sizing must be one of {SIZINGS}, got {self.sizing!r}")
+        if self.sizing == "fixed" and self.fixed_bytes is None:
+            raise ValueError(f"{self.id}: a fixed-size method states its bytes (fixed_bytes)")
+        if self.sizing == "rank" and self.code_bits is not None and self.bytes_for_rank is None:
+            raise ValueError(f"{self.id}: a method with quantised codes states its bytes (bytes_for_rank)")
+        if "qcodes" in self.stores and self.decode is None:
+            raise ValueError(
+                f"{self.id}: a method that stores quantised codes says how to decode them (decode)"
+            )
+
+    # -- sizing ------------------------------------------------------------------------------------------
+    def size(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        *,
+        rank: int | None = None,
+        ratio: float | None = None,
+        by: str = "params",
+    ) -> Size:
+        """Resolve a rank or a ratio into this method's size for a V x D matrix (the one sizing rule).
+
+        Raises:
+            BadInputError: a size the method does not take (a rank for a fixed-size method, neither for a
+                rank-sized one, ...), or one out of range.
+        """
+        if by not in RATIO_BASES:
+            raise BadInputError(f"a ratio holds {' or '.join(RATIO_BASES)} equal, not {by!r}")
+        if rank is not None and ratio is not None:
+            raise BadInputError(f"{self.id}: give a rank or a ratio, not both")
+        if self.sizing == "fixed":
+            if rank is not None or ratio is not None:
+                raise BadInputError(f"{self.id} has a fixed size: it takes neither a rank nor a ratio")
+            assert self.fixed_bytes is not None
+            own = 4 * vocab_size * hidden_size / self.fixed_bytes(vocab_size, hidden_size)
+            return Size(target_ratio=round(own, 4))
+        if self.sizing == "bytes":
+            if rank is not None:
+                raise BadInputError(f"{self.id} is sized by a byte ratio, not a rank: give a ratio")
+            if ratio is None:
+                raise BadInputError(f"{self.id} is sized by a byte ratio: give a ratio")
+            ratio = check_ratio(ratio)
+            reach = self.max_byte_ratio(hidden_size) if self.max_byte_ratio else None
+            if reach is not None and ratio > reach:
+                raise BadInputError(
+                    f"ratio {ratio:g} is beyond what {self.id} reaches for {hidden_size} columns "
+                    f"(at most {reach:.2f}x)"
+                )
+            return Size(ratio=ratio, target_ratio=ratio)
+        if ratio is not None:
+            if self.bytes_for_rank is not None and by == "bytes":
+                return Size(rank=self.rank_for_byte_ratio(vocab_size, hidden_size, ratio), target_ratio=ratio)
+            chosen = rank_for_ratio(vocab_size, hidden_size, ratio, decoder_bias=self.decoder_bias)
+            return Size(rank=chosen, target_ratio=float(ratio))
+        if rank is None:
+            raise BadInputError(f"{self.id} needs a rank or a ratio")
+        return Size(rank=check_rank(rank, hidden_size))
+
+    def rank_for_byte_ratio(self, vocab_size: int, hidden_size: int, ratio: float) -> int:
+        """The largest rank whose stored bytes meet byte ratio ``ratio`` against float32 E."""
+        bytes_for_rank = self.bytes_for_rank
+        if bytes_for_rank is None:
+            raise BadInputError(f"{self.id} is not sized by bytes")
+        return rank_for_byte_ratio(
+            vocab_size, hidden_size, ratio, lambda rank: bytes_for_rank(vocab_size, hidden_size, rank)
+        )
+
+    # -- building ----------------------------------------------------------------------------------------
+    def build(self, size: Size, *, row_weights: RowWeights | None = None, **options: Any) -> Compressor:
+        """The compressor at ``size`` (from :meth:`size`), with ``options`` among :attr:`options`.
+
+        Raises:
+            BadInputError: missing or unexpected row weights, or an option the method does not take.
+        """
+        if self.needs_row_weights and row_weights is None:
+            raise BadInputError(f"method {self.id!r} is frequency-aware: it needs row weights (token counts)")
+        if not self.needs_row_weights and row_weights is not None:
+            raise BadInputError(f"method {self.id!r} does not take row weights")
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            accepted = ", ".join(self.options) or "none"
+            raise BadInputError(
+                f"bad option for method {self.id!r}: {', '.join(unknown)} (it takes: {accepted})"
+            )
+        try:
+            return self.factory(size.rank, size.ratio, row_weights, **options)
+        except TypeError as exc:
+            raise BadInputError(f"bad option for method {self.id!r}: {exc}") from exc
+
+    def from_config(self, config: dict[str, Any], **overrides: Any) -> Compressor:
+        """Rebuild the compressor that produced ``config`` (a ``get_config()`` result).
+
+        Frequency-aware methods need their ``row_weights`` passed again in ``overrides``.
+        """
+        if self.rebuild is not None:
+            return self.rebuild(config, **overrides)
+        options = {key: config[key] for key in self.config_keys if key in config}
+        options.update(overrides)
+        row_weights = options.pop("row_weights", None)
+        size = Size(rank=config.get("rank"), ratio=config.get("ratio") if self.sizing == "bytes" else None)
+        return self.build(size, row_weights=row_weights, **options)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What ``embviz methods --json`` prints for this method."""
+        return {
+            "id": self.id,
+            "label": self.label,
+            "family": self.family,
+            "sizing": self.sizing,
+            "trains": self.trains,
+            "needs_row_weights": self.needs_row_weights,
+            "stores": list(self.stores),
+            "options": list(self.options),
+            "code_bits": self.code_bits,
+            "description": self.description,
+        }
+
+
+# -- the registry ------------------------------------------------------------------------------------------
+_REGISTRY: dict[str, MethodSpec] = {}
+_LOCK = threading.Lock()
+_PLUGINS_LOADED = False
+
+
+def register_method(spec: MethodSpec, *, replace: bool = False) -> MethodSpec:
+    """Add ``spec`` to the registry (its module calls this at import); returns it.
+
+    Raises:
+        ValueError: the id is taken (unless ``replace``).
+    """
+    with _LOCK:
+        if spec.id in _REGISTRY and not replace:
+            raise ValueError(f"method {spec.id!r} is already registered")
+        _REGISTRY[spec.id] = spec
+    return spec
+
+
+def unregister_method(method_id: str) -> None:
+    """Remove a method (tests and plugins that register one for a while)."""
+    with _LOCK:
+        _REGISTRY.pop(method_id, None)
+
+
+@contextlib.contextmanager
+def registered(spec: MethodSpec) -> Iterator[MethodSpec]:
+    """Register ``spec`` for the duration of a ``with`` block."""
+    register_method(spec)
+    try:
+        yield spec
+    finally:
+        unregister_method(spec.id)
+
+
+def _load_plugins() -> None:
+    """Import the modules named in the ``embviz.methods`` entry-point group once (they register)."""
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        entry.load()
+
+
+def all_methods() -> tuple[MethodSpec, ...]:
+    """Every registered method, in registration order."""
+    _load_plugins()
+    with _LOCK:
+        return tuple(_REGISTRY.values())
+
+
+def method_ids(
+    *,
+    sizing: Sizing | None = None,
+    trains: bool | None = None,
+    needs_row_weights: bool | None = None,
+    family: str | None = None,
+) -> tuple[str, ...]:
+    """Registered method ids, optionally only those with the given properties."""
+    return tuple(
+        spec.id
+        for spec in all_methods()
+        if (sizing is None or spec.sizing == sizing)
+        and (trains is None or spec.trains == trains)
+        and (needs_row_weights is None or spec.needs_row_weights == needs_row_weights)
+        and (family is None or spec.family == family)
+    )
+
+
+def get_method(method_id: str) -> MethodSpec:
+    """The spec of a registered method.
+
+    Raises:
+        BadInputError: no such method (the message lists the registered ones).
+    """
+    _load_plugins()
+    spec = _REGISTRY.get(method_id)
+    if spec is None:
+        raise BadInputError(f"unknown method {method_id!r}; choose one of {', '.join(method_ids())}")
+    return spec
+
+
+def find_method(method_id: str) -> MethodSpec | None:
+    """The spec of a registered method, or None (e.g. an artifact of a plugin that is not installed)."""
+    _load_plugins()
+    return _REGISTRY.get(method_id)
+
+
+def method_label(method_id: str) -> str:
+    """The human label of a method id (the id itself for an unregistered one, e.g. ``uncompressed``)."""
+    spec = find_method(method_id)
+    return spec.label if spec is not None else method_id

@@ -1,0 +1,260 @@
+"""Cached data for the pages, shared by every session of the server process (``st.cache_resource``).
+
+Everything about one compressed variant is keyed by a frozen :class:`VariantSpec`; the numbers come from
+the UI-free core. Showing progress while a variant trains is :mod:`pages.widgets`' job.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import streamlit as st
+import torch
+
+from embviz.artifacts import ArtifactResult, artifact_path, compress_cached, matrix_fingerprint
+from embviz.backbones import Backbone
+from embviz.cache import cache_problem
+from embviz.compressors import (
+    CompressedEmbedding,
+    Compressor,
+    get_method,
+    make_compressor,
+    method_label,
+    reconstruction_quality,
+)
+from embviz.errors import EmbvizError
+from embviz.metrics import (
+    Angles,
+    corpus_frequencies,
+    frequency_bands,
+    nearest_neighbours,
+    neighbour_table_cached,
+    reconstruction_angles,
+    token_classes,
+)
+from embviz.progress import ProgressCallback
+from embviz.sources import load_model
+from pages.state import Settings, settings
+
+ORIGINAL = "original"
+NeighbourTable = tuple[np.ndarray, np.ndarray]
+"""Top-k neighbour ids and cosine scores, one row per token."""
+
+
+# -- variants --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class VariantSpec:
+    """One compressed variant: backbone, method id, rank and (for methods that take one) the AE recipe.
+
+    The recipe is normalised away for methods whose spec has no ``recipe`` option, so an SVD variant is the
+    same spec whatever recipe the sidebar shows.
+    """
+
+    model: str
+    method: str
+    rank: int
+    recipe: str = ""
+
+    def __post_init__(self) -> None:
+        if "recipe" not in get_method(self.method).options:
+            object.__setattr__(self, "recipe", "")
+
+    @property
+    def label(self) -> str:
+        return method_label(self.method)
+
+    @property
+    def trains(self) -> bool:
+        return get_method(self.method).trains
+
+    def compressor(self) -> Compressor:
+        options: dict[str, Any] = {"recipe": self.recipe} if self.recipe else {}
+        return make_compressor(self.method, self.rank, **options)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A variant a page shows: its spec and the artifact (loaded, or trained here)."""
+
+    spec: VariantSpec
+    result: ArtifactResult
+
+    @property
+    def compressed(self) -> CompressedEmbedding:
+        return self.result.compressed
+
+
+def compared_specs(model: str, config: Settings) -> dict[str, VariantSpec]:
+    """The variants the pages compare (:attr:`Settings.compared`) at the chosen rank and recipe."""
+    return {
+        name: VariantSpec(model, method, config.rank, config.recipe)
+        for name, method in config.compared.items()
+    }
+
+
+# -- backbone --------------------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=2)
+def load_backbone(name: str) -> Backbone:
+    """One shared copy of each backbone per server process (sessions never mutate it)."""
+    return load_model(name)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def backbone_fingerprint(name: str) -> str:
+    return matrix_fingerprint(load_backbone(name).embedding)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def token_index(name: str) -> dict[str, int]:
+    return {token: i for i, token in enumerate(load_backbone(name).tokens)}
+
+
+def current_backbone() -> Backbone | None:
+    """The backbone picked in the sidebar, loaded under a spinner; errors are shown, not raised."""
+    name = settings().model
+    try:
+        with st.spinner(f"Loading {name} (the first load of smollm2 converts its GGUF once, about 25 s)…"):
+            return load_backbone(name)
+    except EmbvizError as error:
+        st.error(str(error))
+        return None
+
+
+# -- the variant store -----------------------------------------------------------------------------------
+class VariantStore:
+    """Compressed variants and their reconstructions, shared by every session of this server process.
+
+    Artifacts are small (codes + decoder); reconstructions are V x D, so only a few are kept (LRU).
+    """
+
+    def __init__(self, max_matrices: int = 6) -> None:
+        self.lock = threading.Lock()
+        self.results: dict[VariantSpec, ArtifactResult] = {}
+        self.matrices: OrderedDict[VariantSpec, torch.Tensor] = OrderedDict()
+        self.max_matrices = max_matrices
+
+    def matrix(self, spec: VariantSpec, result: ArtifactResult) -> torch.Tensor:
+        with self.lock:
+            if spec in self.matrices:
+                self.matrices.move_to_end(spec)
+                return self.matrices[spec]
+        matrix = result.compressed.reconstruct().contiguous()
+        with self.lock:
+            self.matrices[spec] = matrix
+            while len(self.matrices) > self.max_matrices:
+                self.matrices.popitem(last=False)
+        return matrix
+
+
+@st.cache_resource(show_spinner=False)
+def variant_store() -> VariantStore:
+    return VariantStore()
+
+
+def show_notice(result: ArtifactResult) -> None:
+    """The artifact's notice (e.g. a cache entry rebuilt), unless :func:`pages.widgets.cache_warning`
+    already says that the cache is unusable."""
+    if result.notice and not (result.path is None and cache_problem()):
+        st.warning(result.notice)
+
+
+def find_variant(backbone: Backbone, spec: VariantSpec) -> ArtifactResult | None:
+    """The artifact from memory or the disk cache, or computed here when its method does not train.
+
+    Returns None when the method trains and its artifact does not exist yet (see :func:`fit_variant`).
+    """
+    store = variant_store()
+    if spec in store.results:
+        return store.results[spec]
+    compressor = spec.compressor()
+    try:
+        on_disk = artifact_path(backbone.name, backbone_fingerprint(backbone.name), compressor).exists()
+    except EmbvizError:
+        on_disk = False
+    if spec.trains and not on_disk:
+        return None
+    with st.spinner(f"Loading {spec.label} (rank {spec.rank})…"):
+        result = compress_cached(backbone.name, backbone.embedding, compressor)
+    show_notice(result)
+    store.results[spec] = result
+    return result
+
+
+def fit_variant(
+    backbone: Backbone, spec: VariantSpec, *, progress: ProgressCallback | None = None
+) -> ArtifactResult:
+    """Train (or, if another session just did, load) the artifact and keep it; ``progress`` follows the fit.
+
+    The disk cache's lock makes two sessions asking at once train it once.
+    """
+    result = compress_cached(backbone.name, backbone.embedding, spec.compressor(), progress=progress)
+    variant_store().results[spec] = result
+    return result
+
+
+def get_variant(backbone: Backbone, spec: VariantSpec, *, train: bool) -> ArtifactResult | None:
+    """:func:`find_variant`, else (with ``train``) :func:`fit_variant` without a progress display."""
+    result = find_variant(backbone, spec)
+    if result is None and train:
+        result = fit_variant(backbone, spec)
+        show_notice(result)
+    return result
+
+
+def reconstructions(variants: dict[str, Variant]) -> dict[str, torch.Tensor]:
+    """V x D matrices of each variant (shared, LRU-bounded)."""
+    store = variant_store()
+    return {name: store.matrix(variant.spec, variant.result) for name, variant in variants.items()}
+
+
+# -- what the pages measure ------------------------------------------------------------------------------
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _original_neighbours(model: str, k: int) -> NeighbourTable:
+    backbone = load_backbone(model)
+    return neighbour_table_cached(model, backbone_fingerprint(model), backbone.embedding, k)
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _variant_neighbours(spec: VariantSpec, k: int, _compressed: CompressedEmbedding) -> NeighbourTable:
+    return nearest_neighbours(_compressed, k)
+
+
+def neighbour_tables(backbone: Backbone, variants: dict[str, Variant], k: int) -> dict[str, NeighbourTable]:
+    """Full-vocabulary top-k tables: ``original`` (disk-cached) and each variant (factor path, in memory)."""
+    tables = {ORIGINAL: _original_neighbours(backbone.name, k)}
+    for name, variant in variants.items():
+        tables[name] = _variant_neighbours(variant.spec, k, variant.compressed)
+    return tables
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _quality(spec: VariantSpec, _backbone: Backbone, _compressed: CompressedEmbedding) -> dict[str, float]:
+    return reconstruction_quality(_backbone.embedding, _compressed)
+
+
+def quality_of(backbone: Backbone, variant: Variant) -> dict[str, float]:
+    """Mean cosine and relative error of one variant (cached per configuration)."""
+    return _quality(variant.spec, backbone, variant.compressed)
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _angles(spec: VariantSpec, _backbone: Backbone, _compressed: CompressedEmbedding) -> Angles:
+    return reconstruction_angles(_backbone.embedding, _compressed)
+
+
+def angles_of(backbone: Backbone, variants: dict[str, Variant]) -> dict[str, Angles]:
+    """Per-token angle and norm ratio of each variant (cached per configuration)."""
+    return {name: _angles(variant.spec, backbone, variant.compressed) for name, variant in variants.items()}
+
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def token_groups(model: str, split: str) -> np.ndarray:
+    """Token class, or corpus-frequency band (Bible ``train`` slice), of every vocabulary row."""
+    backbone = load_backbone(model)
+    if split == "class":
+        return token_classes(backbone.tokens, backbone.special_ids)
+    return frequency_bands(corpus_frequencies(backbone.tokenizer, backbone.tokens, "bible", "train"))

@@ -1,0 +1,300 @@
+"""Streamlit pieces the pages share: progress, training and its button, the sweep panel, downloads, notes.
+
+Numbers come from the core (:mod:`embviz`) and cached data from :mod:`pages.data`; this module draws.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import streamlit as st
+
+from embviz.backbones import Backbone
+from embviz.cache import cache_problem
+from embviz.compressors import method_label, ratio_for_rank
+from embviz.errors import EmbvizError
+from embviz.figures import provenance_line
+from embviz.progress import Progress, ProgressCallback, describe, format_metrics
+from embviz.sources import load_model
+from pages.data import (
+    Variant,
+    VariantSpec,
+    compared_specs,
+    current_backbone,
+    find_variant,
+    fit_variant,
+    show_notice,
+    token_index,
+)
+from pages.state import Settings, request_model_switch, settings
+
+if TYPE_CHECKING:
+    from embviz.artifacts import ArtifactResult
+    from embviz.evaluation import SweepRow
+
+TEXTS = ("bible:test", "shakespeare:test", "britannica:test")
+"""The held-out texts a sweep scores on."""
+RATIOS = (2.0, 4.0, 8.0, 16.0)
+"""The ratios a sweep offers unless a page passes its own."""
+
+
+# -- progress --------------------------------------------------------------------------------------------
+def progress_bar(*, readout: bool = False) -> ProgressCallback:
+    """An ``st.progress`` bar that follows :class:`~embviz.progress.Progress` reports.
+
+    The bar's text is the message and metrics; with ``readout`` it is the message alone and the metrics (a
+    fit's loss and loss terms) and elapsed seconds go in a caption under the bar.
+    """
+    bar = st.progress(0.0, text="starting")
+    caption = st.empty() if readout else None
+
+    def show(update: Progress) -> None:
+        bar.progress(update.fraction, text=update.message if readout else describe(update))
+        elapsed = f"{update.elapsed_s:.0f} s" if update.elapsed_s is not None else ""
+        readout_text = " · ".join(part for part in (format_metrics(update), elapsed) if part)
+        if caption is not None and readout_text:
+            caption.caption(readout_text)
+
+    return show
+
+
+# -- messages --------------------------------------------------------------------------------------------
+def cache_warning() -> None:
+    """One warning when the disk cache is unusable: everything still works, it is just not kept."""
+    problem = cache_problem()
+    if problem:
+        st.warning(f"The disk cache is not usable, so nothing is kept between runs: {problem}.")
+
+
+def explain(text: str) -> None:
+    """The short "what am I looking at" note for students."""
+    with st.expander("What am I looking at?"):
+        st.markdown(text)
+
+
+def provenance(backbone: Backbone, config: Settings, **facts: Any) -> str:
+    """The provenance line under a figure: model, rank, ratio, AE loss, recipe, seed, and ``facts``."""
+    ratio = ratio_for_rank(backbone.vocab_size, backbone.hidden_size, config.rank)
+    return provenance_line(
+        backbone.name,
+        rank=config.rank,
+        ratio=f"{ratio:.1f}x",
+        ae_loss=config.loss,
+        recipe=config.recipe,
+        seed=1,
+        **facts,
+    )
+
+
+def downloads(name: str, table: pd.DataFrame | None = None, payload: Any = None, figure: Any = None) -> None:
+    """CSV / JSON / figure-HTML download buttons for the data behind a view."""
+    columns = st.columns(3)
+    if table is not None:
+        columns[0].download_button(
+            "CSV", table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv"
+        )
+    if payload is not None or table is not None:
+        data = payload if payload is not None else table.to_dict(orient="records")  # type: ignore[union-attr]
+        columns[1].download_button(
+            "JSON",
+            json.dumps(data, indent=2, default=str),
+            f"{name}.json",
+            "application/json",
+            key=f"{name}-json",
+        )
+    if figure is not None:
+        columns[2].download_button(
+            "Figure (HTML)",
+            figure.to_html(include_plotlyjs="cdn"),
+            f"{name}.html",
+            "text/html",
+            key=f"{name}-html",
+        )
+
+
+def focus_token_id(backbone: Backbone, config: Settings) -> int | None:
+    """The focus token's row, or None with an error shown (unknown token) / nothing (empty)."""
+    from embviz.vocab import find_token
+
+    if not config.token:
+        return None
+    try:
+        return find_token(backbone.tokens, config.token, token_index(backbone.name))
+    except EmbvizError as error:
+        st.error(str(error))
+        return None
+
+
+# -- backbone and variants -------------------------------------------------------------------------------
+def offer_mlm_head(model: str) -> None:
+    """For ``minilm`` (no trained masked-LM head): a button that fits one and switches to ``minilm-mlm``."""
+    from embviz import mlm_head
+
+    source = mlm_head.DEFAULT_SOURCE
+    if model != source or mlm_head.exists(source):
+        return
+    name, minutes = mlm_head.output_name(source), mlm_head.EXPECTED_MINUTES
+    st.caption(
+        f"{source} has no trained masked-LM head, so its predictions are noise. {name} adds a head fitted "
+        f"by embviz on public-domain text (about {minutes} min on 2 CPU cores, once; cached afterwards)."
+    )
+    if not st.button(f"Build {name} (about {minutes} min)", key="build-mlm-head"):
+        return
+    with st.status(f"Fitting {name} (about {minutes} min)…", expanded=True) as status:
+        try:
+            result = mlm_head.fit_mlm_head(source, load=load_model, progress=progress_bar())
+        except EmbvizError as error:
+            status.update(label=f"Could not build {name}", state="error")
+            st.error(str(error))
+            return
+        top1 = result.accuracies.get("bible:test", {}).get("top1")
+        accuracy = f": top-1 {top1:.0%} on bible:test" if isinstance(top1, float) else ""
+        status.update(label=f"Built {name}{accuracy}", state="complete", expanded=False)
+    request_model_switch(name)
+    st.rerun()
+
+
+def check_rank(backbone: Backbone, rank: int) -> bool:
+    """Show an error (and return False) when the rank does not fit this backbone."""
+    if 1 <= rank < backbone.hidden_size:
+        return True
+    st.error(
+        f"Rank {rank} is out of range: it must be between 1 and {backbone.hidden_size - 1} "
+        f"(the hidden size of {backbone.name} is {backbone.hidden_size})."
+    )
+    return False
+
+
+def train_variant(backbone: Backbone, spec: VariantSpec) -> ArtifactResult:
+    """Train one variant under ``st.status`` with a live progress bar and loss read-out."""
+    with st.status(f"Training {spec.label}, rank {spec.rank}…", expanded=True) as status:
+        result = fit_variant(backbone, spec, progress=progress_bar(readout=True))
+        status.update(
+            label=f"Trained {spec.label}, rank {spec.rank} in {result.compressed.train_seconds:.1f} s",
+            state="complete",
+            expanded=False,
+        )
+    show_notice(result)
+    return result
+
+
+def variants_for(
+    backbone: Backbone, config: Settings, *, train_button: bool = True
+) -> dict[str, Variant] | None:
+    """The compared variants (SVD and AE) for the current settings, by display name.
+
+    A method that trains and is not trained yet gets a train button; None (the reason on screen) until
+    every variant exists.
+    """
+    if not check_rank(backbone, config.rank):
+        return None
+    variants = {}
+    try:
+        for name, spec in compared_specs(backbone.name, config).items():
+            result = find_variant(backbone, spec)
+            if result is None:  # a method that trains (the AE), not trained yet
+                st.info(
+                    f"The {spec.label} at rank {spec.rank} ({spec.recipe} recipe) is not "
+                    "trained yet. Train it here or on the Compress page; it is cached on disk afterwards."
+                )
+                if not (train_button and st.button("Train the AutoEncoder now", type="primary")):
+                    return None
+                result = train_variant(backbone, spec)
+            variants[name] = Variant(spec, result)
+    except EmbvizError as error:
+        st.error(str(error))
+        return None
+    return variants
+
+
+def require_variants() -> tuple[Settings, Backbone, dict[str, Variant]]:
+    """The settings, backbone and compared variants a page shows; stops the page (the reason is on screen)
+    while the backbone cannot load or the AE is not trained yet."""
+    config = settings()
+    backbone = current_backbone()
+    if backbone is None:
+        st.stop()
+    variants = variants_for(backbone, config)
+    if variants is None:
+        st.stop()
+    return config, backbone, variants
+
+
+# -- sweeps ----------------------------------------------------------------------------------------------
+def sweep_panel(
+    backbone: Backbone,
+    config: Settings,
+    *,
+    key: str,
+    methods: Sequence[str],
+    default_methods: Sequence[str],
+    ratio_label: str,
+    ratios: Sequence[float] = RATIOS,
+    caption: str = "",
+    by: str = "params",
+) -> tuple[list[SweepRow], str] | None:
+    """Method / ratio / text pickers and a compute button for a sweep; ``(rows, text)`` once computed.
+
+    The method list shows each registered method's label (:func:`embviz.compressors.method_label`). The
+    sweep runs under ``st.status`` with a progress bar, and its rows are kept in the session per request,
+    so widgets can change and come back without recomputing. Returns None (with a hint or the error shown)
+    until rows exist for the current choice.
+    """
+    from embviz.evaluation import sweep
+
+    controls = st.columns([3, 2, 2])
+    chosen = controls[0].multiselect(
+        "Methods", list(methods), default=list(default_methods), key=f"{key}_methods",
+        format_func=method_label,
+    )  # fmt: skip
+    sizes = controls[1].multiselect(
+        ratio_label, list(ratios), default=[4.0, 8.0], key=f"{key}_ratios", format_func=lambda r: f"{r:g}x"
+    )
+    text = controls[2].selectbox("Held-out text", TEXTS, key=f"{key}_text")
+    st.caption(
+        f"Substitution mode: **{config.mode}** · AE recipe: **{config.recipe}** (change them in the sidebar). "
+        f"Every variant is scored on the same tokens (and, for masked models, the same masks). {caption}"
+    )
+    request = (
+        backbone.name,
+        tuple(chosen),
+        tuple(sorted(sizes)),
+        text,
+        config.mode,
+        config.recipe,
+        config.k,
+        by,
+    )
+    results: dict = st.session_state.setdefault(f"{key}_results", {})
+    if st.button("Compute the sweep", type="primary", disabled=not (chosen and sizes)):
+        try:
+            with st.status(f"Sweeping {len(chosen)} methods x {len(sizes)} ratios…", expanded=True) as status:
+                progress = progress_bar()
+                results[request] = sweep(
+                    backbone,
+                    list(chosen),
+                    ratios=sorted(sizes),
+                    text=text,
+                    mode=config.mode,
+                    k=config.k,
+                    recipe=config.recipe,
+                    by=by,
+                    progress=progress,
+                )
+                status.update(
+                    label="Sweep done (artifacts and perplexities are cached on disk)",
+                    state="complete",
+                    expanded=False,
+                )
+        except EmbvizError as error:
+            st.error(str(error))
+    if request not in results:
+        st.info(
+            "Pick methods and ratios, then compute. Trained AEs and perplexities are cached on disk, so a "
+            "repeated sweep is fast; the first AE per size trains for a while."
+        )
+        return None
+    return results[request], text
