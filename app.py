@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from embviz.errors import EmbvizError
+from embviz.threads import APP, configure_threads
 from pages.navigation import streamlit_pages
 from pages.state import (
     BOUND_KEYS,
@@ -21,6 +23,12 @@ from pages.state import (
 from pages.widgets import cache_warning, offer_mlm_head
 
 st.set_page_config(page_title="embviz", page_icon="🧭", layout="wide")
+
+# The browser showing this page shares the machine's cores with the server: leave it one (embviz.threads).
+try:
+    configure_threads(APP)
+except EmbvizError as error:
+    st.error(str(error))
 
 # Streamlit drops URL values a widget cannot take (rank=abc, model=zzz) and falls back to the default;
 # remember what the URL asked for so the user is told instead of silently ignored.

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from embviz.errors import EmbvizError
 from embviz.progress import Progress, describe
+from embviz.threads import ALL, configure_threads
 
 if TYPE_CHECKING:
     from embviz.backbones import Backbone
@@ -135,6 +136,20 @@ def _add_trust(parser: argparse.ArgumentParser) -> None:
 
 def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+
+
+_WEIGHT_SOURCES = ("wordfreq", "corpora")  # embviz.frequency.WEIGHT_SOURCES, without importing torch here
+
+
+def _add_weights(parser: argparse.ArgumentParser) -> None:
+    """``--weights``: where frequency-aware methods' row weights come from."""
+    parser.add_argument(
+        "--weights",
+        choices=_WEIGHT_SOURCES,
+        default="wordfreq",
+        help="row weights of frequency-aware methods: wordfreq (default: general English word frequencies, "
+        "never the scored text) or corpora (token counts in the bundled corpora's train slices)",
+    )
 
 
 # -- info ----------------------------------------------------------------------------------------------
@@ -271,6 +286,12 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="compression ratio > 1: picks the largest rank that meets it (byte-sized methods: bytes)",
     )
+    size.add_argument(
+        "--bits",
+        type=float,
+        help="budget in bits per weight (every stored byte x 8 over V*D): the largest size within it "
+        "(rank-sized: the largest rank; byte-sized: byte ratio 32/bits; fixed-size: refused when above)",
+    )
     parser.add_argument(
         "--by",
         choices=["params", "bytes"],
@@ -282,13 +303,14 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="AE epochs (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--device", default="cpu", help="AE training device, e.g. cuda (default cpu)")
+    _add_weights(parser)
     _add_json(parser)
 
 
 def _compress_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The method spec and its options from ``compress``'s flags, checked before any model loads."""
     from embviz.compressors import get_method
-    from embviz.compressors.budget import check_ratio
+    from embviz.compressors.budget import check_bits_per_weight, check_ratio
     from embviz.errors import BadInputError
 
     spec = get_method(f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method)
@@ -304,10 +326,12 @@ def _compress_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         raise BadInputError(f"{', '.join(misplaced)} only applies to methods that train (AutoEncoders)")
     if spec.sizing == "fixed" and (args.rank is not None or args.ratio is not None):
         raise BadInputError(f"{spec.id} has a fixed size: it takes neither --rank nor --ratio")
-    if spec.sizing == "bytes" and args.ratio is None:
-        raise BadInputError(f"{spec.id} is sized by a byte ratio: give --ratio")
+    if spec.sizing == "bytes" and args.ratio is None and args.bits is None:
+        raise BadInputError(f"{spec.id} is sized by a byte ratio: give --ratio or --bits")
     if args.ratio is not None:
         check_ratio(args.ratio)
+    if args.bits is not None:
+        check_bits_per_weight(args.bits)
     if args.rank is not None and args.rank < 1:
         raise BadInputError(f"rank must be at least 1, got {args.rank}")
     options: dict[str, Any] = {}
@@ -329,12 +353,13 @@ def run_compress(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     backbone = _load_backbone(args)
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    rank = 64 if args.rank is None and args.ratio is None and spec.sizing == "rank" else args.rank
-    size = spec.size(vocab, hidden, rank=rank, ratio=args.ratio, by=args.by)
+    unsized = args.rank is None and args.ratio is None and args.bits is None
+    rank = 64 if unsized and spec.sizing == "rank" else args.rank
+    size = spec.size(vocab, hidden, rank=rank, ratio=args.ratio, by=args.by, bits=args.bits)
     if spec.needs_row_weights:
         from embviz.frequency import frequency_weights
 
-        options["row_weights"] = frequency_weights(backbone)
+        options["row_weights"] = frequency_weights(backbone, source=args.weights)
     compressor = spec.build(size, **options)
     result = compress_cached(backbone.name, backbone.embedding, compressor, progress=_ProgressBar())
     if result.notice:
@@ -350,6 +375,7 @@ def run_compress(args: argparse.Namespace) -> int:
         "cached": result.cached,
         "notice": result.notice,
         "seconds": round(time.perf_counter() - started, 3),
+        "target_bits": size.target_bits,
     }
     emit(payload, args.json)
     return 0
@@ -486,6 +512,12 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ranks", help="comma-separated latent sizes, evaluated in addition to --ratios")
     parser.add_argument(
+        "--bits",
+        help="comma-separated budgets in bits per weight, e.g. 8,4,3,2,1 (not with --ratios; --ranks may "
+        "come too): each method at the largest size within each budget; fixed-size methods run once at "
+        "their own bits; a budget a method cannot meet is skipped with a note",
+    )
+    parser.add_argument(
         "--recipe", choices=["fast", "paper"], default="fast", help="AE training recipe (default fast)"
     )
     parser.add_argument(
@@ -500,6 +532,7 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
         help="also score every variant's directions with the original lengths and the reverse "
         "(two more perplexity passes per variant on top of three)",
     )
+    _add_weights(parser)
     _add_evaluation_options(parser)
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON array (one object per row)")
@@ -513,11 +546,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     methods = _parse_list(args.methods, str, "--methods", "method ids")
     ratios = _parse_list(args.ratios, float, "--ratios", "numbers") if args.ratios else None
     ranks = _parse_list(args.ranks, int, "--ranks", "integers") if args.ranks else None
+    bits = _parse_list(args.bits, float, "--bits", "numbers") if args.bits else None
+    if bits is not None:
+        from embviz.compressors import check_bits_per_weight
+        from embviz.errors import BadInputError
+
+        if ratios is not None:
+            raise BadInputError("give --ratios or --bits, not both")
+        bits = [check_bits_per_weight(value) for value in bits]
     rows = sweep(
         _load_backbone(args),
         methods,
         ratios=ratios,
         ranks=ranks,
+        bits=bits,
         text=args.text,
         mode=args.mode,
         k=args.k,
@@ -526,6 +568,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         by=args.by,
         progress=_ProgressBar(),
         ablation=args.ablation,
+        weights=args.weights,
     )
     records = [row.to_dict() for row in rows]
     if args.csv:
@@ -541,6 +584,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 def _render_sweep(rows: list[dict[str, Any]]) -> str:
     columns = _SWEEP_TABLE + tuple(key for key in _SWEEP_ABLATION if rows[0].get(key) is not None)
+    if any(row.get("target_bits") is not None for row in rows):
+        columns += ("target_bits", "bits_per_weight")
     shown = [
         {
             key: round(row[key], 4 if key == "kl_nats" else 3) if isinstance(row[key], float) else row[key]
@@ -801,6 +846,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
+        configure_threads(ALL)
         return args.run(args)
     except EmbvizError as error:
         print(f"embviz: error: {error}", file=sys.stderr)

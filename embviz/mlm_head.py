@@ -55,7 +55,7 @@ from embviz.cache import (
     remove_stale_temporaries,
     sha256_file,
 )
-from embviz.corpora import CORPORA, SPLITS, load_texts
+from embviz.corpora import FITTING_CORPORA, SPLITS, load_texts
 from embviz.errors import BadInputError, EmbvizError, UnknownModelError
 from embviz.masking import IGNORE_INDEX, mask_line, pad_batches, word_groups
 from embviz.perplexity import EvalSet, build_eval_set, model_max_length, special_frame
@@ -74,7 +74,7 @@ DEFAULT_STEPS = 350
 EXPECTED_MINUTES = 10
 """What the default budget takes on 2 CPU cores (shown by the CLI's and the app's offers)."""
 DEFAULT_SEED = 0
-TRAIN_CORPORA: tuple[str, ...] = tuple(CORPORA)
+TRAIN_CORPORA: tuple[str, ...] = FITTING_CORPORA  # never the held-out domains
 EVAL_MAX_TOKENS = 20_000
 """Held-out tokens read per ``valid`` / ``test`` slice for the accuracy report (the whole slice if smaller)."""
 MIN_TRAIN_TOKENS = 8

@@ -15,6 +15,7 @@ import streamlit as st
 from embviz.backbones import Backbone
 from embviz.cache import cache_problem
 from embviz.compressors import method_label, ratio_for_rank
+from embviz.corpora import CORPORA
 from embviz.errors import EmbvizError
 from embviz.figures import provenance_line
 from embviz.progress import Progress, ProgressCallback, describe, format_metrics
@@ -35,8 +36,8 @@ if TYPE_CHECKING:
     from embviz.artifacts import ArtifactResult
     from embviz.evaluation import SweepRow
 
-TEXTS = ("bible:test", "shakespeare:test", "britannica:test")
-"""The held-out texts a sweep scores on."""
+TEXTS = tuple(f"{name}:test" for name in CORPORA)
+"""The held-out texts a sweep scores on: every corpus's test slice (embviz.corpora's registry)."""
 RATIOS = (2.0, 4.0, 8.0, 16.0)
 """The ratios a sweep offers unless a page passes its own."""
 
@@ -235,13 +236,18 @@ def sweep_panel(
     ratios: Sequence[float] = RATIOS,
     caption: str = "",
     by: str = "params",
+    bits: Sequence[float] | None = None,
+    default_bits: Sequence[float] = (4.0, 2.0),
 ) -> tuple[list[SweepRow], str] | None:
-    """Method / ratio / text pickers and a compute button for a sweep; ``(rows, text)`` once computed.
+    """Method / size / text pickers and a compute button for a sweep; ``(rows, text)`` once computed.
 
-    The method list shows each registered method's label (:func:`embviz.compressors.method_label`). The
-    sweep runs under ``st.status`` with a progress bar, and its rows are kept in the session per request,
-    so widgets can change and come back without recomputing. Returns None (with a hint or the error shown)
-    until rows exist for the current choice.
+    The sizes are ``ratios`` (widget ``{key}_ratios``) or, when ``bits`` is given, budgets in bits per
+    weight (widget ``{key}_bits``; each method at the largest size within each budget, fixed-size methods
+    once, and the budgets a method cannot meet listed under the button). The method list shows each
+    registered method's label (:func:`embviz.compressors.method_label`). The sweep runs under ``st.status``
+    with a progress bar, and its rows are kept in the session per request, so widgets can change and come
+    back without recomputing. Returns None (with a hint or the error shown) until rows exist for the
+    current choice.
     """
     from embviz.evaluation import sweep
 
@@ -250,9 +256,19 @@ def sweep_panel(
         "Methods", list(methods), default=list(default_methods), key=f"{key}_methods",
         format_func=method_label,
     )  # fmt: skip
-    sizes = controls[1].multiselect(
-        ratio_label, list(ratios), default=[4.0, 8.0], key=f"{key}_ratios", format_func=lambda r: f"{r:g}x"
-    )
+    if bits is None:
+        sizes = controls[1].multiselect(
+            ratio_label,
+            list(ratios),
+            default=[4.0, 8.0],
+            key=f"{key}_ratios",
+            format_func=lambda r: f"{r:g}x",
+        )
+    else:
+        sizes = controls[1].multiselect(
+            ratio_label, list(bits), default=list(default_bits), key=f"{key}_bits",
+            format_func=lambda b: f"{b:g} bits",
+        )  # fmt: skip
     text = controls[2].selectbox("Held-out text", TEXTS, key=f"{key}_text")
     st.caption(
         f"Substitution mode: **{config.mode}** · AE recipe: **{config.recipe}** (change them in the sidebar). "
@@ -267,16 +283,19 @@ def sweep_panel(
         config.recipe,
         config.k,
         by,
+        "bits" if bits is not None else "ratios",
     )
     results: dict = st.session_state.setdefault(f"{key}_results", {})
+    what = "budgets" if bits is not None else "ratios"
     if st.button("Compute the sweep", type="primary", disabled=not (chosen and sizes)):
         try:
-            with st.status(f"Sweeping {len(chosen)} methods x {len(sizes)} ratios…", expanded=True) as status:
+            with st.status(f"Sweeping {len(chosen)} methods x {len(sizes)} {what}…", expanded=True) as status:
                 progress = progress_bar()
                 results[request] = sweep(
                     backbone,
                     list(chosen),
-                    ratios=sorted(sizes),
+                    ratios=sorted(sizes) if bits is None else None,
+                    bits=sorted(sizes, reverse=True) if bits is not None else None,
                     text=text,
                     mode=config.mode,
                     k=config.k,
@@ -293,8 +312,11 @@ def sweep_panel(
             st.error(str(error))
     if request not in results:
         st.info(
-            "Pick methods and ratios, then compute. Trained AEs and perplexities are cached on disk, so a "
+            f"Pick methods and {what}, then compute. Trained AEs and perplexities are cached on disk, so a "
             "repeated sweep is fast; the first AE per size trains for a while."
         )
         return None
+    notes = getattr(results[request], "notes", ())
+    if notes:
+        st.caption("**Budgets:**\n" + "\n".join(f"- {note}" for note in notes))
     return results[request], text

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from embviz.backbones import Backbone
 from embviz.testing import build_tiny_model
+from embviz.threads import THREADS_ENV
+
+# The app leaves one core to the browser (embviz.threads). Inside one test process (AppTest runs app.py in
+# a thread) that would change torch's thread count midway, and threads initialised before and after then
+# reduce in different orders, so a result computed serially and in threads differs in its last bits. The
+# suite keeps one thread count; tests of the policy itself set the variable as they need.
+os.environ.setdefault(THREADS_ENV, str(torch.get_num_threads()))
 
 
 @pytest.fixture(autouse=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def test_size_page_puts_every_method_on_the_byte_axis_with_a_frontier(trained: P
     app = run_app("size")
     assert_clean(app)
     app.multiselect(key="rd_methods").set_value(["svd", "svd-freq", "quant-int8", "quant-mixed"])
-    app.multiselect(key="rd_ratios").set_value([2.0, 4.0])
+    app.multiselect(key="rd_bits").set_value([8.0, 4.0])
     app.run()
     [button] = [b for b in app.button if b.label == "Compute the sweep"]
     button.click().run()
@@ -183,6 +184,40 @@ def test_size_page_puts_every_method_on_the_byte_axis_with_a_frontier(trained: P
     assert len(table[table["method"] == "quant-int8"]) == 1  # a fixed size, shown once
     assert table["frontier"].any() and (table["bytes"] > 0).all()
     assert len(app.get("plotly_chart")) == 2
+
+
+def test_size_page_plots_bits_per_weight_with_source_bf16_and_fp32_marks(trained: Path) -> None:
+    app = run_app("size")
+    assert_clean(app)
+    methods = app.multiselect(key="rd_methods")
+    assert {"gguf-q8_0", "gguf-q4_0"} <= set(methods.value)  # llama.cpp's formats, as references
+    assert app.multiselect(key="rd_bits").value == [4.0, 2.0]
+    methods.set_value(["svd", "quant-mixed", "gguf-q4_0"])
+    app.multiselect(key="rd_bits").set_value([4.0, 2.0])
+    app.run()
+    [button] = [b for b in app.button if b.label == "Compute the sweep"]
+    button.click().run()
+    assert_clean(app)
+    table = app.dataframe[0].value
+    budgeted = table[table["target_bits"].notna()]
+    assert set(zip(budgeted["method"], budgeted["target_bits"], strict=True)) == {
+        ("svd", 4.0),
+        ("svd", 2.0),
+        ("quant-mixed", 4.0),  # mixed rows of 32 columns cannot go below 2.75 bits: 2 is skipped
+    }
+    assert (budgeted["bits_per_weight"] <= budgeted["target_bits"]).all()
+    assert any("skipped quant-mixed at 2 bits per weight" in c.value for c in app.caption)
+    figure = json.loads(app.get("plotly_chart")[0].proto.spec)
+    layout = figure["layout"]
+    assert layout["xaxis"]["type"] == "log" and "bits per weight" in layout["xaxis"]["title"]["text"]
+    marks = {(shape["x0"], shape["name"]) for shape in layout["shapes"]}
+    assert marks == {(16.0, "bfloat16, 16 bits"), (32.0, "float32, 32 bits (the source format)")}
+    labels = {annotation["text"] for annotation in layout["annotations"]}
+    assert {"bfloat16, 16 bits", "float32, 32 bits (the source format)"} <= labels
+    gguf = next(trace for trace in figure["data"] if trace["name"].startswith("GGUF Q4_0"))
+    assert gguf["x"] == [4.5]
+    best = next(m.value for m in app.markdown if "Best at each budget" in m.value)
+    assert "4 bits per weight** (8x smaller than the source (float32), 4x smaller than bfloat16" in best
 
 
 # -- every URL-bound key, bad input, a broken cache, too little memory --------------------------------

@@ -59,6 +59,29 @@ def test_compress_every_method_family(tiny_causal_path: Path, capsys: pytest.Cap
     assert int8["bytes"] < weighted["bytes"] and load_artifact(Path(int8["artifact"])).qcodes is not None
 
 
+def test_compress_weights_source_keys_the_artifact(
+    tiny_causal_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from embviz.cli import _WEIGHT_SOURCES
+    from embviz.frequency import WEIGHT_SOURCES
+
+    assert _WEIGHT_SOURCES == WEIGHT_SOURCES
+    runs = {
+        source: _compress(
+            capsys, str(tiny_causal_path), "--method", "svd-freq", "--rank", "6", "--weights", source
+        )
+        for source in WEIGHT_SOURCES
+    }
+    default = _compress(capsys, str(tiny_causal_path), "--method", "svd-freq", "--rank", "6")
+    assert runs["wordfreq"]["artifact"] != runs["corpora"]["artifact"]
+    assert default["artifact"] == runs["wordfreq"]["artifact"] and default["cached"] is True
+    sources = {
+        source: load_artifact(Path(run["artifact"])).config["row_weights"]["source"]
+        for source, run in runs.items()
+    }
+    assert "wordfreq" in sources["wordfreq"] and "train slices" in sources["corpora"]
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 
 from embviz.corpora import (
     CORPORA,
+    FITTING_CORPORA,
+    HELD_OUT_CORPORA,
     SPLITS,
     assign_splits,
     load_texts,
@@ -90,3 +92,31 @@ def test_user_texts_never_returns_blank_lines(text: str) -> None:
         assert not text.split()
     else:
         assert lines and all(line.strip() == line and line for line in lines)
+
+
+# -- held-out domains (issue 14) ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["pydoc", "modern"])
+def test_held_out_domains_load_disjoint_nonempty_and_deterministic(name: str) -> None:
+    assert name in HELD_OUT_CORPORA and name not in FITTING_CORPORA
+    parts = {split: load_texts(name, split) for split in SPLITS}
+    assert all(parts[split] for split in SPLITS)
+    assert len(parts["train"]) > 10 * len(parts["test"])
+    for a, b in (("train", "test"), ("train", "valid"), ("valid", "test")):
+        assert not set(parts[a]) & set(parts[b])
+    load_texts.cache_clear()
+    assert {split: load_texts(name, split) for split in SPLITS} == parts
+    units = [text for split in SPLITS for text in parts[split]]
+    assert all(text.strip() == text and len(text.split()) >= 8 for text in units)
+    if name == "pydoc":  # prose only: no doctest prompts, grammar rules or heading underlines
+        assert not any(">>>" in text or "::=" in text or "****" in text for text in units)
+        assert sum(len(text.split()) for text in parts["test"]) > 1000
+    else:  # the header (provenance, licence) is not text
+        assert not any(text.startswith("#") or "CC0" in text for text in units)
+        assert 3000 <= sum(len(text.split()) for text in units) <= 5500
+
+
+def test_held_out_domains_resolve_as_text_specs() -> None:
+    assert resolve_texts("pydoc:test") == load_texts("pydoc", "test")
+    assert resolve_texts("modern") == load_texts("modern", "test")
+    assert parse_text_spec("modern:valid") == ("modern", "valid")
+    assert set(FITTING_CORPORA) == {"bible", "shakespeare", "britannica"}

@@ -245,6 +245,7 @@ def test_sweep_rows_and_cache(tiny_causal: Backbone, text_file: str, monkeypatch
         "perplexity_variant_directions",
         "perplexity_variant_lengths",
         *STORAGE_KEYS,
+        "target_bits",
     ]
     assert (rows[0]["bits_per_weight"], rows[0]["source_bits_per_weight"]) == (32.0, 32.0)
     assert all(

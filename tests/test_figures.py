@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import plotly.graph_objects as go
 import pytest
@@ -14,6 +16,7 @@ from embviz.figures import (
     provenance_line,
     rate_distortion,
     recall_histogram,
+    storage_marks,
     training_curve,
     variant_colours,
 )
@@ -186,12 +189,69 @@ def test_rate_distortion_draws_methods_frontier_and_uncompressed_star() -> None:
         {"method": "quant-mixed", "label": "mixed", "bytes": 2**19, "perplexity": 21.0, "recall_at_k": 0.5,
          "rank": None, "byte_ratio": 8.0},
     ]  # fmt: skip
-    fig = rate_distortion(rows, provenance=PROVENANCE)
+    fig = rate_distortion(rows, provenance=PROVENANCE, x="bytes")
     names = [trace.name for trace in fig.data]
     assert names == ["SVD", "int8", "mixed", "frontier (best at its size)", "uncompressed (19.5)"]
     frontier_trace = fig.data[3]
     assert list(frontier_trace.x) == [0.5, 1.0, 4.0] and list(frontier_trace.y) == [21.0, 19.6, 19.5]
     assert fig.layout.xaxis.type == "log" and fig.layout.yaxis.type == "log"
-    recall = rate_distortion(rows, metric="recall_at_k")
+    recall = rate_distortion(rows, metric="recall_at_k", x="bytes")
     assert list(recall.data[3].y) == [0.5, 0.9, 1.0] and recall.layout.yaxis.type != "log"
     assert PROVENANCE in _annotations(fig)
+
+
+def _bits_rows(source: tuple[str, float]) -> list[dict]:
+    vd = 49152 * 576
+    rows = [
+        ("uncompressed", "uncompressed", 4 * vd, 19.5, 576),
+        ("svd", "SVD", vd // 2, 4000.0, 71),
+        ("svd", "SVD", vd // 4, 7000.0, 35),
+        ("gguf-q4_0", "GGUF Q4_0", vd * 9 // 16, 19.9, None),
+        ("quant-mixed", "mixed", vd // 2, 21.0, None),
+    ]
+    return [
+        {"method": method, "label": label, "bytes": size, "perplexity": ppl, "recall_at_k": 0.5,
+         "rank": rank, "byte_ratio": 4 * vd / size, "bits_per_weight": 8 * size / vd,
+         "bytes_vs_bf16": 16 / (8 * size / vd), "source_format": source[0],
+         "source_bits_per_weight": source[1], "bytes_vs_source": source[1] / (8 * size / vd)}
+        for method, label, size, ppl, rank in rows
+    ]  # fmt: skip
+
+
+def test_rate_distortion_puts_bits_per_weight_on_the_axis_with_source_bf16_and_fp32_marks() -> None:
+    fig = rate_distortion(_bits_rows(("GGUF Q8_0", 8.5)), provenance=PROVENANCE)
+    assert fig.layout.xaxis.type == "log" and "bits per weight" in fig.layout.xaxis.title.text
+    assert list(fig.data[0].x) == [2.0, 4.0]  # SVD at 2 and 4 bits per weight
+    assert fig.data[1].name == "GGUF Q4_0" and list(fig.data[1].x) == [4.5]
+    assert list(fig.data[-1].x) == [32.0]  # the uncompressed star, float32 in memory
+    marks = [(shape.x0, shape.name) for shape in fig.layout.shapes]
+    assert marks == [
+        (8.5, "source: GGUF Q8_0, 8.5 bits"),
+        (16.0, "bfloat16, 16 bits"),
+        (32.0, "float32, 32 bits"),
+    ]
+    assert all(shape.xref == "x" and shape.yref == "paper" for shape in fig.layout.shapes)
+    labels = {a.text: a.x for a in fig.layout.annotations if a.text != PROVENANCE}
+    assert labels == {
+        "source: GGUF Q8_0, 8.5 bits": pytest.approx(math.log10(8.5)),
+        "bfloat16, 16 bits": pytest.approx(math.log10(16)),
+        "float32, 32 bits": pytest.approx(math.log10(32)),
+    }
+    low, high = fig.layout.xaxis.range
+    assert 10**low < 2 and 10**high > 32  # every point and mark in view
+    assert {2, 4, 8, 16, 32} <= set(fig.layout.xaxis.tickvals)
+    assert "than bfloat16" in fig.data[0].text[0] and "GGUF Q8_0" in fig.data[0].text[0]
+    assert fig.layout.title.text == "Perplexity vs bits per weight"
+
+
+def test_a_float32_source_shares_the_float32_mark() -> None:
+    assert storage_marks(_bits_rows(("float32", 32.0))) == [
+        (16.0, "bfloat16, 16 bits"),
+        (32.0, "float32, 32 bits (the source format)"),
+    ]
+    assert storage_marks([{"source_bits_per_weight": None}]) == [
+        (16.0, "bfloat16, 16 bits"),
+        (32.0, "float32, 32 bits"),
+    ]
+    with pytest.raises(ValueError, match="x must be"):
+        rate_distortion(_bits_rows(("float32", 32.0)), x="MiB")

@@ -3,9 +3,12 @@ quantised low-rank wrappers around them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from embviz import frequency
 from embviz.artifacts import load_artifact, save_artifact
 from embviz.backbones import Backbone
 from embviz.compressors import (
@@ -30,8 +33,16 @@ from embviz.compressors.quantize import (
 )
 from embviz.errors import BadInputError
 from embviz.evaluation import plan_sweep
-from embviz.frequency import frequency_weights, train_counts
+from embviz.frequency import (
+    DEFAULT_WEIGHT_SOURCE,
+    WEIGHT_SOURCES,
+    frequency_weights,
+    spelled_word,
+    train_counts,
+    wordfreq_counts,
+)
 from embviz.frontier import frontier
+from embviz.vocab import find_token
 
 
 def _matrix(rows: int = 200, cols: int = 12, seed: int = 0) -> torch.Tensor:
@@ -63,11 +74,47 @@ def test_row_weights_are_normalised_and_validated() -> None:
 
 def test_frequency_weights_count_train_slices(tiny_causal: Backbone) -> None:
     counts = train_counts(tiny_causal)
-    weights = frequency_weights(tiny_causal)
+    weights = frequency_weights(tiny_causal, source="corpora")
     assert counts.shape == (tiny_causal.vocab_size,) and counts.sum() > 0
     expected = torch.from_numpy(counts).double() + 1
     assert torch.allclose(weights.values, expected / expected.mean())
     assert "train slices" in weights.source
+
+
+@pytest.mark.parametrize(
+    ("tiny_backbone", "common", "rare"),
+    [("causal", "that", "alter"), ("masked", "there", "alteration")],
+    indirect=["tiny_backbone"],
+)
+def test_wordfreq_weights_never_see_the_corpora(
+    tiny_backbone: Backbone, common: str, rare: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert DEFAULT_WEIGHT_SOURCE == "wordfreq" and set(WEIGHT_SOURCES) == {"wordfreq", "corpora"}
+    weights = frequency_weights(tiny_backbone)
+    values = weights.check(tiny_backbone.vocab_size)
+    assert values.shape == (tiny_backbone.vocab_size,) and bool((values > 0).all())
+    assert "wordfreq" in weights.source and "train slices" not in weights.source
+    # common words (and the pieces of " the") above rare ones, on the model's own tokenizer
+    tokens = tiny_backbone.tokens
+    assert values[find_token(tokens, common)] > 10 * values[find_token(tokens, rare)]
+    the = tiny_backbone.tokenizer(" the", add_special_tokens=False)["input_ids"]
+    assert all(values[i] > torch.quantile(values, 0.9) for i in the)
+    # deterministic: from the memo, and computed afresh into another cache; unlike the corpora's counts
+    assert frequency_weights(tiny_backbone).sha256 == weights.sha256
+    small = wordfreq_counts(tiny_backbone, top_n=2000)  # (fewer words: fast)
+    monkeypatch.setattr(frequency, "_WORDFREQ_MEMO", {})
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "other-home"))
+    assert (wordfreq_counts(tiny_backbone, top_n=2000) == small).all() and (small >= 0).all()
+    assert list((tmp_path / "other-home").rglob("wordfreq-en-*.npz"))  # cached per vocabulary
+    corpora = frequency_weights(tiny_backbone, source="corpora")
+    assert corpora.source != weights.source and corpora.describe() != weights.describe()
+    with pytest.raises(BadInputError, match="weights source"):
+        frequency_weights(tiny_backbone, source="bible")  # type: ignore[arg-type]
+
+
+def test_spelled_word_strips_word_boundary_markers() -> None:
+    spelled = [spelled_word(token) for token in ("Ġthe", "▁King", "##ing", "THE", "Ċ")]
+    assert spelled == ["the", "king", "ing", "the", "ċ"]
 
 
 # -- weighted SVD ----------------------------------------------------------------------------------------
@@ -227,6 +274,19 @@ def test_sweep_plan_sizes_mixed_rows_by_bytes_and_needs_ratios(tiny_causal: Back
         plan_sweep(tiny_causal, ["quant-mixed", "svd"], [4.0, 20.0], None, "fast")  # refused before any fit
     with pytest.raises(BadInputError):
         plan_sweep(tiny_causal, ["svd"], [2.0], None, "fast", by="flops")
+
+
+def test_sweep_plan_takes_the_weights_source(tiny_causal: Backbone) -> None:
+    plans = {
+        source: plan_sweep(tiny_causal, ["svd-freq"], None, [4], "fast", weights=source)
+        for source in WEIGHT_SOURCES
+    }
+    sources = {
+        source: plan[0].compressor.get_config()["row_weights"]["source"] for source, plan in plans.items()
+    }
+    assert "wordfreq" in sources["wordfreq"] and "train slices" in sources["corpora"]
+    default = plan_sweep(tiny_causal, ["svd-freq"], None, [4], "fast")[0].compressor.get_config()
+    assert default["row_weights"]["source"] == sources["wordfreq"]
 
 
 def test_frontier_marks_pareto_optimal_rows() -> None:

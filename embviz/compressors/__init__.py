@@ -13,7 +13,15 @@ from typing import Any
 
 from embviz.compressors.autoencoder import RECIPES, SIMPLE_LOSSES, AECompressor
 from embviz.compressors.base import CompressedEmbedding, Compressor, TrainingCancelled
-from embviz.compressors.budget import check_rank, low_rank_params, rank_for_ratio, ratio_for_rank
+from embviz.compressors.budget import (
+    UnreachableBudget,
+    check_bits_per_weight,
+    check_rank,
+    low_rank_params,
+    rank_for_bits,
+    rank_for_ratio,
+    ratio_for_rank,
+)
 from embviz.compressors.gguf_formats import GGUFQuantizer
 from embviz.compressors.quality import reconstruction_quality
 from embviz.compressors.quantize import MixedPrecisionRows, QuantizedLowRank, RowQuantizer
@@ -91,7 +99,9 @@ __all__ = [
     "SVDCompressor",
     "Size",
     "TrainingCancelled",
+    "UnreachableBudget",
     "all_methods",
+    "check_bits_per_weight",
     "check_rank",
     "compressor_from_config",
     "find_method",
@@ -100,6 +110,7 @@ __all__ = [
     "make_compressor",
     "method_ids",
     "method_label",
+    "rank_for_bits",
     "rank_for_ratio",
     "ratio_for_rank",
     "reconstruction_quality",

@@ -1,7 +1,8 @@
 """The parameter-budget rule shared by every method (SPEC §2).
 
 Compression ratio CR = V*D / (V*r + r*D [+ D for a decoder bias]). Methods are always compared at equal
-parameters; quantised ones at equal bytes.
+parameters; quantised ones at equal bytes, or at equal **bits per weight** (every stored byte x 8 over V*D):
+:func:`rank_for_bits` is the largest rank within a budget in bits per weight.
 """
 
 from __future__ import annotations
@@ -107,3 +108,52 @@ def rank_for_byte_ratio(
             f"ratio {ratio} leaves less than rank 1 for a {vocab_size} x {hidden_size} matrix"
         )
     return rank
+
+
+class UnreachableBudget(BadInputError):
+    """A valid budget in bits per weight that a method cannot meet (a sweep skips it with a note)."""
+
+
+def check_bits_per_weight(bits: object) -> float:
+    """Validate a budget in bits per weight (stored bits over V*D): a finite number above 0 (as float)."""
+    try:
+        value = float(bits)  # type: ignore[arg-type]  # any input: what float() refuses is caught below
+    except (TypeError, ValueError, OverflowError):
+        raise BadInputError(f"a budget in bits per weight must be a number above 0, got {bits!r}") from None
+    if isinstance(bits, bool) or not math.isfinite(value) or value <= 0:
+        raise BadInputError(f"a budget in bits per weight must be a finite number above 0, got {bits!r}")
+    return value
+
+
+def fits_bits(stored_bytes: float, vocab_size: int, hidden_size: int, bits: float) -> bool:
+    """Whether ``stored_bytes`` for a V x D matrix are at most ``bits`` per weight (``8*bytes <= bits*V*D``,
+    up to float rounding: a budget given as a size's own ``8*bytes / (V*D)`` fits that size)."""
+    return 8 * stored_bytes <= bits * vocab_size * hidden_size * (1 + 1e-12)
+
+
+def rank_for_bits(
+    vocab_size: int, hidden_size: int, bits: float, bytes_for_rank: Callable[[int], int]
+) -> int:
+    """The largest rank (below the hidden size) whose stored bytes ``bytes_for_rank(r)`` fit ``bits`` per
+    weight, i.e. at most ``bits * V * D / 8`` bytes (bytes grow with the rank).
+
+    Raises:
+        BadInputError: ``bits`` is not a number above 0.
+        UnreachableBudget: not even rank 1 fits.
+    """
+    check_shape(vocab_size, hidden_size)
+    bits = check_bits_per_weight(bits)
+    low, high = 0, hidden_size - 1  # the answer lies in [low, high]; rank 0 stands for "none fits"
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits_bits(bytes_for_rank(middle), vocab_size, hidden_size, bits):
+            low = middle
+        else:
+            high = middle - 1
+    if low < 1:
+        least = 8 * bytes_for_rank(1) / (vocab_size * hidden_size)
+        raise UnreachableBudget(
+            f"{bits:g} bits per weight leaves less than rank 1 for a {vocab_size} x {hidden_size} matrix "
+            f"(rank 1 takes {least:.3g})"
+        )
+    return low

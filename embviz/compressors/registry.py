@@ -12,6 +12,13 @@ How a method is sized (``MethodSpec.sizing``):
   parameters, or in bytes for quantised codes with ``by="bytes"``);
 * ``fixed`` -- the method's own size (e.g. int8 rows); it takes neither a rank nor a ratio;
 * ``bytes`` -- a byte ratio against float32 storage (e.g. mixed-precision rows); no rank.
+
+Any method can also be sized by a budget in **bits per weight** (``size(..., bits=B)``, SPEC §2: every stored
+byte x 8 over V*D): a rank-sized method gets the largest rank whose stored bytes fit ``B * V * D / 8``
+(float32 parameters, decoder bias included, or :attr:`MethodSpec.bytes_for_rank` for quantised codes), a
+byte-sized one the byte ratio ``32 / B``, and a fixed-size one its own size when that is within ``B``. A
+budget a method cannot meet raises :class:`~embviz.compressors.budget.UnreachableBudget` (a
+:class:`~embviz.errors.BadInputError`), which a sweep turns into a note.
 """
 
 from __future__ import annotations
@@ -26,7 +33,17 @@ from typing import Any, Literal
 import torch
 
 from embviz.compressors.base import Compressor
-from embviz.compressors.budget import check_rank, check_ratio, rank_for_byte_ratio, rank_for_ratio
+from embviz.compressors.budget import (
+    UnreachableBudget,
+    check_bits_per_weight,
+    check_rank,
+    check_ratio,
+    fits_bits,
+    low_rank_params,
+    rank_for_bits,
+    rank_for_byte_ratio,
+    rank_for_ratio,
+)
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
 
@@ -55,7 +72,10 @@ class Size:
     ratio: float | None = None
     """The byte ratio a ``bytes``-sized method is built with (None otherwise)."""
     target_ratio: float | None = None
-    """The ratio asked for (a fixed-size method: its own byte ratio against float32); None for a rank."""
+    """The ratio asked for (a fixed-size method: its own byte ratio against float32; a budget in bits per
+    weight: the byte ratio ``32 / bits``); None for a rank."""
+    target_bits: float | None = None
+    """The budget in bits per weight asked for (None when sized by a rank or a ratio, and for a fixed size)."""
 
 
 @dataclass(frozen=True)
@@ -127,17 +147,22 @@ class MethodSpec:
         rank: int | None = None,
         ratio: float | None = None,
         by: str = "params",
+        bits: float | None = None,
     ) -> Size:
-        """Resolve a rank or a ratio into this method's size for a V x D matrix (the one sizing rule).
+        """Resolve a rank, a ratio or a budget in bits per weight (``bits``) into this method's size for a
+        V x D matrix (the one sizing rule; for ``bits`` see :meth:`size_for_bits`).
 
         Raises:
             BadInputError: a size the method does not take (a rank for a fixed-size method, neither for a
                 rank-sized one, ...), or one out of range.
+            UnreachableBudget: a valid ``bits`` budget this method cannot meet.
         """
         if by not in RATIO_BASES:
             raise BadInputError(f"a ratio holds {' or '.join(RATIO_BASES)} equal, not {by!r}")
-        if rank is not None and ratio is not None:
-            raise BadInputError(f"{self.id}: give a rank or a ratio, not both")
+        if sum(value is not None for value in (rank, ratio, bits)) > 1:
+            raise BadInputError(f"{self.id}: give one of a rank, a ratio or bits per weight")
+        if bits is not None:
+            return self.size_for_bits(vocab_size, hidden_size, bits)
         if self.sizing == "fixed":
             if rank is not None or ratio is not None:
                 raise BadInputError(f"{self.id} has a fixed size: it takes neither a rank nor a ratio")
@@ -165,6 +190,60 @@ class MethodSpec:
         if rank is None:
             raise BadInputError(f"{self.id} needs a rank or a ratio")
         return Size(rank=check_rank(rank, hidden_size))
+
+    def bytes_at_rank(self, vocab_size: int, hidden_size: int, rank: int) -> int:
+        """Stored bytes of a rank-sized method at ``rank``: :attr:`bytes_for_rank` for quantised codes, else
+        4 bytes per float32 parameter (codes, decoder and any decoder bias)."""
+        if self.bytes_for_rank is not None:
+            return self.bytes_for_rank(vocab_size, hidden_size, rank)
+        return 4 * low_rank_params(vocab_size, hidden_size, rank, decoder_bias=self.decoder_bias)
+
+    def fixed_bits_per_weight(self, vocab_size: int, hidden_size: int) -> float | None:
+        """The bits per weight a fixed-size method stores a V x D matrix in (None for other sizings)."""
+        if self.fixed_bytes is None or self.sizing != "fixed":
+            return None
+        return 8 * self.fixed_bytes(vocab_size, hidden_size) / (vocab_size * hidden_size)
+
+    def size_for_bits(self, vocab_size: int, hidden_size: int, bits: float) -> Size:
+        """The largest size of this method whose stored bits per weight are at most ``bits`` (SPEC §2).
+
+        * rank-sized: the largest rank r < D with ``8 * bytes_at_rank(r) <= bits * V * D``;
+        * byte-sized: byte ratio ``32 / bits`` against float32 (when the method reaches it);
+        * fixed-size: its own size, when its own bits per weight are within ``bits``.
+
+        The result's ``target_bits`` is ``bits`` (None for a fixed size, which is not sized by it) and its
+        ``target_ratio`` the byte ratio ``32 / bits`` (a fixed size: its own byte ratio).
+
+        Raises:
+            BadInputError: ``bits`` is not a number above 0.
+            UnreachableBudget: the method cannot meet ``bits`` (below rank 1, beyond the smallest byte size
+                it reaches, or a fixed size above the budget); the message says what it needs.
+        """
+        bits = check_bits_per_weight(bits)
+        if self.sizing == "fixed":
+            own = self.fixed_bits_per_weight(vocab_size, hidden_size)
+            assert own is not None and self.fixed_bytes is not None
+            if not fits_bits(self.fixed_bytes(vocab_size, hidden_size), vocab_size, hidden_size, bits):
+                raise UnreachableBudget(
+                    f"{self.id} has a fixed size of {own:.3g} bits per weight, above the budget of {bits:g}"
+                )
+            return Size(target_ratio=round(32 / own, 4))
+        if self.sizing == "bytes":
+            reach = self.max_byte_ratio(hidden_size) if self.max_byte_ratio else None
+            if bits >= 32 or (reach is not None and 32 / bits > reach):
+                span = f"from {32 / reach:.3g} to just under" if reach is not None else "just under"
+                raise UnreachableBudget(
+                    f"{self.id} reaches budgets {span} 32 bits per weight for {hidden_size} columns, "
+                    f"not {bits:g}"
+                )
+            return Size(ratio=32 / bits, target_ratio=32 / bits, target_bits=bits)
+        try:
+            chosen = rank_for_bits(
+                vocab_size, hidden_size, bits, lambda rank: self.bytes_at_rank(vocab_size, hidden_size, rank)
+            )
+        except UnreachableBudget as exc:
+            raise UnreachableBudget(f"{self.id}: {exc}") from None
+        return Size(rank=chosen, target_ratio=32 / bits, target_bits=bits)
 
     def rank_for_byte_ratio(self, vocab_size: int, hidden_size: int, ratio: float) -> int:
         """The largest rank whose stored bytes meet byte ratio ``ratio`` against float32 E."""

@@ -1,0 +1,61 @@
+"""How many threads torch computes with, chosen once per process from the cores this process may use.
+
+torch's default (one OpenMP thread per core) is right for a quiet process and wrong for the app: the
+browser that shows the page runs on the same cores, and OpenMP threads that spin at barriers while the
+browser holds a core made the Predictions page 6x slower on a 2-core machine (33-58 s instead of 5-6 s).
+So the app leaves one usable core free (:data:`APP`), while the CLI and benchmarks use every usable core
+(:data:`ALL`). ``EMBVIZ_THREADS`` overrides both.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Literal
+
+import torch
+
+from embviz.errors import BadInputError
+
+THREADS_ENV = "EMBVIZ_THREADS"
+Policy = Literal["all", "app"]
+ALL: Policy = "all"
+"""Every usable core: a command-line run that has the machine to itself."""
+APP: Policy = "app"
+"""One usable core left free for the browser that shares the machine with the app's server."""
+
+_LOCK = threading.Lock()
+_CHOSEN: dict[str, int] = {}
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def choose_threads(policy: Policy, cores: int | None = None) -> int:
+    """The thread count for ``policy`` on ``cores`` usable cores (default: this process's), or
+    ``EMBVIZ_THREADS`` when set.
+
+    Raises:
+        BadInputError: ``EMBVIZ_THREADS`` is set but not a positive integer.
+    """
+    requested = os.environ.get(THREADS_ENV, "").strip()
+    if requested:
+        if not requested.isdigit() or int(requested) < 1:
+            raise BadInputError(f"{THREADS_ENV} must be a positive integer, got {requested!r}")
+        return int(requested)
+    cores = usable_cores() if cores is None else cores
+    return max(1, cores - 1) if policy == APP else max(1, cores)
+
+
+def configure_threads(policy: Policy) -> int:
+    """Set torch's intra-op threads for this process once (later calls keep the first choice); returns it."""
+    with _LOCK:
+        if "threads" not in _CHOSEN:
+            _CHOSEN["threads"] = choose_threads(policy)
+            torch.set_num_threads(_CHOSEN["threads"])
+        return _CHOSEN["threads"]

@@ -1,0 +1,72 @@
+"""The thread policy: every usable core for the CLI, one left free for the browser beside the app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from embviz import threads
+from embviz.cli import main
+from embviz.errors import BadInputError
+from embviz.threads import ALL, APP, THREADS_ENV, choose_threads, usable_cores
+
+
+@pytest.mark.parametrize(("cores", "cli", "app"), [(1, 1, 1), (2, 2, 1), (8, 8, 7)])
+def test_the_app_leaves_one_core_to_the_browser(
+    cores: int, cli: int, app: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    assert choose_threads(ALL, cores) == cli
+    assert choose_threads(APP, cores) == app
+
+
+def test_the_environment_overrides_and_bad_values_are_one_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(THREADS_ENV, "3")
+    assert choose_threads(APP, 2) == 3 and choose_threads(ALL, 16) == 3
+    for bad in ("0", "-1", "two", "1.5"):
+        monkeypatch.setenv(THREADS_ENV, bad)
+        with pytest.raises(BadInputError, match=THREADS_ENV):
+            choose_threads(ALL)
+
+
+def test_usable_cores_follow_the_affinity() -> None:
+    assert 1 <= usable_cores() <= 4096
+
+
+@pytest.mark.parametrize(
+    ("policy", "env", "expected"), [("all", None, None), ("app", "1", 1), ("all", "2", 2)]
+)
+def test_a_fresh_process_sets_torch_threads_once(policy: str, env: str | None, expected: int | None) -> None:
+    code = (
+        "import torch; from embviz.threads import configure_threads, choose_threads;"
+        f"n = configure_threads({policy!r}); configure_threads('app' if {policy!r} == 'all' else 'all');"
+        "print(n, torch.get_num_threads())"
+    )
+    environment = {THREADS_ENV: env} if env else {}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**{k: v for k, v in os.environ.items() if k != THREADS_ENV}, **environment},
+        check=True,
+        timeout=120,
+    )
+    chosen, torch_threads = map(int, result.stdout.split())
+    assert chosen == torch_threads == (expected or usable_cores())
+
+
+def test_a_bad_thread_count_stops_the_cli_with_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(threads, "_CHOSEN", {})  # a new process: nothing chosen yet
+    monkeypatch.setenv(THREADS_ENV, "many")
+    assert main(["methods"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"embviz: error: {THREADS_ENV} must be a positive integer, got 'many'"
+    )
