@@ -231,43 +231,22 @@ class SweepRow:
         target_bits: float | None = None,
     ) -> SweepRow:
         """The row of an evaluated variant; ``seconds`` covers its compression and evaluation."""
+        shared = {
+            item.name: getattr(evaluation, item.name)
+            for item in fields(cls)
+            if hasattr(evaluation, item.name)
+        }
         return cls(
-            method=evaluation.method,
-            label=evaluation.label,
-            target_ratio=target_ratio,
-            ratio=evaluation.ratio,
-            rank=evaluation.rank,
-            params=evaluation.params,
-            bytes=evaluation.bytes,
-            byte_ratio=evaluation.byte_ratio,
-            perplexity=evaluation.perplexity,
-            vs_original=evaluation.vs_original,
-            frontier=frontier,
-            recall_at_k=evaluation.recall_at_k,
-            mean_angle_deg=evaluation.mean_angle_deg,
-            median_angle_deg=evaluation.median_angle_deg,
-            mean_norm_ratio=evaluation.mean_norm_ratio,
-            mean_cosine=evaluation.mean_cosine,
-            relative_error=evaluation.relative_error,
-            train_seconds=train_seconds,
-            seconds=seconds,
-            cached=cached,
-            artifact=artifact,
-            original_perplexity=evaluation.original_perplexity,
-            text=evaluation.text,
-            mode=evaluation.mode,
-            k=evaluation.k,
-            protocol=evaluation.protocol,
-            kl_nats=evaluation.kl_nats,
-            top1_agreement=evaluation.top1_agreement,
-            perplexity_variant_directions=evaluation.perplexity_variant_directions,
-            perplexity_variant_lengths=evaluation.perplexity_variant_lengths,
-            bits_per_weight=evaluation.bits_per_weight,
-            bytes_vs_bf16=evaluation.bytes_vs_bf16,
-            source_format=evaluation.source_format,
-            source_bits_per_weight=evaluation.source_bits_per_weight,
-            bytes_vs_source=evaluation.bytes_vs_source,
-            target_bits=target_bits,
+            **{
+                **shared,
+                "target_ratio": target_ratio,
+                "train_seconds": train_seconds,
+                "seconds": seconds,
+                "cached": cached,
+                "artifact": artifact,
+                "frontier": frontier,
+                "target_bits": target_bits,
+            }
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -46,13 +46,18 @@ def ratio_for_rank(vocab_size: int, hidden_size: int, rank: int, *, decoder_bias
 
 def check_ratio(ratio: object) -> float:
     """Validate a compression ratio: a finite number above 1 (returned as float)."""
+    return _number_above(ratio, 1.0, "compression ratio must be above 1")
+
+
+def _number_above(value: object, floor: float, rule: str) -> float:
+    """``value`` as a finite float above ``floor``, else :class:`BadInputError` stating ``rule``."""
     try:
-        value = float(ratio)  # type: ignore[arg-type]  # any input: what float() refuses is caught below
+        number = float(value)  # type: ignore[arg-type]  # any input: what float() refuses is caught below
     except (TypeError, ValueError, OverflowError):
-        raise BadInputError(f"compression ratio must be a number above 1, got {ratio!r}") from None
-    if isinstance(ratio, bool) or not math.isfinite(value) or value <= 1:
-        raise BadInputError(f"compression ratio must be above 1, got {ratio}")
-    return value
+        raise BadInputError(f"{rule}, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number) or number <= floor:
+        raise BadInputError(f"{rule}, got {value!r}")
+    return number
 
 
 def rank_for_ratio(vocab_size: int, hidden_size: int, ratio: float, *, decoder_bias: bool = False) -> int:
@@ -116,13 +121,7 @@ class UnreachableBudget(BadInputError):
 
 def check_bits_per_weight(bits: object) -> float:
     """Validate a budget in bits per weight (stored bits over V*D): a finite number above 0 (as float)."""
-    try:
-        value = float(bits)  # type: ignore[arg-type]  # any input: what float() refuses is caught below
-    except (TypeError, ValueError, OverflowError):
-        raise BadInputError(f"a budget in bits per weight must be a number above 0, got {bits!r}") from None
-    if isinstance(bits, bool) or not math.isfinite(value) or value <= 0:
-        raise BadInputError(f"a budget in bits per weight must be a finite number above 0, got {bits!r}")
-    return value
+    return _number_above(bits, 0.0, "a budget in bits per weight must be a number above 0")
 
 
 def fits_bits(stored_bytes: float, vocab_size: int, hidden_size: int, bits: float) -> bool:
