@@ -13,7 +13,7 @@ app: setup
 test:
 	@scripts/setup.sh --browser
 	$(PY) -m ruff check .
-	@$(PY) -m pytest; status=$$?; \
+	@$(PY) -m pytest --durations=30; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$status
 
 # Everything but the slow tests (seconds to a minute).

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from embviz.errors import EmbvizError
@@ -740,6 +741,17 @@ def _fit_mlm_head_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--force", action="store_true", help="refit even if the same fit is cached")
     parser.add_argument("--device", default="cpu", help="training device, e.g. cuda (default cpu)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="bfloat16 autocast: faster on a GPU or a CPU with native bf16, 30-100x slower on other CPUs "
+        "(refused there)",
+    )
+    parser.add_argument(
+        "--package",
+        action="store_true",
+        help="then write the fit into embviz's package (embviz/data/heads/), the copy embviz ships",
+    )
     _add_trust(parser)
     _add_json(parser)
 
@@ -747,22 +759,29 @@ def _fit_mlm_head_arguments(parser: argparse.ArgumentParser) -> None:
 @_fit_mlm_head_arguments.runs
 def run_fit_mlm_head(args: argparse.Namespace) -> int:
     from embviz.errors import BadInputError
-    from embviz.mlm_head import HeadConfig, fit_mlm_head
-    from embviz.sources import load_model
+    from embviz.mlm_head import DEFAULT_SOURCE, HeadConfig, fit_mlm_head, native_bf16, package_head
+    from embviz.sources import builtin, builtin_names, load_model
 
     if args.steps < 1:
         raise BadInputError(f"--steps must be at least 1, got {args.steps}")
     if args.seed < 0:
         raise BadInputError(f"--seed must be a non-negative integer, got {args.seed}")
+    if args.bf16 and args.device == "cpu" and not native_bf16():
+        raise BadInputError(
+            "--bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); it would be far slower"
+        )
+    if args.package and args.model != DEFAULT_SOURCE:
+        raise BadInputError(f"--package ships a built-in model's head; {args.model} is not {DEFAULT_SOURCE}")
     result = fit_mlm_head(
         args.model,
         load=load_model,
-        config=HeadConfig(steps=args.steps, seed=args.seed),
+        config=HeadConfig(steps=args.steps, seed=args.seed, bf16=args.bf16),
         minutes=args.minutes,
         progress=_ProgressBar(),
         force=args.force,
         trust_remote_code=args.trust_remote_code,
         device=args.device,
+        base=builtin(args.model).locate if args.model in builtin_names() else None,
     )
     if not result.complete:
         print(
@@ -770,6 +789,8 @@ def run_fit_mlm_head(args: argparse.Namespace) -> int:
             "run the same command again to resume",
             file=sys.stderr,
         )
+    elif args.package:
+        print(f"embviz: wrote {package_head(args.model, base=builtin(args.model).locate())}", file=sys.stderr)
 
     def render(payload: dict[str, Any]) -> str:
         rows = [{"slice": name, **figures} for name, figures in payload["accuracy"].items()]
@@ -777,6 +798,52 @@ def run_fit_mlm_head(args: argparse.Namespace) -> int:
         return f"{_render_mapping(facts)}\n\n{_render_table(rows)}"
 
     emit(result.to_dict(), args.json, render)
+    return 0
+
+
+# -- generate-text -------------------------------------------------------------------------------------
+@command(
+    "generate-text",
+    "generate the smollm corpus (everyday English) with the packaged SmolLM2 from the committed prompts",
+)
+def _generate_text_arguments(parser: argparse.ArgumentParser) -> None:
+    from embviz.textgen import GenerationConfig
+
+    defaults = GenerationConfig()
+    parser.add_argument("--output", type=Path, help="where to write the corpus text (default: the cache)")
+    parser.add_argument(
+        "--prompts", type=Path, help="prompts file (default: embviz/data/generation_prompts.txt)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help=f"random seed (default {defaults.seed})"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"prompts per batch (default {defaults.batch_size})",
+    )
+    parser.add_argument("--device", default="cpu", help="generation device, e.g. cuda (default cpu)")
+    _add_json(parser)
+
+
+@_generate_text_arguments.runs
+def run_generate_text(args: argparse.Namespace) -> int:
+    from embviz.errors import BadInputError
+    from embviz.sources import load_model
+    from embviz.textgen import GenerationConfig, generate_text
+
+    if args.seed < 0 or args.batch_size < 1:
+        raise BadInputError("--seed must be >= 0 and --batch-size >= 1")
+    result = generate_text(
+        load=load_model,
+        config=GenerationConfig(seed=args.seed, batch_size=args.batch_size),
+        prompts_file=args.prompts,
+        output=args.output,
+        progress=_ProgressBar(),
+        device=args.device,
+    )
+    emit(result.to_dict(), args.json, _render_mapping)
     return 0
 
 

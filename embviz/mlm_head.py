@@ -1,10 +1,12 @@
 """Fit a masked-LM head (and the encoder under it) for a BERT-family encoder that has no trained one.
 
 ``minilm`` (all-MiniLM-L6-v2) is a sentence encoder: the ``BertForMaskedLM`` head a loader puts on it is
-random, so its fill-mask output is noise. :func:`fit_mlm_head` trains one on the ``train`` slices of the
-bundled corpora (:mod:`embviz.corpora`; ``valid`` / ``test`` are never seen) and writes a Hugging Face
-folder (safetensors only, tokenizer, ``embviz-mlm.json`` manifest) into embviz's cache, atomically. The
-built-in backbone ``minilm-mlm`` loads that folder.
+random, so its fill-mask output is noise. :func:`fit_mlm_head` trains one on the ``train`` slices of a
+weighted mixture of corpora (:mod:`embviz.corpora`: the classics, generated everyday English and Python's
+documentation; ``valid`` / ``test`` are never seen) and writes a Hugging Face folder (safetensors only,
+tokenizer, ``embviz-mlm.json`` manifest) into embviz's cache, atomically. The built-in backbone
+``minilm-mlm`` loads that folder; embviz ships the default fit (:func:`package_head`), which
+:func:`install_packaged` turns into that folder in seconds, so nobody has to refit it.
 
 What is trained, and what is not:
 
@@ -71,10 +73,22 @@ FORMAT_VERSION = 1
 DEFAULT_SOURCE = "minilm"
 DEFAULT_STEPS = 350
 """The default budget, in optimiser steps (see the README's BERT track for its time and accuracy)."""
-EXPECTED_MINUTES = 10
+EXPECTED_MINUTES = 21
 """What the default budget takes on 2 CPU cores (shown by the CLI's and the app's offers)."""
 DEFAULT_SEED = 0
-TRAIN_CORPORA: tuple[str, ...] = FITTING_CORPORA  # never the held-out domains
+TRAIN_CORPORA: tuple[str, ...] = (*FITTING_CORPORA, "pydoc")
+"""The classics, the generated everyday English (``smollm``) and Python's documentation -- never ``modern``,
+the held-out domain the head is scored on out of domain."""
+OUT_OF_DOMAIN: tuple[str, ...] = ("modern",)
+"""Scored after every fit besides the training corpora's own valid/test slices; never trained on."""
+TRAIN_WEIGHTS: tuple[float, ...] = (0.3, 0.15, 0.05, 0.3, 0.2)
+"""Share of the steps drawn from each of :data:`TRAIN_CORPORA` (bible, shakespeare, britannica, smollm,
+pydoc): the modern texts are small, so sampling by size would leave them a few percent of the steps."""
+FILL_IN_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "everyday_fill_in.json"
+"""The everyday fill-in test set (written for embviz; never a training text or a generation prompt). It lives
+with the tests, so an installed copy of embviz without its repository reports no fill-in accuracy."""
+PACKAGED_HEADS = Path(__file__).resolve().parent / "data" / "heads"
+"""Fitted heads shipped with embviz: ``<name>.safetensors`` (the trained tensors, float16) + ``<name>.json``."""
 EVAL_MAX_TOKENS = 20_000
 """Held-out tokens read per ``valid`` / ``test`` slice for the accuracy report (the whole slice if smaller)."""
 MIN_TRAIN_TOKENS = 8
@@ -97,8 +111,12 @@ class HeadConfig:
     lr: float = 5e-4
     head_lr: float = 1e-3
     warmup_fraction: float = 0.06
-    bf16: bool = True
+    bf16: bool = False
+    """bfloat16 autocast: faster only on CPUs with native bf16 (AVX512-BF16 / AMX) or a GPU; 30-100x
+    slower without (see :func:`native_bf16`)."""
     corpora: tuple[str, ...] = TRAIN_CORPORA
+    weights: tuple[float, ...] | None = TRAIN_WEIGHTS
+    """Share of the steps per corpus (None: batches drawn in proportion to each corpus's size)."""
 
     def key(self) -> str:
         return config_key(asdict(self))
@@ -197,8 +215,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def built_folder(source: str = DEFAULT_SOURCE) -> Path:
+def built_folder(source: str = DEFAULT_SOURCE, *, base: Callable[[], Path] | None = None) -> Path:
     """The validated folder of ``source``'s fitted head, for :mod:`embviz.sources` to load.
+
+    When the cache has none (or a corrupt one) and embviz ships a fitted head for ``source``
+    (:func:`packaged_head`), it is installed from ``base()``, the base model's folder, first.
 
     Raises:
         UnknownModelError: not built yet, or corrupt; the message says the command that (re)builds it.
@@ -209,18 +230,131 @@ def built_folder(source: str = DEFAULT_SOURCE) -> Path:
         "or use the app's build button"
     )
     folder = _lookup_folder(source)
-    if not folder.is_dir():
-        raise UnknownModelError(f"{name} is not built yet: {how}")
     try:
         read_manifest(folder)
+        return folder
     except MLMHeadError as exc:
-        raise UnknownModelError(f"{name} is corrupt ({exc}); {how} to rebuild it") from exc
-    return folder
+        problem = exc
+    if base is not None and packaged_head(source) is not None:
+        return install_packaged(source, base())
+    if not folder.is_dir():
+        raise UnknownModelError(f"{name} is not built yet: {how}")
+    raise UnknownModelError(f"{name} is corrupt ({problem}); {how} to rebuild it") from problem
 
 
 def exists(source: str = DEFAULT_SOURCE) -> bool:
-    """Whether ``source``'s fitted folder is there (cheap: its hashes are checked when it is loaded)."""
-    return (_lookup_folder(source) / MANIFEST).is_file()
+    """Whether ``source``'s fitted folder is there or shipped (cheap: hashes are checked on loading)."""
+    return (_lookup_folder(source) / MANIFEST).is_file() or packaged_head(source) is not None
+
+
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without, autocast emulates it."""
+    try:  # torch has no public check; Linux lists the CPU's flags (elsewhere: assume none)
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = set(re.findall(r"\b(avx512_bf16|amx_bf16)\b", info))
+    return bool(flags)
+
+
+# -- the heads embviz ships --------------------------------------------------------------------------------
+def packaged_head(source: str) -> dict[str, Any] | None:
+    """The manifest of the head embviz ships for ``source``, or None."""
+    path = PACKAGED_HEADS / f"{output_name(source)}.json"
+    if not path.is_file():
+        return None
+    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return manifest
+
+
+def _base_weights_sha(base: Path) -> str:
+    return sha256_file(base / "model.safetensors")
+
+
+def install_packaged(source: str, base: Path) -> Path:
+    """Rebuild ``source``'s fitted folder in the cache from the shipped tensors and the base model's folder
+    (seconds, no training); the result is bit-identical to the fit that made the shipped copy.
+
+    Raises:
+        MLMHeadError: nothing shipped, the shipped files are corrupt, or were fitted on another base model.
+    """
+    folder = output_folder(source)
+    with locked(folder):
+        return _install(source, base, folder)
+
+
+def _install(source: str, base: Path, folder: Path) -> Path:
+    """:func:`install_packaged` for a caller that holds ``folder``'s lock."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    manifest = packaged_head(source)
+    if manifest is None:
+        raise MLMHeadError(f"embviz ships no fitted head for {source}")
+    tensors_path = PACKAGED_HEADS / f"{output_name(source)}.safetensors"
+    packaged = manifest["packaged"]
+    if not tensors_path.is_file() or sha256_file(tensors_path) != packaged["sha256"]:
+        raise MLMHeadError(f"{tensors_path} is missing or does not match its sha256 (reinstall embviz)")
+    if _base_weights_sha(base) != packaged["base_sha256"]:
+        raise MLMHeadError(f"the shipped {output_name(source)} was fitted on another {source}: refit it")
+    remove_stale_temporaries(folder)
+    with quiet_transformers():
+        model = AutoModelForMaskedLM.from_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+    trained = load_file(str(tensors_path))
+    state = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(trained) - set(state))
+    if missing:
+        raise MLMHeadError(f"{tensors_path} holds tensors the base model lacks: {missing[:3]}")
+    with torch.no_grad():
+        for name, value in trained.items():
+            state[name].copy_(value.to(state[name].dtype))
+    body = {k: v for k, v in manifest.items() if k not in ("packaged", "sha256")}
+    _write_folder(folder, model, tokenizer, {**body, "installed_from": tensors_path.name})
+    return folder
+
+
+def package_head(source: str = DEFAULT_SOURCE, *, base: Path) -> Path:
+    """Write the cached fit of ``source`` into embviz's package (``embviz/data/heads/``): its trained
+    tensors (float16, exactly as fitted, see :func:`fit_mlm_head`) and its manifest.
+
+    Raises:
+        UnknownModelError: ``source`` has no complete fit in the cache.
+    """
+    folder = _lookup_folder(source)
+    try:
+        manifest = read_manifest(folder)
+    except MLMHeadError as exc:
+        raise UnknownModelError(f"no fitted {output_name(source)} to package ({exc})") from exc
+    if not manifest.get("complete"):
+        raise UnknownModelError(f"the fit of {output_name(source)} is not complete; finish it first")
+    from transformers import AutoModelForMaskedLM
+
+    with quiet_transformers():
+        fitted_model = AutoModelForMaskedLM.from_pretrained(folder)
+        base_model = AutoModelForMaskedLM.from_pretrained(base)
+    fitted = dict(fitted_model.named_parameters(remove_duplicate=False))
+    names = manifest["trained_parameters"]
+    tensors = {name: fitted[name].detach().to(torch.float16).contiguous() for name in names}
+    if not all(torch.equal(tensors[name].float(), fitted[name]) for name in names):
+        raise MLMHeadError("the fitted tensors are not float16 values; refit with this version of embviz")
+    trained_ids = {id(fitted[name]) for name in names}
+    original = dict(base_model.named_parameters(remove_duplicate=False))
+    drift = [n for n, p in fitted.items() if id(p) not in trained_ids and not torch.equal(p, original[n])]
+    if drift:
+        raise MLMHeadError(f"tensors outside the trained set changed: {drift[:3]}")
+    PACKAGED_HEADS.mkdir(parents=True, exist_ok=True)
+    target = PACKAGED_HEADS / f"{output_name(source)}.safetensors"
+    save_file(tensors, str(target))
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    body["packaged"] = {
+        "sha256": sha256_file(target),
+        "dtype": "float16",
+        "base": source,
+        "base_sha256": _base_weights_sha(base),
+        "rebuild": f"embviz fit-mlm-head {source} --force --package",
+    }
+    atomic_write_json(PACKAGED_HEADS / f"{output_name(source)}.json", body)
+    return target
 
 
 def is_built(source: str = DEFAULT_SOURCE) -> bool:
@@ -239,6 +373,8 @@ class _Lines:
 
     ids: list[list[int]] = field(default_factory=list)
     words: list[list[list[int]]] = field(default_factory=list)
+    corpus: list[int] = field(default_factory=list)
+    """Index (in the configuration's corpora) of each line's corpus."""
 
 
 _LINES_MEMO: dict[tuple[str, tuple[str, ...], int], _Lines] = {}
@@ -259,7 +395,7 @@ def _read_training_lines(backbone: Backbone, corpora: Sequence[str], max_length:
     room = model_max_length(backbone, max_length) - len(leading) - len(trailing)
     special = backbone.special_ids
     lines = _Lines()
-    for name in corpora:
+    for corpus_index, name in enumerate(corpora):
         texts = load_texts(name, "train")
         for start in range(0, len(texts), 256):
             encoded = tokenizer(list(texts[start : start + 256]), add_special_tokens=False, verbose=False)
@@ -269,14 +405,17 @@ def _read_training_lines(backbone: Backbone, corpora: Sequence[str], max_length:
                 if sum(len(word) for word in words) >= MIN_TRAIN_TOKENS:
                     lines.ids.append([*leading, *content, *trailing])
                     lines.words.append(words)
+                    lines.corpus.append(corpus_index)
     if not lines.ids:
         raise BadInputError(f"no training line of at least {MIN_TRAIN_TOKENS} tokens in {', '.join(corpora)}")
     return lines
 
 
-def _buckets(lines: _Lines, batch_tokens: int) -> list[list[int]]:
-    """Fixed batches of similar-length lines, each within ``batch_tokens`` padded tokens."""
-    order = sorted(range(len(lines.ids)), key=lambda i: (len(lines.ids[i]), i))
+def _buckets(lines: _Lines, batch_tokens: int, members: Sequence[int] | None = None) -> list[list[int]]:
+    """Fixed batches of similar-length lines (of ``members``, default all), each within ``batch_tokens``
+    padded tokens."""
+    chosen = range(len(lines.ids)) if members is None else members
+    order = sorted(chosen, key=lambda i: (len(lines.ids[i]), i))
     batches: list[list[int]] = [[]]
     for i in order:
         if batches[-1] and (len(batches[-1]) + 1) * len(lines.ids[i]) > batch_tokens:
@@ -285,13 +424,51 @@ def _buckets(lines: _Lines, batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+@dataclass(frozen=True)
+class _Schedule:
+    """Which batch every step trains on: a pure function of the configuration, so a resumed run sees the
+    same batches. With weights, step ``s`` draws its corpus from ``weights`` (seeded) and takes that
+    corpus's next batch in a seeded order per pass; without, it takes the next batch of all the lines."""
+
+    pools: list[list[list[int]]]
+    corpus_of_step: np.ndarray
+    seed: int
+
+    @classmethod
+    def build(cls, lines: _Lines, config: HeadConfig) -> _Schedule:
+        if config.weights is None:
+            return cls(
+                [_buckets(lines, config.batch_tokens)], np.zeros(config.steps, dtype=np.int64), config.seed
+            )
+        pools = [
+            _buckets(lines, config.batch_tokens, [i for i, c in enumerate(lines.corpus) if c == index])
+            for index in range(len(config.corpora))
+        ]
+        empty = [config.corpora[i] for i, pool in enumerate(pools) if not pool[0]]
+        if empty:
+            raise BadInputError(
+                f"no training line of at least {MIN_TRAIN_TOKENS} tokens in {', '.join(empty)}"
+            )
+        weights = np.asarray(config.weights, dtype=np.float64)
+        drawn = np.random.default_rng([config.seed, 7]).choice(
+            len(pools), size=config.steps, p=weights / weights.sum()
+        )
+        return cls(pools, drawn, config.seed)
+
+    def rows(self, step: int) -> list[int]:
+        corpus = int(self.corpus_of_step[step])
+        batches = self.pools[corpus]
+        taken = int((self.corpus_of_step[:step] == corpus).sum())
+        epoch, index = divmod(taken, len(batches))
+        order = np.random.default_rng([self.seed, epoch, corpus]).permutation(len(batches))
+        return batches[int(order[index])]
+
+
 def _step_batch(
-    lines: _Lines, batches: list[list[int]], step: int, seed: int, mask_id: int, pool: np.ndarray, pad_id: int
+    lines: _Lines, schedule: _Schedule, step: int, seed: int, mask_id: int, pool: np.ndarray, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The masked batch of ``step``: a pure function of ``(seed, step)``, so a resumed run sees the same."""
-    epoch, index = divmod(step, len(batches))
-    order = np.random.default_rng([seed, epoch]).permutation(len(batches))
-    rows = batches[int(order[index])]
+    rows = schedule.rows(step)
     examples = [
         mask_line(lines.ids[i], lines.words[i], np.random.default_rng([seed, step, row]), mask_id, pool)
         for row, i in enumerate(rows)
@@ -437,6 +614,77 @@ def masked_accuracy(model: PreTrainedModel, eval_set: EvalSet, *, bf16: bool = F
     }
 
 
+@dataclass(frozen=True)
+class FillInItem:
+    """One everyday sentence with one ``[MASK]`` and the answers that count as right."""
+
+    sentence: str
+    answers: tuple[str, ...]
+    category: str = ""
+
+
+def read_fill_in(path: Path = FILL_IN_FILE) -> list[FillInItem]:
+    """The fill-in test set (``{"items": [{"sentence", "answers", "category"}]}``).
+
+    Raises:
+        BadInputError: unreadable, or an item without exactly one ``[MASK]`` or without answers.
+    """
+    try:
+        items = json.loads(path.read_text(encoding="utf-8"))["items"]
+        parsed = [FillInItem(i["sentence"], tuple(i["answers"]), i.get("category", "")) for i in items]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(f"cannot read the fill-in set {path} ({exc.__class__.__name__}: {exc})") from exc
+    for item in parsed:
+        if item.sentence.count("[MASK]") != 1 or not item.answers:
+            raise BadInputError(f"fill-in item {item.sentence!r} needs exactly one [MASK] and an answer")
+    return parsed
+
+
+def fill_in_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[FillInItem],
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Top-1 / top-5 "acceptable answer" rates over the full vocabulary, per category too, with each
+    sentence's top 5 (``[MASK]`` is the tokenizer's mask token)."""
+    device = input_embedding_weight(model).device
+    rows: list[dict[str, Any]] = []
+    with torch.inference_mode():
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            texts = [item.sentence.replace("[MASK]", str(tokenizer.mask_token)) for item in batch]
+            encoded = tokenizer(texts, return_tensors="pt", padding=True).to(device)
+            logits = model(**encoded).logits
+            at = encoded["input_ids"] == tokenizer.mask_token_id
+            best = logits[at].topk(5, dim=-1).indices.cpu()
+            for item, ids in zip(batch, best.tolist(), strict=True):
+                top5 = [str(tokenizer.convert_ids_to_tokens(i)) for i in ids]
+                rows.append(
+                    {
+                        "sentence": item.sentence,
+                        "category": item.category,
+                        "top5": top5,
+                        "top1_ok": top5[0] in item.answers,
+                        "top5_ok": any(token in item.answers for token in top5),
+                    }
+                )
+
+    def rates(chosen: list[dict[str, Any]]) -> dict[str, float]:
+        return {
+            "top1": round(sum(r["top1_ok"] for r in chosen) / len(chosen), 4),
+            "top5": round(sum(r["top5_ok"] for r in chosen) / len(chosen), 4),
+            "sentences": len(chosen),
+        }
+
+    categories = sorted({r["category"] for r in rows if r["category"]})
+    return {
+        **rates(rows),
+        "by_category": {c: rates([r for r in rows if r["category"] == c]) for c in categories},
+        "sentences_detail": rows,
+    }
+
+
 def held_out_sets(
     backbone: Backbone, corpora: Sequence[str] = TRAIN_CORPORA, max_tokens: int = EVAL_MAX_TOKENS
 ) -> dict[str, EvalSet]:
@@ -462,6 +710,7 @@ def fit_mlm_head(
     force: bool = False,
     trust_remote_code: bool = False,
     device: str = "cpu",
+    base: Callable[[], Path] | None = None,
 ) -> HeadResult:
     """Fit the masked-LM head of ``source`` (a built-in name or a local BERT-family folder) and save it.
 
@@ -483,6 +732,15 @@ def fit_mlm_head(
     config = config or HeadConfig()
     if config.steps < 1:
         raise BadInputError(f"steps must be at least 1, got {config.steps}")
+    if config.weights is not None and (
+        len(config.weights) != len(config.corpora)
+        or not all(w >= 0 and math.isfinite(w) for w in config.weights)
+        or sum(config.weights) <= 0
+    ):
+        raise BadInputError(
+            f"weights must be one non-negative number per corpus ({len(config.corpora)}), not all zero; "
+            f"got {config.weights}"
+        )
     if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
         raise BadInputError(f"minutes must be a positive number, got {minutes}")
     if checkpoint_every < 1:
@@ -502,6 +760,11 @@ def fit_mlm_head(
                 if manifest.get("config_key") == config.key() and manifest.get("complete"):
                     report(Progress(1, 1, "already fitted (cached)"))
                     return HeadResult(folder, manifest, cached=True)
+            shipped = packaged_head(source)
+            if base is not None and shipped is not None and shipped.get("config_key") == config.key():
+                report(Progress(1, 1, "already fitted (the head embviz ships)"))
+                installed = _install(source, base(), folder)
+                return HeadResult(installed, read_manifest(installed), cached=True)
         return _fit(
             source,
             folder,
@@ -550,7 +813,7 @@ def _fit(
         logger.info("resuming %s from step %d of %d", source, step, config.steps)
     report(Progress(step, config.steps, "tokenizing the training text"))
     lines = _training_lines(backbone, config.corpora, config.max_length)
-    batches = _buckets(lines, config.batch_tokens)
+    schedule = _Schedule.build(lines, config)
     tokenizer = backbone.tokenizer
     pool = np.array([i for i in range(backbone.vocab_size) if i not in backbone.special_ids], dtype=np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -566,7 +829,7 @@ def _fit(
         while step < config.steps and (deadline is None or time.perf_counter() < deadline):
             tick = time.perf_counter()
             ids, mask, labels = _step_batch(
-                lines, batches, step, config.seed, tokenizer.mask_token_id, pool, pad_id
+                lines, schedule, step, config.seed, tokenizer.mask_token_id, pool, pad_id
             )
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * _lr_factor(step, config)
@@ -593,11 +856,19 @@ def _fit(
         save()
     if not torch.equal(input_embedding_weight(model).cpu(), embedding_before.cpu()):
         raise MLMHeadError("internal error: the word-embedding matrix changed while fitting the head")
+    if complete:
+        # Round the trained tensors to float16 values, so the copy embviz ships (half the bytes of float32)
+        # is exactly this fit; everything below is measured on the rounded weights.
+        with torch.no_grad():
+            for parameter in parameters.values():
+                parameter.copy_(parameter.to(torch.float16).to(parameter.dtype))
     report(Progress(step, config.steps, "measuring held-out accuracy"))
+    scored = (*config.corpora, *(name for name in OUT_OF_DOMAIN if name not in config.corpora))
     accuracy = {
         name: masked_accuracy(model, eval_set, bf16=config.bf16)
-        for name, eval_set in held_out_sets(backbone, config.corpora, eval_max_tokens).items()
+        for name, eval_set in held_out_sets(backbone, scored, eval_max_tokens).items()
     }
+    fill_in = fill_in_accuracy(model, tokenizer, read_fill_in()) if FILL_IN_FILE.is_file() else None
     manifest = {
         "format_version": FORMAT_VERSION,
         "source": source,
@@ -613,9 +884,11 @@ def _fit(
         "seconds": round(time.perf_counter() - started, 1),
         "data": {"train": [f"{name}:train" for name in config.corpora], "held_out": sorted(accuracy)},
         "trained": _describe_trained(model, config.train_layers),
+        "trained_parameters": sorted(parameters),
         "frozen": "the embedding block (word embeddings = the tied decoder weight, positions, LayerNorm)"
         + ("" if config.train_layers is None else " and the encoder layers below the trained ones"),
         "accuracy": accuracy,
+        "fill_in": fill_in,
         "eval_max_tokens": eval_max_tokens,
         "losses": losses,
         "versions": versions(),

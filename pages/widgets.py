@@ -140,7 +140,8 @@ def offer_mlm_head(model: str) -> None:
     name, minutes = mlm_head.output_name(source), mlm_head.EXPECTED_MINUTES
     st.caption(
         f"{source} has no trained masked-LM head, so its predictions are noise. {name} adds a head fitted "
-        f"by embviz on public-domain text (about {minutes} min on 2 CPU cores, once; cached afterwards)."
+        f"by embviz on public-domain and generated text (about {minutes} min on 2 CPU cores, once; cached "
+        "afterwards)."
     )
     if not st.button(f"Build {name} (about {minutes} min)", key="build-mlm-head"):
         return

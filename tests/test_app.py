@@ -365,6 +365,7 @@ def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
     from embviz import mlm_head, sources
 
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(mlm_head, "PACKAGED_HEADS", tmp_path / "no-shipped-heads")  # an install without data
     tiny = dataclasses.replace(sources.builtin("minilm"), locate=lambda: tiny_masked_path)
     monkeypatch.setitem(sources._BUILTINS, "minilm", tiny)
     st.cache_resource.clear()

