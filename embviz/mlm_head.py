@@ -244,7 +244,8 @@ def built_folder(source: str = DEFAULT_SOURCE, *, base: Callable[[], Path] | Non
 
 def exists(source: str = DEFAULT_SOURCE) -> bool:
     """Whether ``source``'s fitted folder is there or shipped (cheap: hashes are checked on loading)."""
-    return (_lookup_folder(source) / MANIFEST).is_file() or packaged_head(source) is not None
+    shipped = PACKAGED_HEADS / f"{output_name(source)}.json"
+    return (_lookup_folder(source) / MANIFEST).is_file() or shipped.is_file()
 
 
 def native_bf16() -> bool:
@@ -263,7 +264,12 @@ def packaged_head(source: str) -> dict[str, Any] | None:
     path = PACKAGED_HEADS / f"{output_name(source)}.json"
     if not path.is_file():
         return None
-    manifest: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MLMHeadError(f"{path} is unreadable ({exc.__class__.__name__}); reinstall embviz") from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("packaged"), dict):
+        raise MLMHeadError(f"{path} is not a shipped-head manifest; reinstall embviz")
     return manifest
 
 

@@ -106,6 +106,9 @@ class VariantPredictions:
     lost: tuple[str, ...]  # reference top-k tokens missing here
     candidates: int  # tokens the probabilities are normalised over
     seconds: float
+    kl_nats: float = 0.0
+    """KL(original || variant) of the full-vocabulary distributions at the blank, in nats (special tokens
+    excluded; causal models: the next-token distribution given the left context)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ class _Scored:
 
     ids: torch.Tensor
     scores: torch.Tensor
+    vocabulary: torch.Tensor
+    """Log-probabilities over the whole vocabulary at the blank (-inf for special tokens)."""
 
 
 def predict_blank(
@@ -179,9 +184,12 @@ def predict_blank(
 
     results: dict[str, VariantPredictions] = {}
     reference_top: list[int] = []
+    reference_vocabulary: torch.Tensor | None = None
     for name, embedding in named.items():
         start = time.perf_counter()
         scored = job.score(embedding)
+        if reference_vocabulary is None:
+            reference_vocabulary = scored.vocabulary
         probabilities = torch.softmax(scored.scores.double(), dim=0)
         order = torch.argsort(probabilities, descending=True, stable=True)[:k]
         ids = [int(scored.ids[i]) for i in order]
@@ -205,6 +213,7 @@ def predict_blank(
             lost=tuple(_display(tokenizer, i) for i in reference_top if i not in ids),
             candidates=len(scored.ids),
             seconds=time.perf_counter() - start,
+            kl_nats=kl_divergence(reference_vocabulary, scored.vocabulary),
         )
     return PredictionResult(
         backbone=backbone.name,
@@ -220,6 +229,13 @@ def predict_blank(
         reference=reference,
         seconds=time.perf_counter() - started,
     )
+
+
+def kl_divergence(reference: torch.Tensor, variant: torch.Tensor) -> float:
+    """KL(reference || variant) in nats between two log-probability vectors (-inf entries: probability 0)."""
+    p = reference.double().exp()
+    terms = torch.where(p > 0, p * (reference.double() - variant.double()), torch.zeros_like(p))
+    return max(0.0, float(terms.sum()))
 
 
 def _display(tokenizer: Any, token_id: int) -> str:
@@ -283,7 +299,7 @@ class _MaskedScorer:
     def score(self, embedding: torch.Tensor | None) -> _Scored:
         logits = self.backbone.logits(self.ids, embedding=embedding, mode=self.mode)[0, self.position]
         logits = logits.masked_fill(self.excluded, float("-inf"))
-        return _Scored(torch.arange(len(logits)), logits)
+        return _Scored(torch.arange(len(logits)), logits, torch.log_softmax(logits.double(), dim=0))
 
 
 class _CausalScorer:
@@ -342,7 +358,8 @@ class _CausalScorer:
         else:
             own = torch.topk(next_token, min(self.own, allowed)).indices
             ids = torch.cat([self.reference_ids, own[~torch.isin(own, self.reference_ids)]])
-        return _Scored(ids, next_token[ids] + self._right_loglik(ids, embedding, prefix))
+        vocabulary = torch.log_softmax(logits.double().masked_fill(self.excluded, float("-inf")), dim=0)
+        return _Scored(ids, next_token[ids] + self._right_loglik(ids, embedding, prefix), vocabulary)
 
     def _right_loglik(
         self, ids: torch.Tensor, embedding: torch.Tensor | None, prefix: Any | None
@@ -430,6 +447,7 @@ def prediction_summary(result: PredictionResult) -> list[dict[str, Any]]:
             "top1": variant.predictions[0].token.strip() if variant.predictions else "",
             "top1 kept": variant.top1_kept,
             "original top1 rank": variant.reference_top1_rank,
+            "KL (nats)": round(variant.kl_nats, 4),
             "new": [p.token.strip() for p in variant.predictions if p.new],
             "lost": [token.strip() for token in variant.lost],
             "seconds": round(variant.seconds, 3),
@@ -444,6 +462,7 @@ __all__ = [
     "PredictionResult",
     "VariantPredictions",
     "blank_pattern",
+    "kl_divergence",
     "parse_blank",
     "predict_blank",
     "prediction_summary",

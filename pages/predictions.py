@@ -20,6 +20,13 @@ EXAMPLES = (
     "To be, or not to ___, that is the question.",
     "She opened the door and saw a small ___ sitting on the floor.",
 )
+EVERYDAY = (
+    "It is raining, so take your ___ with you.",
+    "We had pizza for ___ last night.",
+    "My phone is almost out of ___.",
+    "He is taller ___ his brother.",
+    "Please turn off the ___ when you leave.",
+)
 
 use_app_router()
 st.title("Fill in the blank")
@@ -46,10 +53,11 @@ if variants is None:
 if "sentence" not in st.session_state and "sentence" not in st.query_params:
     # A shared link may carry the sentence as ?sentence=... (the bound key) or the short ?s=...
     st.session_state["sentence"] = st.query_params.get("s", EXAMPLES[0])
-example_columns = st.columns(len(EXAMPLES))
-for column, example in zip(example_columns, EXAMPLES, strict=True):
-    if column.button(example, key=f"example-{example}", width="stretch"):
-        st.session_state["sentence"] = example
+for examples, label in ((EXAMPLES, "From the corpora's world"), (EVERYDAY, "Everyday English")):
+    st.caption(label)
+    for column, example in zip(st.columns(len(examples)), examples, strict=True):
+        if column.button(example, key=f"example-{example}", width="stretch"):
+            st.session_state["sentence"] = example
 sentence = st.text_input("Sentence with a blank", key="sentence", bind="query-params")
 
 matrices = reconstructions(variants)
@@ -68,6 +76,17 @@ columns = st.columns(len(result.variants))
 for column, (name, predictions) in zip(columns, result.variants.items(), strict=True):
     column.markdown(f"**{name}**")
     if name != result.reference:
+        column.metric(
+            "KL from the original",
+            f"{predictions.kl_nats:.3f} nats",
+            help="How far this variant's whole-vocabulary distribution at the blank is from the original's "
+            "(0 = identical)"
+            + (
+                "; for a causal model, the next-token distribution given the words before the blank"
+                if result.kind == "causal"
+                else ""
+            ),
+        )
         if predictions.top1_kept:
             column.success("original top-1 kept")
         elif predictions.reference_top1_rank:

@@ -12,6 +12,7 @@ from embviz.backbones import Backbone
 from embviz.errors import BadInputError
 from embviz.predictions import (
     blank_pattern,
+    kl_divergence,
     parse_blank,
     predict_blank,
     prediction_summary,
@@ -73,6 +74,7 @@ def test_identity_variant_gives_the_original_top_k(tiny_backbone: Backbone, mode
     assert [p.token_id for p in identity.predictions] == [p.token_id for p in original.predictions]
     assert [p.probability for p in identity.predictions] == [p.probability for p in original.predictions]
     assert identity.top1_kept and identity.reference_top1_rank == 1
+    assert identity.kl_nats == 0.0 and original.kl_nats == 0.0
     assert not any(p.new for p in identity.predictions) and identity.lost == ()
     probabilities = [p.probability for p in original.predictions]
     assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-9
@@ -101,6 +103,16 @@ def test_a_changed_embedding_marks_new_and_lost_tokens(tiny_backbone: Backbone) 
     expected_rank = ranks.index(reference[0]) + 1 if reference[0] in ranks else None
     assert noisy_result.reference_top1_rank == expected_rank
     assert noisy_result.top1_kept == (expected_rank == 1)
+    assert noisy_result.kl_nats > 0.01
+    assert result.to_dict()["variants"]["noisy"]["kl_nats"] == noisy_result.kl_nats
+
+
+def test_kl_divergence_is_full_vocabulary_kl_with_zero_probability_entries() -> None:
+    p = torch.log_softmax(torch.tensor([2.0, 1.0, 0.0, float("-inf")]), dim=0)
+    q = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, float("-inf")]), dim=0)
+    expected = float((p.exp()[:3] * (p[:3] - q[:3])).sum())
+    assert kl_divergence(p, q) == pytest.approx(expected) and expected > 0
+    assert kl_divergence(p, p) == 0.0
 
 
 def test_causal_candidates_include_the_variants_own(tiny_causal: Backbone) -> None:

@@ -1,7 +1,8 @@
 """Compressors of the token-embedding matrix: exact SVD, the direction-loss AutoEncoder, quantisation.
 
 Every method is a :class:`~embviz.compressors.registry.MethodSpec` registered by the module that
-implements it (:mod:`.svd`, :mod:`.autoencoder`, :mod:`.quantize`, :mod:`.gguf_formats`); importing this package registers them
+implements it (:mod:`.svd`, :mod:`.autoencoder`, :mod:`.quantize`, :mod:`.gguf_formats`, :mod:`.vq`); importing
+this package registers them
 all. :func:`make_compressor` builds one by id, :func:`compressor_from_config` rebuilds one from a stored
 configuration, and :func:`~embviz.compressors.registry.get_method` answers everything else (label,
 family, sizing, whether it trains, what it stores).
@@ -38,6 +39,7 @@ from embviz.compressors.registry import (
     unregister_method,
 )
 from embviz.compressors.svd import SVDCompressor
+from embviz.compressors.vq import DirectionVQ
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
 from embviz.progress import ProgressCallback
@@ -89,6 +91,7 @@ __all__ = [
     "AECompressor",
     "CompressedEmbedding",
     "Compressor",
+    "DirectionVQ",
     "GGUFQuantizer",
     "MethodSpec",
     "MixedPrecisionRows",
