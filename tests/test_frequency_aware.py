@@ -238,10 +238,9 @@ def test_mixed_rows_refuse_impossible_budgets() -> None:
 def test_registry_builds_every_frequency_method_and_rebuilds_it_from_config() -> None:
     weights = _skewed_weights()
     for method in method_ids(needs_row_weights=True):
-        options = {"ratio": 4.0} if method == "quant-mixed" else {}
-        compressor = make_compressor(
-            method, None if method == "quant-mixed" else 3, row_weights=weights, **options
-        )
+        by_bytes = get_method(method).sizing == "bytes"
+        options = {"ratio": 4.0} if by_bytes else {}
+        compressor = make_compressor(method, None if by_bytes else 3, row_weights=weights, **options)
         assert compressor.method == method and get_method(method).label
         rebuilt = compressor_from_config(compressor.get_config(), row_weights=weights)
         assert rebuilt.get_config() == compressor.get_config()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from embviz.artifacts import compress_cached
 from embviz.compressors import RowWeights, get_method
 from embviz.compressors.vq import DirectionVQ, decode_direction_vq, plan, stored_bytes
 from embviz.errors import BadInputError
@@ -60,7 +62,7 @@ def test_the_heaviest_rows_get_the_second_stage_and_come_out_closer(
     matrix: torch.Tensor, weights: RowWeights
 ) -> None:
     result = DirectionVQ(32 / 2.5, weights).fit(matrix)  # 8 bytes of direction per row, then stage 2
-    stage2 = result.config["stage2_rows"]
+    stage2 = plan(VOCAB, HIDDEN, 32 / 2.5)[2]
     assert 0 < stage2 < VOCAB
     cosine = torch.nn.functional.cosine_similarity(result.reconstruct(), matrix, dim=1)
     assert float(cosine[:stage2].mean()) > float(cosine[stage2:].mean()) + 0.05
@@ -71,7 +73,7 @@ def test_fits_are_deterministic_and_decoding_checks_its_inputs(
 ) -> None:
     first = DirectionVQ(32 / 2.5, weights, seed=3).fit(matrix)
     again = DirectionVQ(32 / 2.5, weights, seed=3).fit(matrix)
-    assert first.config["stage2_rows"] > 0
+    assert plan(VOCAB, HIDDEN, 32 / 2.5)[2] > 0
     assert first.qcodes is not None and again.qcodes is not None
     assert torch.equal(first.qcodes, again.qcodes) and torch.equal(first.reconstruct(), again.reconstruct())
     stored = {"qcodes": first.qcodes, "qscales": first.qscales}
@@ -90,3 +92,13 @@ def test_it_is_sized_by_bits_and_needs_row_weights() -> None:
     assert spec.needs_row_weights and not math.isnan(size.ratio)
     with pytest.raises(BadInputError, match="row weights"):
         DirectionVQ(8.0, None)  # type: ignore[arg-type]
+
+
+def test_a_second_compression_is_served_from_the_artifact_cache(
+    matrix: torch.Tensor, weights: RowWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path))
+    first = compress_cached("test-matrix", matrix, DirectionVQ(32 / 1.0, weights))
+    again = compress_cached("test-matrix", matrix, DirectionVQ(32 / 1.0, weights))
+    assert not first.cached and again.cached
+    assert torch.equal(first.compressed.reconstruct(), again.compressed.reconstruct())

@@ -154,8 +154,9 @@ class DirectionVQ:
         packed_mask = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
         qcodes = torch.cat([codes1.flatten(), length_codes, packed_mask, codes2.flatten()])
         qscales = torch.cat([length_range, *[book.flatten() for book in books]])
-        config = {**self.get_config(), "m": m, "nbits": nbits, "stage2_rows": stage2}
+        config = self.get_config()  # the layout (M, nbits, stage-2 rows) follows from (V, D, ratio): plan()
         dense = decode_direction_vq(config, {"qcodes": qcodes, "qscales": qscales}, (vocab, hidden), None)
+        assert (m, nbits, stage2) == plan(vocab, hidden, self.ratio)
         return CompressedEmbedding(
             method=self.method,
             config=config,
@@ -208,7 +209,7 @@ def decode_direction_vq(
         ValueError: the tensors do not fit the configuration.
     """
     vocab, hidden = shape
-    m, nbits, stage2 = int(config["m"]), int(config["nbits"]), int(config["stage2_rows"])
+    m, nbits, stage2 = plan(vocab, hidden, float(config["ratio"]))
     qcodes, qscales = stored["qcodes"], stored["qscales"]
     books = 2 if stage2 else 1
     entries = _codebook_entries(nbits, hidden)
