@@ -244,8 +244,7 @@ def built_folder(source: str = DEFAULT_SOURCE, *, base: Callable[[], Path] | Non
 
 def exists(source: str = DEFAULT_SOURCE) -> bool:
     """Whether ``source``'s fitted folder is there or shipped (cheap: hashes are checked on loading)."""
-    shipped = PACKAGED_HEADS / f"{output_name(source)}.json"
-    return (_lookup_folder(source) / MANIFEST).is_file() or shipped.is_file()
+    return (_lookup_folder(source) / MANIFEST).is_file() or _shipped(source, ".json").is_file()
 
 
 def native_bf16() -> bool:
@@ -261,7 +260,7 @@ def native_bf16() -> bool:
 # -- the heads embviz ships --------------------------------------------------------------------------------
 def packaged_head(source: str) -> dict[str, Any] | None:
     """The manifest of the head embviz ships for ``source``, or None."""
-    path = PACKAGED_HEADS / f"{output_name(source)}.json"
+    path = _shipped(source, ".json")
     if not path.is_file():
         return None
     try:
@@ -271,6 +270,11 @@ def packaged_head(source: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("packaged"), dict):
         raise MLMHeadError(f"{path} is not a shipped-head manifest; reinstall embviz")
     return manifest
+
+
+def _shipped(source: str, suffix: str) -> Path:
+    """Where embviz ships ``source``'s fitted head: ``<name>.json`` (manifest) or ``<name>.safetensors``."""
+    return PACKAGED_HEADS / f"{output_name(source)}{suffix}"
 
 
 def _base_weights_sha(base: Path) -> str:
@@ -296,7 +300,7 @@ def _install(source: str, base: Path, folder: Path) -> Path:
     manifest = packaged_head(source)
     if manifest is None:
         raise MLMHeadError(f"embviz ships no fitted head for {source}")
-    tensors_path = PACKAGED_HEADS / f"{output_name(source)}.safetensors"
+    tensors_path = _shipped(source, ".safetensors")
     packaged = manifest["packaged"]
     if not tensors_path.is_file() or sha256_file(tensors_path) != packaged["sha256"]:
         raise MLMHeadError(f"{tensors_path} is missing or does not match its sha256 (reinstall embviz)")
@@ -349,7 +353,7 @@ def package_head(source: str = DEFAULT_SOURCE, *, base: Path) -> Path:
     if drift:
         raise MLMHeadError(f"tensors outside the trained set changed: {drift[:3]}")
     PACKAGED_HEADS.mkdir(parents=True, exist_ok=True)
-    target = PACKAGED_HEADS / f"{output_name(source)}.safetensors"
+    target = _shipped(source, ".safetensors")
     save_file(tensors, str(target))
     body = {k: v for k, v in manifest.items() if k != "sha256"}
     body["packaged"] = {
@@ -359,7 +363,7 @@ def package_head(source: str = DEFAULT_SOURCE, *, base: Path) -> Path:
         "base_sha256": _base_weights_sha(base),
         "rebuild": f"embviz fit-mlm-head {source} --force --package",
     }
-    atomic_write_json(PACKAGED_HEADS / f"{output_name(source)}.json", body)
+    atomic_write_json(_shipped(source, ".json"), body)
     return target
 
 

@@ -153,7 +153,7 @@ def generate_text(
     report = progress or quiet
     answers_path = _answers_file(config, prompts)
     started = time.perf_counter()
-    with locked(answers_path.parent / (answers_path.name + ".d")):
+    with locked(answers_path):
         records = _done(answers_path)
         cached = len(records) == len(prompts)
         if not cached:  # a batch is sampled as a whole: redo a batch that was cut short

@@ -40,6 +40,13 @@ def check_device(device: str) -> str:
     return device
 
 
+def float_matrix(embedding: torch.Tensor) -> torch.Tensor:
+    """``embedding`` as a detached float32 CPU matrix, refusing anything that is not V x D."""
+    if embedding.ndim != 2:
+        raise BadInputError(f"expected a V x D matrix, got shape {tuple(embedding.shape)}")
+    return embedding.detach().cpu().to(torch.float32)
+
+
 def closed_form_progress(elapsed_s: float) -> Progress:
     """The one report of a fit without iterations (SVD, quantisation): done, as a single finished epoch."""
     return Progress(1, 1, "fitted", epoch=1, epochs=1, epoch_end=True, elapsed_s=elapsed_s)

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from embviz.compressors.autoencoder import AE_PAPER
-from embviz.compressors.base import CompressedEmbedding, Compressor, closed_form_progress
+from embviz.compressors.base import CompressedEmbedding, Compressor, closed_form_progress, float_matrix
 from embviz.compressors.budget import check_ratio, rank_for_byte_ratio
 from embviz.compressors.registry import MethodSpec, Size, register_method
 from embviz.compressors.svd import SVD, SVD_FREQ
@@ -406,9 +406,7 @@ class MixedPrecisionRows:
     def fit(self, embedding: torch.Tensor, progress: ProgressCallback | None = None) -> CompressedEmbedding:
         """Quantise every row at each width, allocate widths to the budget, keep the chosen rows."""
         started = time.perf_counter()
-        if embedding.ndim != 2:
-            raise BadInputError(f"expected a V x D matrix, got shape {tuple(embedding.shape)}")
-        matrix = embedding.detach().cpu().to(torch.float32)
+        matrix = float_matrix(embedding)
         vocab, hidden = matrix.shape
         weights = self.row_weights.check(vocab)
         options = [quantize_rows(matrix, bits) for bits in MIXED_BITS]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, check_seed, closed_form_progress
+from embviz.compressors.base import CompressedEmbedding, check_seed, closed_form_progress, float_matrix
 from embviz.compressors.budget import check_ratio
 from embviz.compressors.registry import MethodSpec, register_method
 from embviz.compressors.weights import RowWeights
@@ -124,9 +124,7 @@ class DirectionVQ:
         import faiss  # imported here: only fitting needs it, loading decodes with torch
 
         started = time.perf_counter()
-        if embedding.ndim != 2:
-            raise BadInputError(f"expected a V x D matrix, got shape {tuple(embedding.shape)}")
-        matrix = embedding.detach().cpu().to(torch.float32)
+        matrix = float_matrix(embedding)
         vocab, hidden = matrix.shape
         weights = self.row_weights.check(vocab).to(torch.float64)
         m, nbits, stage2 = plan(vocab, hidden, self.ratio)
@@ -156,7 +154,6 @@ class DirectionVQ:
         qscales = torch.cat([length_range, *[book.flatten() for book in books]])
         config = self.get_config()  # the layout (M, nbits, stage-2 rows) follows from (V, D, ratio): plan()
         dense = decode_direction_vq(config, {"qcodes": qcodes, "qscales": qscales}, (vocab, hidden), None)
-        assert (m, nbits, stage2) == plan(vocab, hidden, self.ratio)
         return CompressedEmbedding(
             method=self.method,
             config=config,
