@@ -5,22 +5,25 @@ from __future__ import annotations
 
 import streamlit as st
 
+from embviz.compressors import method_ids
 from embviz.errors import EmbvizError
 from embviz.threads import APP, configure_threads
 from pages.navigation import streamlit_pages
 from pages.state import (
     BOUND_KEYS,
     LOSSES,
+    MAX_COMPARED,
     MODES,
     OTHER_MODEL,
     RECIPE_CHOICES,
-    apply_pending_model,
+    apply_pending_settings,
     backbone_choices,
     default_backbone,
+    default_compared,
     remember_url_request,
     warn_ignored_url_values,
 )
-from pages.widgets import cache_warning, offer_mlm_head
+from pages.widgets import cache_warning, offer_mlm_head, variant_option_label
 
 st.set_page_config(page_title="embviz", page_icon="🧭", layout="wide")
 
@@ -37,7 +40,7 @@ remember_url_request()
 with st.sidebar:
     st.header("embviz")
     choices = backbone_choices()
-    apply_pending_model()
+    apply_pending_settings()
     model = st.selectbox(
         "Backbone",
         choices,
@@ -77,6 +80,19 @@ with st.sidebar:
         bind="query-params",
         help="fast: SVD warm start, large batches; paper: Adam 1e-3, batch 32, 30 epochs.",
     )
+    st.multiselect(
+        "Compare with the original",
+        method_ids(),
+        default=default_compared(),
+        key="cmp",
+        bind="query-params",
+        max_selections=MAX_COMPARED,
+        accept_new_options=True,  # names with a size: svd@128
+        help="Up to three variants, each a registered method (`embviz methods` lists them) at the rank above: "
+        "byte-sized methods at the same bytes, fixed-size ones at their own size. Type a size after @: "
+        "svd@128 (rank), quant-mixed@8x (8x fewer bytes than float32), vq-direction@1b (1 bit per weight).",
+    )
+    st.caption(" · ".join(variant_option_label(name) for name in st.session_state.get("cmp") or []))
     st.selectbox(
         "Substitution",
         MODES,

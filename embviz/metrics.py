@@ -700,6 +700,7 @@ __all__ = [
     "file_safe_name",
     "frequency_bands",
     "frequency_thresholds",
+    "group_means",
     "is_linear_low_rank",
     "nearest_neighbours",
     "neighbour_comparison",
@@ -711,3 +712,13 @@ __all__ = [
     "token_frequencies",
     "variant_fingerprint",
 ]
+
+
+def group_means(values: np.ndarray, groups: np.ndarray, order: Sequence[str]) -> dict[str, float | None]:
+    """The mean of the finite ``values`` in each group of ``order`` (None for a group with none)."""
+    values = np.asarray(values, dtype=np.float64)
+    means: dict[str, float | None] = {}
+    for group in order:
+        chosen = values[(groups == group) & np.isfinite(values)]
+        means[group] = float(chosen.mean()) if chosen.size else None
+    return means

@@ -398,12 +398,47 @@ def _valid_map(
     return valid
 
 
+def neighbourhood_displacement(
+    original_xy: np.ndarray, variant_xy: np.ndarray, neighbour_rows: np.ndarray
+) -> np.ndarray:
+    """How far each point moved on the map relative to its original neighbours, in map units.
+
+    A point's position is taken relative to the centroid of its neighbours (``neighbour_rows``: n x m rows
+    into the same point arrays, -1 where a neighbour is not drawn), in the original map and in the variant's;
+    the displacement is the distance between the two. A cluster that moves together scores 0; a token that
+    leaves its neighbours scores high. NaN for a point with no drawn neighbour.
+    """
+    rows = np.asarray(neighbour_rows)
+    present = rows >= 0
+    safe = np.where(present, rows, 0)
+    count = present.sum(axis=1, keepdims=True)
+
+    def relative(xy: np.ndarray) -> np.ndarray:
+        xy = np.asarray(xy, dtype=np.float64)
+        sums = (xy[safe] * present[..., None]).sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return xy - sums / count
+
+    moved = np.linalg.norm(relative(variant_xy) - relative(original_xy), axis=1)
+    return np.where(count[:, 0] > 0, moved, np.nan)
+
+
+def rows_of(ids: np.ndarray, neighbour_ids: np.ndarray) -> np.ndarray:
+    """``neighbour_ids`` (token ids) as rows into ``ids`` (the drawn tokens), -1 for tokens not drawn."""
+    ids = np.asarray(ids)
+    lookup = np.full(int(max(ids.max(initial=0), np.asarray(neighbour_ids).max(initial=0))) + 1, -1, np.int64)
+    lookup[ids] = np.arange(len(ids))
+    return lookup[np.asarray(neighbour_ids)]
+
+
 __all__ = [
     "ORIGINAL",
     "ProjectionMap",
+    "neighbourhood_displacement",
     "pca_map",
     "principal_axes",
     "projection_map",
+    "rows_of",
     "sample_ids",
     "umap_map",
     "variant_fingerprint",

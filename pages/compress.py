@@ -7,7 +7,7 @@ import streamlit as st
 
 from embviz.compressors import ratio_for_rank
 from embviz.figures import training_curve
-from pages.data import current_backbone, quality_of
+from pages.data import current_backbone, paper_specs, quality_of
 from pages.routing import use_app_router
 from pages.state import settings
 from pages.widgets import downloads, explain, provenance, variants_for
@@ -30,10 +30,10 @@ if backbone is None:
     st.stop()
 
 info = backbone.info()
-columns = st.columns(5)
+columns = st.columns([3, 2, 3, 2, 2])
 columns[0].metric("Backbone", info.name if len(info.name) < 24 else "…" + info.name[-22:])
 columns[1].metric("Kind", info.kind)
-columns[2].metric("Embedding", f"{info.vocab_size:,} x {info.hidden_size}")
+columns[2].metric("Embedding", f"{info.vocab_size:,} × {info.hidden_size}", help="vocabulary x hidden size")
 columns[3].metric(
     "Embedding share", f"{info.embedding_share:.0%}", help=f"{info.embedding_params:,} parameters"
 )
@@ -41,7 +41,7 @@ columns[4].metric("Tied output layer", "yes" if info.tied else "no")
 if info.note:
     st.warning(info.note)
 
-variants = variants_for(backbone, config)
+variants = variants_for(backbone, config, specs=paper_specs(backbone.name, config))
 if variants is None:
     st.stop()
 

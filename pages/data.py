@@ -6,6 +6,7 @@ the UI-free core. Showing progress while a variant trains is :mod:`pages.widgets
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,12 +22,17 @@ from embviz.cache import cache_problem
 from embviz.compressors import (
     CompressedEmbedding,
     Compressor,
+    RowWeights,
+    Size,
+    VariantRequest,
     get_method,
     make_compressor,
     method_label,
+    parse_variant,
     reconstruction_quality,
 )
-from embviz.errors import EmbvizError
+from embviz.errors import BadInputError, EmbvizError
+from embviz.frequency import frequency_weights
 from embviz.metrics import (
     Angles,
     corpus_frequencies,
@@ -41,14 +47,33 @@ from embviz.sources import load_model
 from pages.state import Settings, settings
 
 ORIGINAL = "original"
+QUICK_SECONDS = 3.0
+"""A closed-form variant expected within this many seconds is computed under a spinner, without a progress
+bar."""
 NeighbourTable = tuple[np.ndarray, np.ndarray]
 """Top-k neighbour ids and cosine scores, one row per token."""
 
 
 # -- variants --------------------------------------------------------------------------------------------
+AUTO_FIT_SECONDS = 15.0
+"""A variant expected to fit within this many seconds is fitted as soon as a page needs it (with progress);
+a slower one waits behind a button that says how long it takes. ``EMBVIZ_AUTO_FIT_SECONDS`` overrides it
+(0: always ask first)."""
+AUTO_FIT_ENV = "EMBVIZ_AUTO_FIT_SECONDS"
+
+
+def auto_fit_seconds() -> float:
+    """:data:`AUTO_FIT_SECONDS`, or ``EMBVIZ_AUTO_FIT_SECONDS`` when set to a number."""
+    try:
+        return float(os.environ.get(AUTO_FIT_ENV, AUTO_FIT_SECONDS))
+    except ValueError:
+        return AUTO_FIT_SECONDS
+
+
 @dataclass(frozen=True)
 class VariantSpec:
-    """One compressed variant: backbone, method id, rank and (for methods that take one) the AE recipe.
+    """One compressed variant: backbone, method id, its size (rank, or byte ratio for byte-sized methods;
+    neither for a fixed size) and, for methods that take one, the AE recipe.
 
     The recipe is normalised away for methods whose spec has no ``recipe`` option, so an SVD variant is the
     same spec whatever recipe the sidebar shows.
@@ -56,24 +81,55 @@ class VariantSpec:
 
     model: str
     method: str
-    rank: int
+    rank: int | None = None
     recipe: str = ""
+    ratio: float | None = None
 
     def __post_init__(self) -> None:
         if "recipe" not in get_method(self.method).options:
             object.__setattr__(self, "recipe", "")
 
+    @classmethod
+    def from_request(
+        cls, model: str, request: VariantRequest, shape: tuple[int, int], default_rank: int, recipe: str
+    ) -> VariantSpec:
+        """The spec a variant name asks for on a V x D backbone (see :mod:`embviz.compressors.selection`).
+
+        Raises:
+            BadInputError: a size the method does not take or cannot reach.
+        """
+        size = request.size(*shape, default_rank)
+        return cls(model, request.method, size.rank, recipe, size.ratio)
+
     @property
     def label(self) -> str:
+        """The method's label and its size (``SVD (exact), rank 64``)."""
+        if self.rank is not None:
+            return f"{method_label(self.method)}, rank {self.rank}"
+        if self.ratio is not None:
+            return f"{method_label(self.method)}, {self.ratio:.3g}x fewer bytes"
         return method_label(self.method)
 
     @property
     def trains(self) -> bool:
         return get_method(self.method).trains
 
-    def compressor(self) -> Compressor:
-        options: dict[str, Any] = {"recipe": self.recipe} if self.recipe else {}
-        return make_compressor(self.method, self.rank, **options)
+    @property
+    def needs_row_weights(self) -> bool:
+        return get_method(self.method).needs_row_weights
+
+    def options(self) -> dict[str, Any]:
+        return {"recipe": self.recipe} if self.recipe else {}
+
+    def expected_seconds(self, shape: tuple[int, int]) -> float:
+        """About how long fitting it takes on a V x D matrix (the method's own estimate)."""
+        return get_method(self.method).expected_seconds(*shape, Size(self.rank, self.ratio), **self.options())
+
+    def compressor(self, row_weights: RowWeights | None = None) -> Compressor:
+        """The compressor; frequency-aware methods need ``row_weights`` (:func:`row_weights_of`)."""
+        return make_compressor(
+            self.method, self.rank, ratio=self.ratio, row_weights=row_weights, **self.options()
+        )
 
 
 @dataclass(frozen=True)
@@ -88,12 +144,29 @@ class Variant:
         return self.result.compressed
 
 
-def compared_specs(model: str, config: Settings) -> dict[str, VariantSpec]:
-    """The variants the pages compare (:attr:`Settings.compared`) at the chosen rank and recipe."""
+def paper_specs(model: str, config: Settings) -> dict[str, VariantSpec]:
+    """SVD and the AE with the sidebar's loss at the sidebar's rank and recipe: the paper's comparison."""
     return {
         name: VariantSpec(model, method, config.rank, config.recipe)
-        for name, method in config.compared.items()
+        for name, method in (("SVD", "svd"), ("AE", config.ae_method))
     }
+
+
+def compared_specs(backbone: Backbone, config: Settings) -> tuple[dict[str, VariantSpec], list[str]]:
+    """The variants picked in the sidebar (:attr:`Settings.compared`) by name, and one message per name that
+    cannot be used (unknown method, bad or unreachable size)."""
+    specs: dict[str, VariantSpec] = {}
+    problems = []
+    shape = (backbone.vocab_size, backbone.hidden_size)
+    for text in config.compared:
+        try:
+            request = parse_variant(text)
+            specs[request.name] = VariantSpec.from_request(
+                backbone.name, request, shape, config.rank, config.recipe
+            )
+        except BadInputError as error:
+            problems.append(f"Variant {text!r} left out: {error}")
+    return specs, problems
 
 
 # -- backbone --------------------------------------------------------------------------------------------
@@ -155,6 +228,12 @@ def variant_store() -> VariantStore:
     return VariantStore()
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def row_weights_of(model: str) -> RowWeights:
+    """Token-frequency row weights for frequency-aware methods (embviz.frequency's default source)."""
+    return frequency_weights(load_backbone(model))
+
+
 def show_notice(result: ArtifactResult) -> None:
     """The artifact's notice (e.g. a cache entry rebuilt), unless :func:`pages.widgets.cache_warning`
     already says that the cache is unusable."""
@@ -165,23 +244,33 @@ def show_notice(result: ArtifactResult) -> None:
 def find_variant(backbone: Backbone, spec: VariantSpec) -> ArtifactResult | None:
     """The artifact from memory or the disk cache, or computed here when its method does not train.
 
-    Returns None when the method trains and its artifact does not exist yet (see :func:`fit_variant`).
+    Returns None when its artifact does not exist yet and the method trains or takes more than
+    :data:`QUICK_SECONDS` (see :func:`fit_variant`).
     """
     store = variant_store()
     if spec in store.results:
         return store.results[spec]
-    compressor = spec.compressor()
+    compressor = spec_compressor(backbone, spec)
     try:
         on_disk = artifact_path(backbone.name, backbone_fingerprint(backbone.name), compressor).exists()
     except EmbvizError:
         on_disk = False
-    if spec.trains and not on_disk:
+    if not on_disk and (spec.trains or spec.expected_seconds(shape_of(backbone)) > QUICK_SECONDS):
         return None
-    with st.spinner(f"Loading {spec.label} (rank {spec.rank})…"):
+    with st.spinner(f"{'Loading' if on_disk else 'Computing'} {spec.label}…"):
         result = compress_cached(backbone.name, backbone.embedding, compressor)
     show_notice(result)
     store.results[spec] = result
     return result
+
+
+def shape_of(backbone: Backbone) -> tuple[int, int]:
+    return backbone.vocab_size, backbone.hidden_size
+
+
+def spec_compressor(backbone: Backbone, spec: VariantSpec) -> Compressor:
+    """The spec's compressor, with the backbone's row weights when the method is frequency-aware."""
+    return spec.compressor(row_weights_of(backbone.name) if spec.needs_row_weights else None)
 
 
 def fit_variant(
@@ -191,7 +280,9 @@ def fit_variant(
 
     The disk cache's lock makes two sessions asking at once train it once.
     """
-    result = compress_cached(backbone.name, backbone.embedding, spec.compressor(), progress=progress)
+    result = compress_cached(
+        backbone.name, backbone.embedding, spec_compressor(backbone, spec), progress=progress
+    )
     variant_store().results[spec] = result
     return result
 
@@ -213,7 +304,8 @@ def reconstructions(variants: dict[str, Variant]) -> dict[str, torch.Tensor]:
 
 # -- what the pages measure ------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _original_neighbours(model: str, k: int) -> NeighbourTable:
+def original_neighbour_table(model: str, k: int) -> NeighbourTable:
+    """The original embedding's full-vocabulary top-k table (disk-cached)."""
     backbone = load_backbone(model)
     return neighbour_table_cached(model, backbone_fingerprint(model), backbone.embedding, k)
 
@@ -225,7 +317,7 @@ def _variant_neighbours(spec: VariantSpec, k: int, _compressed: CompressedEmbedd
 
 def neighbour_tables(backbone: Backbone, variants: dict[str, Variant], k: int) -> dict[str, NeighbourTable]:
     """Full-vocabulary top-k tables: ``original`` (disk-cached) and each variant (factor path, in memory)."""
-    tables = {ORIGINAL: _original_neighbours(backbone.name, k)}
+    tables = {ORIGINAL: original_neighbour_table(backbone.name, k)}
     for name, variant in variants.items():
         tables[name] = _variant_neighbours(variant.spec, k, variant.compressed)
     return tables

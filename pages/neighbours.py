@@ -7,12 +7,20 @@ import pandas as pd
 import streamlit as st
 
 from embviz.errors import EmbvizError
-from embviz.figures import recall_histogram
-from embviz.metrics import neighbour_comparison, recall_at_k
+from embviz.figures import class_breakdown_bar, recall_histogram
+from embviz.metrics import FREQUENCY_BANDS, TOKEN_CLASSES, group_means, neighbour_comparison, recall_at_k
 from embviz.vocab import display_token, suggest
-from pages.data import ORIGINAL, backbone_fingerprint, neighbour_tables
+from pages.data import ORIGINAL, backbone_fingerprint, neighbour_tables, token_groups
 from pages.routing import use_app_router
-from pages.widgets import downloads, explain, focus_token_id, provenance, require_variants
+from pages.widgets import (
+    downloads,
+    explain,
+    focus_token_id,
+    provenance,
+    require_variants,
+    selected_token_ids,
+    token_table,
+)
 
 _STATUS_COLOURS = {"kept": "#e6f4ea", "lost": "#fde8e8", "new": "#e8f0fe"}
 
@@ -22,7 +30,9 @@ explain(
     "For every token we list its **k most similar tokens** by cosine similarity, over the **whole "
     "vocabulary** and in the full dimension. A good compression keeps these neighbourhoods: "
     "**kept** neighbours are in both lists, **lost** ones only in the original's, **new** ones only in the "
-    "variant's. *Recall@k* is the share of the original k neighbours a variant keeps, for every token."
+    "variant's. *Recall@k* is the share of the original k neighbours a variant keeps, for every token. "
+    "Pick the variants in the sidebar (any registered method and size, up to three); select bars of the "
+    "histogram to list their tokens."
 )
 
 config, backbone, variants = require_variants()
@@ -80,20 +90,70 @@ figure = recall_histogram(
     config.k,
     provenance=provenance(backbone, config, k=config.k),
 )
-st.plotly_chart(figure, width="stretch")
+figure.update_layout(dragmode="select")  # dragging selects; zoom stays in the toolbar
+event = st.plotly_chart(
+    figure, width="stretch", key="recall_histogram", on_select="rerun", selection_mode=("box", "points")
+)
+st.caption(
+    "Drag a box over bars (or click one) to list those tokens below; choose a row there to focus it on every "
+    "page. Double-click the chart to clear the selection."
+)
+classes = token_groups(backbone.name, "class")
+vocabulary = np.arange(backbone.vocab_size)
+brushed = selected_token_ids(event, {curve: vocabulary for curve in range(len(recalls))})
+names = list(variants)
+
+
+def token_frame(ids: np.ndarray) -> pd.DataFrame:
+    """One row per token: its recall under each variant, its class and its original neighbours."""
+    return pd.DataFrame(
+        {
+            "token": [display_token(backbone.tokens[i]) for i in ids],
+            "id": ids,
+            "class": classes[ids],
+            **{f"{name} recall": np.round(recalls[name].per_token[ids], 2) for name in names},
+            "original neighbours": [
+                ", ".join(display_token(backbone.tokens[j]) for j in original_indices[i][:5]) for i in ids
+            ],
+            **{
+                f"{name} neighbours": [
+                    ", ".join(display_token(backbone.tokens[j]) for j in tables[name][0][i][:5]) for i in ids
+                ]
+                for name in names
+            },
+        }
+    )
+
+
+if brushed.size:
+    st.markdown(f"**{brushed.size:,} selected tokens** (the first 1,000 by id)")
+    token_table(token_frame(brushed[:1000]), key="brushed_tokens")
+
+st.subheader("Which tokens lose most")
+with st.spinner("Counting token frequencies in the Bible train slice (cached)…"):
+    bands = token_groups(backbone.name, "frequency")
+left, right = st.columns(2)
+for column, groups, order, what in (
+    (left, classes, TOKEN_CLASSES, "token class"),
+    (right, bands, FREQUENCY_BANDS, "frequency band (Bible train slice)"),
+):
+    present = [group for group in order if (groups == group).any()]
+    column.plotly_chart(
+        class_breakdown_bar(
+            {name: group_means(recall.per_token, groups, present) for name, recall in recalls.items()},
+            metric=f"mean recall@{config.k}",
+            counts={group: int((groups == group).sum()) for group in present},
+            order=present,
+            provenance=provenance(backbone, config, k=config.k),
+            title=f"Mean recall@{config.k} by {what}",
+        ),
+        width="stretch",
+    )
 
 st.subheader("Tokens that lost most")
-worst = np.argsort(recalls["AE"].per_token + recalls["SVD"].per_token, kind="stable")[:50]
-losers = pd.DataFrame(
-    {
-        "token": [display_token(backbone.tokens[i]) for i in worst],
-        "id": worst,
-        **{f"{name} recall": np.round(recall.per_token[worst], 2) for name, recall in recalls.items()},
-        "original neighbours": [
-            ", ".join(display_token(backbone.tokens[j]) for j in original_indices[i][:5]) for i in worst
-        ],
-    }
-)
-st.dataframe(losers, hide_index=True, width="stretch")
+total = np.sum([recall.per_token for recall in recalls.values()], axis=0)
+worst = np.argsort(total, kind="stable")[:50]
+losers = token_frame(worst)
+token_table(losers, key="worst_tokens")
 downloads("neighbours", table=losers, figure=figure)
 st.caption(f"Original neighbour table: fingerprint {backbone_fingerprint(backbone.name)[:12]}")

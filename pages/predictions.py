@@ -1,4 +1,4 @@
-"""Predictions: fill in the blank with the original, SVD and AE embeddings side by side."""
+"""Predictions: fill in the blank with the original and each compared variant side by side."""
 
 from __future__ import annotations
 

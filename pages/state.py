@@ -21,21 +21,25 @@ __all__ = [
     "BOUND_KEYS",
     "DEFAULT_RECIPE",
     "LOSSES",
+    "MAX_COMPARED",
     "MODES",
     "OTHER_MODEL",
     "RECIPE_CHOICES",
     "Settings",
-    "apply_pending_model",
+    "apply_pending_settings",
     "backbone_choices",
     "default_backbone",
+    "default_compared",
     "remember_url_request",
+    "request_focus",
     "request_model_switch",
+    "request_settings",
     "settings",
     "warn_ignored_url_values",
 ]
 
 OTHER_MODEL = "other…"
-BOUND_KEYS = ("model", "path", "rank", "loss", "recipe", "mode", "tok", "k")
+BOUND_KEYS = ("model", "path", "rank", "loss", "recipe", "cmp", "mode", "tok", "k")
 """The sidebar's widget keys, each bound to the URL parameter of the same name."""
 LOSSES = SIMPLE_LOSSES
 DEFAULT_RECIPE = "fast"
@@ -43,7 +47,7 @@ RECIPE_CHOICES = tuple(sorted(RECIPES, key=lambda name: name != DEFAULT_RECIPE))
 """The core's recipes, the sidebar's default first."""
 
 _URL_REQUEST = "_embviz_url_request"
-_PENDING_MODEL = "_embviz_pending_model"
+_PENDING = "_embviz_pending_settings"
 
 
 @dataclass(frozen=True)
@@ -57,15 +61,21 @@ class Settings:
     mode: Mode
     token: str
     k: int
+    compared: tuple[str, ...] = ()
+    """The variant names the views compare (``svd``, ``ae-paper``, ``quant-mixed@4b``: see
+    :mod:`embviz.compressors.selection`), one to :data:`MAX_COMPARED`."""
 
     @property
     def ae_method(self) -> str:
         return f"ae-{self.loss}"
 
-    @property
-    def compared(self) -> dict[str, str]:
-        """The variants the pages compare, by display name: SVD and the AE with the chosen loss."""
-        return {"SVD": "svd", "AE": self.ae_method}
+
+MAX_COMPARED = 3
+
+
+def default_compared(loss: str = "paper") -> list[str]:
+    """The picker's default: SVD and the AE with ``loss``, the paper's comparison."""
+    return ["svd", f"ae-{loss}"]
 
 
 def settings() -> Settings:
@@ -82,6 +92,7 @@ def settings() -> Settings:
         mode=cast(Mode, state.get("mode") or "input"),
         token=(state.get("tok") or "").strip(),
         k=int(state.get("k") or 10),
+        compared=tuple(state.get("cmp") or default_compared(state.get("loss") or "paper")),
     )
 
 
@@ -97,6 +108,8 @@ def warn_ignored_url_values(keys: tuple[str, ...]) -> None:
     requested = st.session_state.get(_URL_REQUEST, {})
     for key in keys:
         used = st.session_state.get(key, "")
+        if isinstance(used, list):  # the variant picker takes any name; compared_specs reports bad ones
+            continue
         if key in requested and str(used) != str(requested[key]):
             st.warning(
                 f"Ignored the URL value {key}={requested[key]!r}: not a valid choice here; using {used!r}."
@@ -118,12 +131,22 @@ def backbone_choices() -> list[str]:
 
 def request_model_switch(name: str) -> None:
     """Select backbone ``name`` on the next run (the model widget is already drawn in this one)."""
-    st.session_state[_PENDING_MODEL] = name
+    request_settings(model=name)
 
 
-def apply_pending_model() -> None:
-    """Select a backbone chosen by the previous run (call before the model widget is drawn)."""
-    pending = st.session_state.pop(_PENDING_MODEL, None)
-    if pending:
-        st.session_state["model"] = pending  # the bound widget then updates the URL
-        st.session_state.get(_URL_REQUEST, {}).pop("model", None)  # a switch, not an ignored URL value
+def request_focus(token_id: int) -> None:
+    """Make token ``token_id`` the focus token (``#id``) on every page, from the next run on."""
+    request_settings(tok=f"#{token_id}")
+
+
+def request_settings(**values: object) -> None:
+    """Set sidebar widgets (by key) on the next run: a drawn widget's value cannot change in this one."""
+    st.session_state.setdefault(_PENDING, {}).update(values)
+
+
+def apply_pending_settings() -> None:
+    """Apply :func:`request_settings` from the previous run (call before the sidebar widgets are drawn)."""
+    pending = st.session_state.pop(_PENDING, None) or {}
+    for key, value in pending.items():
+        st.session_state[key] = value  # the bound widget then updates the URL
+        st.session_state.get(_URL_REQUEST, {}).pop(key, None)  # a change, not an ignored URL value

@@ -6,15 +6,16 @@ Numbers come from the core (:mod:`embviz`) and cached data from :mod:`pages.data
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
 from embviz.backbones import Backbone
 from embviz.cache import cache_problem
-from embviz.compressors import method_label, ratio_for_rank
+from embviz.compressors import method_label, parse_variant, ratio_for_rank
 from embviz.corpora import CORPORA
 from embviz.errors import EmbvizError
 from embviz.figures import provenance_line
@@ -23,14 +24,16 @@ from embviz.sources import load_model
 from pages.data import (
     Variant,
     VariantSpec,
+    auto_fit_seconds,
     compared_specs,
     current_backbone,
     find_variant,
     fit_variant,
+    shape_of,
     show_notice,
     token_index,
 )
-from pages.state import Settings, request_model_switch, settings
+from pages.state import Settings, request_focus, request_model_switch, settings
 
 if TYPE_CHECKING:
     from embviz.artifacts import ArtifactResult
@@ -129,6 +132,52 @@ def focus_token_id(backbone: Backbone, config: Settings) -> int | None:
         return None
 
 
+# -- brushing ---------------------------------------------------------------------------------------------
+def selected_token_ids(event: Any, trace_ids: Mapping[int, np.ndarray]) -> np.ndarray:
+    """Token ids of a Plotly selection event (``st.plotly_chart(..., on_select="rerun")``).
+
+    Histogram bins report ``point_indices`` (rows of the trace's values: ``trace_ids[curve]`` maps them to
+    token ids); scatter points report their ``customdata`` (the token id). Sorted, unique.
+    """
+    selection = getattr(event, "selection", None) or (
+        event.get("selection") if isinstance(event, dict) else None
+    )
+    points = (
+        (selection or {}).get("points", [])
+        if isinstance(selection, dict)
+        else getattr(selection, "points", [])
+    )
+    chosen: set[int] = set()
+    for point in points or []:
+        curve = int(point.get("curve_number", 0))
+        indices = point.get("point_indices")
+        if indices and curve in trace_ids:
+            chosen.update(int(i) for i in np.asarray(trace_ids[curve])[np.asarray(indices, dtype=np.int64)])
+            continue
+        data = point.get("customdata")
+        if isinstance(data, list | tuple):
+            data = data[0] if data else None
+        if data is not None:
+            chosen.add(int(data))
+    return np.array(sorted(chosen), dtype=np.int64)
+
+
+def token_table(table: pd.DataFrame, *, key: str, height: int = 320) -> None:
+    """A token table (with an ``id`` column) where choosing a row makes that token the focus on every page."""
+    event = st.dataframe(
+        table, hide_index=True, width="stretch", height=height, key=key, on_select="rerun",
+        selection_mode="single-row",
+    )  # fmt: skip
+    rows = list(event.selection.rows) if event is not None else []
+    chosen = int(table.iloc[rows[0]]["id"]) if rows and rows[0] < len(table) else None
+    # Act on a new choice only: a row left selected must not undo a focus token typed afterwards.
+    if chosen is not None and st.session_state.get(f"{key}_focused") != chosen:
+        st.session_state[f"{key}_focused"] = chosen
+        request_focus(chosen)
+        st.rerun()
+    st.caption("Choose a row to make that token the focus token on every page.")
+
+
 # -- backbone and variants -------------------------------------------------------------------------------
 def offer_mlm_head(model: str) -> None:
     """For ``minilm`` (no trained masked-LM head): a button that fits one and switches to ``minilm-mlm``."""
@@ -170,12 +219,23 @@ def check_rank(backbone: Backbone, rank: int) -> bool:
     return False
 
 
+def variant_option_label(name: str) -> str:
+    """How the variant picker shows a name: the method's label, with the size when one is given."""
+    try:
+        request = parse_variant(name)
+    except EmbvizError:
+        return f"{name} (not a method)"
+    label = method_label(request.method)
+    return label if request.name == request.method else f"{label} @ {name.partition('@')[2]}"
+
+
 def train_variant(backbone: Backbone, spec: VariantSpec) -> ArtifactResult:
-    """Train one variant under ``st.status`` with a live progress bar and loss read-out."""
-    with st.status(f"Training {spec.label}, rank {spec.rank}…", expanded=True) as status:
-        result = fit_variant(backbone, spec, progress=progress_bar(readout=True))
+    """Fit one variant under ``st.status`` with a live progress bar (and the loss read-out while training)."""
+    verb, done = ("Training", "Trained") if spec.trains else ("Fitting", "Fitted")
+    with st.status(f"{verb} {spec.label}…", expanded=True) as status:
+        result = fit_variant(backbone, spec, progress=progress_bar(readout=spec.trains))
         status.update(
-            label=f"Trained {spec.label}, rank {spec.rank} in {result.compressed.train_seconds:.1f} s",
+            label=f"{done} {spec.label} in {result.compressed.train_seconds:.1f} s",
             state="complete",
             expanded=False,
         )
@@ -184,37 +244,63 @@ def train_variant(backbone: Backbone, spec: VariantSpec) -> ArtifactResult:
 
 
 def variants_for(
-    backbone: Backbone, config: Settings, *, train_button: bool = True
+    backbone: Backbone,
+    config: Settings,
+    *,
+    specs: dict[str, VariantSpec] | None = None,
+    train_button: bool = True,
 ) -> dict[str, Variant] | None:
-    """The compared variants (SVD and AE) for the current settings, by display name.
+    """The variants a page compares, by name: ``specs`` or the sidebar's picks (:func:`compared_specs`).
 
-    A method that trains and is not trained yet gets a train button; None (the reason on screen) until
-    every variant exists.
+    A variant that is not cached yet is fitted right away (with progress) when its method expects to
+    take at most :func:`~pages.data.auto_fit_seconds`; slower ones wait behind one button that says how
+    long. Returns None (the reason on screen) until every variant exists.
     """
     if not check_rank(backbone, config.rank):
         return None
-    variants = {}
+    if specs is None:
+        specs, problems = compared_specs(backbone, config)
+        for problem in problems:
+            st.error(problem)
+        if not specs:
+            st.info("Pick at least one variant to compare in the sidebar (Compare with the original).")
+            return None
+    shape = shape_of(backbone)
+    found: dict[str, ArtifactResult] = {}
+    slow: dict[str, VariantSpec] = {}
     try:
-        for name, spec in compared_specs(backbone.name, config).items():
+        for name, spec in specs.items():
             result = find_variant(backbone, spec)
-            if result is None:  # a method that trains (the AE), not trained yet
-                st.info(
-                    f"The {spec.label} at rank {spec.rank} ({spec.recipe} recipe) is not "
-                    "trained yet. Train it here or on the Compress page; it is cached on disk afterwards."
-                )
-                if not (train_button and st.button("Train the AutoEncoder now", type="primary")):
-                    return None
+            if result is None and spec.expected_seconds(shape) <= auto_fit_seconds():
                 result = train_variant(backbone, spec)
-            variants[name] = Variant(spec, result)
+            if result is None:
+                slow[name] = spec
+            else:
+                found[name] = result
+        if slow:
+            seconds = sum(spec.expected_seconds(shape) for spec in slow.values())
+            names = ", ".join(f"**{spec.label}**" for spec in slow.values())
+            st.info(
+                f"{names} {'is' if len(slow) == 1 else 'are'} not fitted yet: about {_duration(seconds)} on this "
+                "machine (an estimate). It is cached on disk afterwards, for every page and every user."
+            )
+            if not (train_button and st.button(f"Fit now (about {_duration(seconds)})", type="primary")):
+                return None
+            for name, spec in slow.items():
+                found[name] = train_variant(backbone, spec)
     except EmbvizError as error:
         st.error(str(error))
         return None
-    return variants
+    return {name: Variant(spec, found[name]) for name, spec in specs.items()}
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
 def require_variants() -> tuple[Settings, Backbone, dict[str, Variant]]:
     """The settings, backbone and compared variants a page shows; stops the page (the reason is on screen)
-    while the backbone cannot load or the AE is not trained yet."""
+    while the backbone cannot load or a variant is not fitted yet."""
     config = settings()
     backbone = current_backbone()
     if backbone is None:

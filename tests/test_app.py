@@ -14,9 +14,10 @@ from streamlit.testing.v1 import AppTest
 from embviz import resources
 from embviz.artifacts import compress_cached
 from embviz.backbones import Backbone
-from embviz.compressors import AECompressor, make_compressor
+from embviz.compressors import AECompressor, make_compressor, method_ids
 from embviz.progress import Progress
 from pages.navigation import PAGES, PageSpec
+from pages.state import MAX_COMPARED
 
 ROOT = Path(__file__).resolve().parents[1]
 RANK = 8
@@ -61,7 +62,7 @@ def trained(app_env: Path) -> Path:
     return app_env
 
 
-def run_app(page: str | None = None, **params: str) -> AppTest:
+def run_app(page: str | None = None, **params: str | list[str]) -> AppTest:
     app = AppTest.from_file(str(ROOT / "app.py"), default_timeout=180)
     for key, value in {"rank": str(RANK), **params}.items():
         app.query_params[key] = value
@@ -76,20 +77,35 @@ def assert_clean(app: AppTest) -> None:
     assert not app.error, [e.value for e in app.error]
 
 
-def test_train_button_trains_and_caches_the_autoencoder(
+def test_a_quick_autoencoder_trains_by_itself_and_is_cached(
     app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "fresh"))
     st.cache_resource.clear()
     app = run_app(rank="6")
     assert_clean(app)
-    assert any("not trained yet" in info.value for info in app.info)
-    [button] = [b for b in app.button if b.label == "Train the AutoEncoder now"]
-    button.click().run()
-    assert_clean(app)
+    assert not [b for b in app.button if b.label.startswith("Fit now")]
+    assert any(status.label.startswith("Trained AE, paper loss, rank 6") for status in app.status)
     table = app.dataframe[0].value
     assert set(table["variant"]) == {"SVD", "AE"}
     assert (table["rank"] == 6).all()
+    assert list((tmp_path / "fresh" / "artifacts").rglob("manifest.json"))
+
+
+def test_a_slow_variant_waits_behind_one_button_that_says_how_long(
+    app_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "fresh"))
+    monkeypatch.setenv("EMBVIZ_AUTO_FIT_SECONDS", "0")
+    st.cache_resource.clear()
+    app = run_app(rank="6")
+    assert_clean(app)
+    assert any("not fitted yet" in info.value for info in app.info)
+    [button] = [b for b in app.button if b.label.startswith("Fit now (about ")]
+    assert not list((tmp_path / "fresh").rglob("ae-paper*/manifest.json"))
+    button.click().run()
+    assert_clean(app)
+    assert set(app.dataframe[0].value["variant"]) == {"SVD", "AE"}
     assert list((tmp_path / "fresh" / "artifacts").rglob("manifest.json"))
 
 
@@ -100,6 +116,43 @@ def test_every_page_renders_without_errors(trained: Path, page: PageSpec) -> Non
     assert app.title, "each page has a title"
     assert app.title[0].value == page.heading, "the heading the browser tests wait for"
     assert app.expander, "each page explains itself"
+
+
+_METHOD_GROUPS = [list(method_ids()[i : i + MAX_COMPARED]) for i in range(0, len(method_ids()), MAX_COMPARED)]
+
+
+@pytest.mark.parametrize("methods", _METHOD_GROUPS, ids=lambda group: "+".join(group))
+def test_every_registered_method_can_be_compared_on_every_page(trained: Path, methods: list[str]) -> None:
+    """The variant picker over the registry: each method (three at a time) on every page, no error."""
+    app = run_app(cmp=methods)
+    assert app.session_state["cmp"] == methods
+    for page in PAGES:
+        app.switch_page(page.path).run()
+        assert_clean(app)
+        assert not [b for b in app.button if b.label.startswith("Fit now")], "tiny fits start by themselves"
+    app.switch_page("pages/neighbours.py").run()
+    assert [m.label for m in app.metric] == [f"{name} mean recall@10" for name in methods]
+
+
+def test_variant_names_with_sizes_and_bad_names_in_the_url(trained: Path) -> None:
+    app = run_app("angles", cmp=["svd@4", "quant-mixed@4b", "nonsense@7"])
+    assert not app.exception
+    [error] = [e.value for e in app.error]
+    assert "'nonsense@7' left out: unknown method 'nonsense'" in error
+    labels = [m.label for m in app.metric]
+    assert "svd@4 median angle" in labels and "quant-mixed@4b median angle" in labels
+    app = run_app("angles", cmp=["svd@x9"])
+    assert "the size after @ must be a rank" in app.error[0].value
+    assert any("Pick at least one variant" in info.value for info in app.info)
+
+
+def test_a_shared_link_with_chosen_variants_reproduces_the_view(trained: Path) -> None:
+    first = run_app("neighbours", cmp=["svd", "quant-int8"], tok="king")
+    shared = {key: first.query_params[key] for key in first.query_params}
+    second = run_app("neighbours", **shared)
+    assert_clean(second)
+    assert [m.value for m in second.metric] == [m.value for m in first.metric]
+    assert second.session_state["cmp"] == ["svd", "quant-int8"]
 
 
 def test_the_navigation_lists_every_page_once() -> None:
@@ -328,8 +381,6 @@ def test_an_unusable_cache_shows_one_warning_and_the_app_still_works(
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "a-file" / "cache"))  # ENOTDIR, even for root
     st.cache_resource.clear()
     app = run_app(rank="6")
-    [button] = [b for b in app.button if b.label == "Train the AutoEncoder now"]
-    button.click().run()
     assert_clean(app)
     assert set(app.dataframe[0].value["variant"]) == {"SVD", "AE"}
     for page in ("neighbours", "map"):
@@ -395,3 +446,17 @@ def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
     warnings = [warning.value for warning in app.warning]
     assert any("fitted by embviz" in warning for warning in warnings)
     assert not any("Ignored" in warning for warning in warnings), warnings
+
+
+def test_a_plotly_selection_becomes_token_ids() -> None:
+    """Histogram bins give rows of their trace (mapped to ids); scatter points give their id (customdata)."""
+    import numpy as np
+
+    from pages.widgets import selected_token_ids
+
+    histogram = {"selection": {"points": [{"curve_number": 1, "point_indices": [0, 2]}]}}
+    assert selected_token_ids(histogram, {1: np.array([10, 11, 12])}).tolist() == [10, 12]
+    scatter = {"selection": {"points": [{"curve_number": 0, "customdata": 7}, {"customdata": [3]}]}}
+    assert selected_token_ids(scatter, {}).tolist() == [3, 7]
+    assert selected_token_ids(None, {}).size == 0
+    assert selected_token_ids({"selection": {"points": []}}, {}).size == 0

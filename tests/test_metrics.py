@@ -399,3 +399,15 @@ def test_a_non_linear_decoder_is_searched_densely() -> None:
     np.testing.assert_allclose(scores, _brute_force(elu.reconstruct(), 5)[1], atol=1e-5)
     with pytest.raises(BadInputError, match="linear"):
         nearest_neighbours(elu, 5, method="factors")
+
+
+def test_group_means_skip_missing_values_and_empty_groups() -> None:
+    from embviz.metrics import group_means
+
+    values = np.array([1.0, 3.0, np.nan, 4.0])
+    groups = np.array(["word", "word", "digit", "digit"])
+    assert group_means(values, groups, ["word", "digit", "special"]) == {
+        "word": 2.0,
+        "digit": 4.0,
+        "special": None,
+    }

@@ -38,6 +38,7 @@ from embviz.compressors.registry import (
     registered,
     unregister_method,
 )
+from embviz.compressors.selection import VariantRequest, parse_variant
 from embviz.compressors.svd import SVDCompressor
 from embviz.compressors.vq import DirectionVQ
 from embviz.compressors.weights import RowWeights
@@ -103,6 +104,7 @@ __all__ = [
     "Size",
     "TrainingCancelled",
     "UnreachableBudget",
+    "VariantRequest",
     "all_methods",
     "check_bits_per_weight",
     "check_rank",
@@ -113,6 +115,7 @@ __all__ = [
     "make_compressor",
     "method_ids",
     "method_label",
+    "parse_variant",
     "rank_for_bits",
     "rank_for_ratio",
     "ratio_for_rank",

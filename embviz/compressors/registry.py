@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Literal
@@ -53,6 +53,16 @@ RatioBasis = Literal["params", "bytes"]
 RATIO_BASES: tuple[RatioBasis, ...] = ("params", "bytes")
 """What a ratio holds equal for a rank-sized method with quantised codes: parameters or bytes."""
 ENTRY_POINT_GROUP = "embviz.methods"
+REFERENCE_WEIGHTS = 49_152 * 576
+"""The weights of the matrix fit times are measured on (SmolLM2-135M's token embedding)."""
+QUICK_FIT_SECONDS = 2.0
+"""Expected fit time of a closed-form method on the reference matrix when its spec does not say."""
+
+
+def matrix_scale(vocab_size: int, hidden_size: int) -> float:
+    """The size of a V x D matrix relative to the reference one (fit times scale about linearly with it)."""
+    return vocab_size * hidden_size / REFERENCE_WEIGHTS
+
 
 Factory = Callable[..., Compressor]
 """``factory(rank, ratio, row_weights, **options) -> Compressor``; ``rank``/``ratio`` per the sizing."""
@@ -103,6 +113,9 @@ class MethodSpec:
         decode: how its stored quantised tensors become float ``codes`` / ``dense`` on load (a
             :data:`Decoder`); needed by every method that stores ``qcodes``.
         description: one sentence for ``embviz methods`` and the README.
+        fit_seconds: expected seconds to fit, ``(V, D, size, options) -> seconds`` on one core of the
+            reference machine (the app trains by itself below a threshold and asks first above it); None:
+            :data:`QUICK_FIT_SECONDS` scaled by the matrix size.
     """
 
     id: str
@@ -123,6 +136,7 @@ class MethodSpec:
     rebuild: Callable[..., Compressor] | None = field(default=None, repr=False)
     decode: Decoder | None = field(default=None, repr=False)
     description: str = ""
+    fit_seconds: Callable[[int, int, Size, Mapping[str, Any]], float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id or self.id != self.id.strip() or "," in self.id:
@@ -253,6 +267,13 @@ class MethodSpec:
         return rank_for_byte_ratio(
             vocab_size, hidden_size, ratio, lambda rank: bytes_for_rank(vocab_size, hidden_size, rank)
         )
+
+    def expected_seconds(self, vocab_size: int, hidden_size: int, size: Size, **options: Any) -> float:
+        """About how long fitting this method at ``size`` takes (one core of the reference machine: an
+        AMD EPYC core; see :attr:`fit_seconds`). An estimate for deciding whether to ask first, not a promise."""
+        if self.fit_seconds is not None:
+            return float(self.fit_seconds(vocab_size, hidden_size, size, options))
+        return QUICK_FIT_SECONDS * matrix_scale(vocab_size, hidden_size)
 
     # -- building ----------------------------------------------------------------------------------------
     def build(self, size: Size, *, row_weights: RowWeights | None = None, **options: Any) -> Compressor:

@@ -68,7 +68,7 @@ def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
     # the three tables are drawn after the predictions are computed: wait for them, don't sample once
     expect(page.locator("[data-testid='stDataFrame']").nth(2)).to_be_visible(timeout=120_000)
     assert_no_exception(page)
-    for name in ("original", "SVD", "AE"):
+    for name in ("original", "svd", "ae-paper"):
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
 
 
@@ -79,3 +79,45 @@ def test_a_shared_link_to_a_page_keeps_its_settings_on_a_fresh_server(page, fres
     expect(page.get_by_text("Neighbours of '␣went'")).to_be_visible(timeout=60_000)
     expect(page.locator("input[aria-label='Focus token']")).to_have_value("went")
     assert "k=5" in page.url
+
+
+def _drag_box(page, plot, fraction: tuple[float, float, float, float] = (0.05, 0.05, 0.95, 0.95)) -> None:
+    """Drag a selection box over a Plotly chart's plotting area (fractions of its drag layer)."""
+    area = plot.locator(".nsewdrag").first
+    box = area.bounding_box()
+    assert box is not None, "the chart has no plotting area"
+    x0, y0 = box["x"] + fraction[0] * box["width"], box["y"] + fraction[1] * box["height"]
+    x1, y1 = box["x"] + fraction[2] * box["width"], box["y"] + fraction[3] * box["height"]
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move((x0 + x1) / 2, (y0 + y1) / 2, steps=5)
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+
+
+def test_brushing_the_recall_histogram_fills_the_token_table(page, app_url: str) -> None:
+    open_page(page, app_url, "neighbours")
+    plot = page.locator(".st-key-recall_histogram .js-plotly-plot").first
+    plot.wait_for(state="visible", timeout=60_000)
+    _drag_box(page, plot, (0.02, 0.02, 0.98, 0.99))
+    expect(page.get_by_text("selected tokens", exact=False).first).to_be_visible(timeout=60_000)
+    wait_for_idle(page)
+    assert_no_exception(page)
+
+
+def test_brushing_the_map_lists_tokens_and_a_row_focuses_one(page, app_url: str) -> None:
+    open_page(page, app_url, "map")
+    plot = page.locator(".st-key-map_chart .js-plotly-plot").first
+    plot.wait_for(state="visible", timeout=60_000)
+    page.wait_for_timeout(1000)
+    _drag_box(page, plot, (0.01, 0.05, 0.3, 0.95))  # the original's panel
+    expect(page.get_by_text("selected tokens", exact=False).first).to_be_visible(timeout=60_000)
+    wait_for_idle(page)
+    assert_no_exception(page)
+
+
+def test_a_shared_link_with_chosen_variants_reproduces_them(page, app_url: str) -> None:
+    open_page(page, app_url, "angles", "cmp=svd&cmp=quant-int4&cmp=svd%404")
+    for name in ("svd", "quant-int4", "svd@4"):
+        expect(page.get_by_text(f"{name} median angle").first).to_be_visible(timeout=60_000)
+    assert_no_exception(page)
