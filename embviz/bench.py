@@ -1116,9 +1116,14 @@ STAGES: dict[str, Stage] = {
     "memory": stage_memory,
     "app": stage_app,
 }
-DEFAULT_STAGES: tuple[str, ...] = ("load", "ae", "knn", "maps", "latency", "memory")
-"""What ``embviz bench`` (and ``make bench``) runs without ``--stages``: every engine stage. ``app`` is left
-out: it needs Chromium and takes minutes per run (``--stages app``, ``make bench-app``)."""
+OPT_IN_STAGES: tuple[str, ...] = ("app",)
+"""Stages run only when named: ``app`` needs Chromium and takes minutes per run (``--stages app``,
+``make bench-app``); ``embviz bench`` / ``make bench`` without ``--stages`` run every engine stage."""
+
+
+def default_stages() -> list[str]:
+    """The stages run without ``--stages``: every registered stage but :data:`OPT_IN_STAGES`, in order."""
+    return [name for name in STAGES if name not in OPT_IN_STAGES]
 
 
 # -- running -------------------------------------------------------------------------------------------
@@ -1129,12 +1134,12 @@ def run_bench(
     command: str = "embviz bench --json",
     progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
-    """Run the named stages (default: :data:`DEFAULT_STAGES`, in order) and return the JSON-ready report.
+    """Run the named stages (default: :func:`default_stages`, in order) and return the JSON-ready report.
 
     A stage that fails is recorded under ``errors`` and the others still run; its targets are then
     reported as not measured. ``progress`` counts stages; its messages say what is being measured.
     """
-    names = list(stages or DEFAULT_STAGES)
+    names = list(stages or default_stages())
     unknown = [name for name in names if name not in STAGES]
     if unknown:
         from embviz.errors import BadInputError
