@@ -1,7 +1,7 @@
 # The README's two commands: `make app` and `make test`. Both set everything up first (fast when done).
 PY := .venv/bin/python
 
-.PHONY: app test test-fast lint bench setup
+.PHONY: app test test-fast lint bench bench-app setup
 
 setup:
 	@scripts/setup.sh
@@ -28,3 +28,8 @@ lint: setup
 
 bench: setup
 	$(PY) -m embviz.cli bench --json
+
+# The app itself in headless Chromium (not part of `make bench`): every page, a new rank, a cold UMAP.
+bench-app:
+	@scripts/setup.sh --browser
+	$(PY) -m embviz.cli bench --stages app --json

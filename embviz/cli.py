@@ -858,7 +858,11 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="a few minutes: fewer runs, a 3-epoch paper recipe, UMAP on a 5,000-token sample (all reported)",
     )
     parser.add_argument("--model", default="smollm2", help="backbone to measure (default smollm2)")
-    parser.add_argument("--stages", help="comma-separated subset of: load, ae, knn, maps, latency, memory")
+    parser.add_argument(
+        "--stages",
+        help="comma-separated subset of: load, ae, knn, maps, latency, memory (the default: all of them), "
+        "app (the app in headless Chromium; minutes per run, only when named)",
+    )
     parser.add_argument(
         "--repeats", type=int, help="runs per figure (default: 5 cheap / 3 costly; quick 3 / 1)"
     )

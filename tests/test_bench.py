@@ -16,19 +16,28 @@ import pytest
 
 from embviz import bench
 from embviz.bench import (
+    APP_TARGETS,
+    OPT_IN_STAGES,
+    STAGES,
     TARGETS,
     BenchContext,
     BenchSettings,
     Report,
     Target,
+    app_page_target,
+    app_scenarios,
     compare_block,
+    default_stages,
     evaluate_targets,
+    fresh_rank,
     measure,
     median,
     quality_ok,
     rounded,
     run_bench,
     run_child,
+    seeded_home,
+    targets_for,
     time_to_reach,
 )
 from embviz.cli import main
@@ -320,6 +329,118 @@ def test_cli_bench_text_and_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--stages", "nope"]) == 2
     assert "unknown bench stage" in capsys.readouterr().err
     assert main(["bench", "--repeats", "0"]) == 2
+
+
+# -- the app stage's pure parts (no browser) ----------------------------------------------------------
+APP_PAGES = ["compress", "neighbours", "map"]
+
+
+def _app_report() -> Report:
+    report = Report()
+    for page, seconds in zip(APP_PAGES, ([1.0, 2.0, 5.0], [2.5, 2.9, 3.1], [4.0, 3.5, 3.6]), strict=True):
+        report.record(f"app_warm_{page}_s", seconds)
+    report.record("app_neighbours_fresh_variants_s", [6.0, 7.0, 8.0])
+    report.record("app_new_rank_s", [12.0, 16.0, 14.0])
+    report.record("app_predictions_s", [2.0, 2.2, 2.1])
+    report.record("app_umap_first_map_s", [1.0, 1.2, 1.1])
+    report.set("app_umap_pca_first", False)
+    report.record("app_umap_cold_s", [50.0, 70.0, 65.0])
+    return report
+
+
+def test_the_app_stage_is_registered_but_only_run_when_named() -> None:
+    assert "app" in STAGES and "app" in OPT_IN_STAGES
+    assert "app" not in default_stages()
+    assert default_stages() == [name for name in STAGES if name != "app"]
+
+
+def test_app_targets_only_when_the_app_stage_ran_with_one_per_timed_page() -> None:
+    figures = _app_report().figures
+    assert targets_for(figures, ["knn", "maps"]) == TARGETS
+    targets = targets_for(figures, ["app"])
+    assert targets[: len(TARGETS) + len(APP_TARGETS)] == TARGETS + APP_TARGETS
+    assert [t.figure for t in targets[len(TARGETS) + len(APP_TARGETS) :]] == [
+        f"app_warm_{page}_s" for page in APP_PAGES
+    ]
+    assert app_page_target("map").describe() == "app_warm_map_s <= 3 s"
+
+
+def test_app_targets_met_and_missed() -> None:
+    report = _app_report()
+    verdicts = evaluate_targets(report.figures, targets_for(report.figures, ["app"]))
+    assert verdicts["app_warm_compress_s"]["met"] is True  # median 2.0
+    assert verdicts["app_warm_neighbours_s"]["met"] is True  # median 2.9
+    assert verdicts["app_warm_map_s"]["met"] is False  # median 3.6
+    assert verdicts["app_neighbours_fresh_variants_s"]["met"] is True
+    assert verdicts["app_new_rank_s"]["met"] is True  # median 14
+    assert verdicts["app_predictions_s"]["met"] is True
+    assert verdicts["app_umap_cold_s"]["met"] is False  # median 65
+    # a map drawn in time is not "PCA first" unless it appeared while the script still ran
+    assert verdicts["app_umap_first_map_s"]["met"] is False
+    assert verdicts["app_umap_first_map_s"]["app_umap_pca_first"] is False
+
+
+def test_app_scenarios_give_samples_median_target_and_verdict_per_page() -> None:
+    scenarios = app_scenarios(_app_report(), APP_PAGES)
+    assert set(scenarios) == {
+        "warm",
+        "first_visit",
+        "predictions",
+        "fresh_rank",
+        "umap_cold",
+        "umap_pca_first",
+    }
+    assert set(scenarios["warm"]) == set(APP_PAGES)
+    warm_map = scenarios["warm"]["map"]
+    assert warm_map == {
+        "figure": "app_warm_map_s",
+        "samples": [4.0, 3.5, 3.6],
+        "median_s": 3.6,
+        "target": "app_warm_map_s <= 3 s",
+        "met": False,
+    }
+    assert scenarios["first_visit"]["neighbours"]["met"] is True
+    assert scenarios["first_visit"]["map"] == {"figure": "app_first_map_s", "samples": None, "median_s": None}
+    assert scenarios["fresh_rank"]["neighbours"]["median_s"] == 14.0
+    assert scenarios["umap_cold"]["map"]["met"] is False
+    json.dumps(scenarios)
+
+
+def test_fresh_rank_is_a_rank_without_artifacts(tmp_path: Path) -> None:
+    assert fresh_rank(tmp_path, 64) == 72  # an empty cache
+    folder = tmp_path / "artifacts" / "smollm2"
+    folder.mkdir(parents=True)
+    for name in ("svd-r72-abc", "ae-paper-r56-def", "svd-r64-ghi"):
+        (folder / name).mkdir()
+    assert fresh_rank(tmp_path, 64) == 80
+    assert fresh_rank(tmp_path, 8, hidden_size=20) == 16
+    with pytest.raises(RuntimeError, match="no uncached rank"):
+        fresh_rank(tmp_path, 8, hidden_size=9)
+
+
+def test_seeded_home_links_the_cache_without_maps_umap_tables_locks_or_the_fresh_rank(tmp_path: Path) -> None:
+    source = tmp_path / "home"
+    files = {
+        "backbones/smollm2-x/model.safetensors": True,
+        "backbones/smollm2-x.lock": False,
+        "artifacts/smollm2/svd-r64-a/weights": True,
+        "artifacts/smollm2/svd-r72-b/weights": False,
+        "neighbours/smollm2-k10-f.npz": True,
+        "neighbours/smollm2-k14-f.npz": False,
+        "maps/smollm2-umap-k.npz": False,
+    }
+    for name in files:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(name)
+    with seeded_home(source, fresh=72) as home:
+        assert home.parent == tmp_path and home != source
+        for name, kept in files.items():
+            assert (home / name).exists() is kept, name
+        linked = home / "backbones/smollm2-x/model.safetensors"
+        assert linked.read_text() == "backbones/smollm2-x/model.safetensors"
+        assert linked.stat().st_ino == (source / "backbones/smollm2-x/model.safetensors").stat().st_ino
+    assert not home.exists()
+    assert all((source / name).exists() for name in files)
 
 
 # -- subprocesses --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from PIL import Image
 from playwright.sync_api import expect
 
 from pages.navigation import PAGES as PAGE_SPECS
-from tests.e2e.conftest import RANK, wait_for_idle
+from tests.e2e.conftest import RANK, wait_for_idle, wait_until_finished
 
 pytestmark = pytest.mark.e2e
 
@@ -18,10 +18,10 @@ PAGES = {page.url_path: page.heading for page in PAGE_SPECS}
 
 
 def open_page(page, app_url: str, path: str = "", query: str = "") -> None:
-    """Open a page by URL and wait until its heading is drawn and the script is idle."""
+    """Open a page by URL and wait until it is finished (heading, idle script, figures drawn)."""
     page.goto(f"{app_url}/{path}?rank={RANK}{'&' + query if query else ''}")
     expect(page.get_by_role("heading", name=PAGES[path])).to_be_visible(timeout=120_000)
-    wait_for_idle(page)
+    wait_until_finished(page, PAGES[path])
 
 
 def assert_no_exception(page) -> None:
