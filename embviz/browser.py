@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -33,8 +34,9 @@ if TYPE_CHECKING:
 CHROMIUM_ENV = "EMBVIZ_CHROMIUM"
 DEFAULT_CHROMIUM = "/usr/bin/chromium"
 BACKBONE_ENV = "EMBVIZ_BACKBONE"
-TRAIN_BUTTON = "Train the AutoEncoder now"
-"""The button a page shows while the AE at the chosen rank is not trained (``pages/widgets.py``)."""
+TRAIN_BUTTON = re.compile(r"^Fit now \(about ")
+"""The button a page shows while a compared variant that takes long to fit is not fitted yet
+(``pages/widgets.py``; quicker ones are fitted without asking)."""
 
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 

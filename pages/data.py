@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +44,7 @@ from embviz.metrics import (
     reconstruction_angles,
     token_classes,
 )
-from embviz.progress import ProgressCallback
+from embviz.progress import Progress, ProgressCallback
 from embviz.sources import load_model
 from pages.state import Settings, settings
 
@@ -350,3 +352,55 @@ def token_groups(model: str, split: str) -> np.ndarray:
     if split == "class":
         return token_classes(backbone.tokens, backbone.special_ids)
     return frequency_bands(corpus_frequencies(backbone.tokenizer, backbone.tokens, "bible", "train"))
+
+
+# -- background jobs (a UMAP map) ------------------------------------------------------------------------
+@dataclass
+class BackgroundJob:
+    """A computation running in a server thread, shared by every session: its latest progress, then its
+    result or error. Pages poll it (``st.fragment(run_every=...)``) instead of waiting on it."""
+
+    thread: threading.Thread | None = None
+    progress: Progress | None = None
+    result: Any = None
+    error: BaseException | None = None
+    started: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.thread is not None and not self.thread.is_alive()
+
+
+class JobBoard:
+    """Background jobs by key; a job that failed is started again on the next request."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.jobs: dict[Any, BackgroundJob] = {}
+
+    def start(self, key: Any, work: Callable[[ProgressCallback], Any]) -> BackgroundJob:
+        """The job for ``key``, started now (``work(progress)`` in a daemon thread) unless it exists."""
+        with self.lock:
+            job = self.jobs.get(key)
+            if job is not None and not (job.done and job.error is not None):
+                return job
+            job = BackgroundJob(started=time.perf_counter())
+
+            def run() -> None:
+                def report(update: Progress) -> None:
+                    job.progress = update
+
+                try:
+                    job.result = work(report)
+                except Exception as error:  # shown on the page that asked
+                    job.error = error
+
+            job.thread = threading.Thread(target=run, name=f"embviz-job-{len(self.jobs)}", daemon=True)
+            self.jobs[key] = job
+            job.thread.start()
+            return job
+
+
+@st.cache_resource(show_spinner=False)
+def job_board() -> JobBoard:
+    return JobBoard()

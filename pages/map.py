@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from embviz.errors import EmbvizError
 from embviz.figures import projection_panels
-from embviz.projections import ORIGINAL, neighbourhood_displacement, projection_map, rows_of
+from embviz.progress import ProgressCallback, describe
+from embviz.projections import ORIGINAL, ProjectionMap, neighbourhood_displacement, projection_map, rows_of
 from embviz.vocab import display_token
-from pages.data import backbone_fingerprint, original_neighbour_table
+from pages.data import BackgroundJob, backbone_fingerprint, job_board, original_neighbour_table
 from pages.routing import use_app_router
 from pages.state import warn_ignored_url_values
 from pages.widgets import (
     downloads,
     explain,
     focus_token_id,
-    progress_bar,
     provenance,
     require_variants,
     selected_token_ids,
@@ -70,26 +72,61 @@ params = (
 keys = {
     name: variant.result.path.name for name, variant in variants.items() if variant.result.path is not None
 }
+
+
+def compute_map(kind: str, progress: ProgressCallback | None = None) -> ProjectionMap:
+    """The map (PCA or UMAP) of the original and the variants, from the disk cache when it is there."""
+    return projection_map(
+        kind,
+        backbone.embedding,
+        matrices,
+        backbone_name=backbone.name,
+        fingerprint=backbone_fingerprint(backbone.name),
+        variant_keys=keys if len(keys) == len(matrices) else None,
+        progress=progress,
+        **(params if kind == "umap" else {}),
+    )
+
+
+@st.fragment(run_every=1.0)
+def umap_progress(job: BackgroundJob) -> None:
+    """UMAP's progress while PCA is shown; the whole page reruns (and draws UMAP) once it is done."""
+    if job.done:
+        st.rerun()
+    elapsed = time.perf_counter() - job.started
+    update = job.progress
+    st.progress(
+        update.fraction if update else 0.0,
+        text=f"UMAP is running in the background ({elapsed:.0f} s; {describe(update) if update else 'starting'}). "
+        "PCA is shown meanwhile; this page switches to UMAP by itself, and the other pages can be used.",
+    )
+
+
+shown = method
 try:
-    with st.status(
-        f"{method.upper()} map of {backbone.vocab_size:,} tokens…", expanded=method == "umap"
-    ) as status:
-        progress = progress_bar()
-        result = projection_map(
-            method,
-            backbone.embedding,
-            matrices,
-            backbone_name=backbone.name,
-            fingerprint=backbone_fingerprint(backbone.name),
-            variant_keys=keys if len(keys) == len(matrices) else None,
-            progress=progress,
-            **params,
+    if method == "umap":
+        job_key = (
+            backbone.name,
+            tuple((name, variant.spec) for name, variant in variants.items()),
+            params["sample"],
+            tuple(params["include_ids"]) if params["sample"] else (),  # all tokens: the focus is drawn anyway
         )
-        status.update(
-            label=f"{method.upper()} map ready ({'from cache' if result.from_cache else f'{result.seconds:.1f} s'})",
-            state="complete",
-            expanded=False,
-        )
+        job = job_board().start(job_key, lambda report: compute_map("umap", report))
+        assert job.thread is not None
+        job.thread.join(timeout=0.5)  # a map from the disk cache comes back at once
+        if job.done and job.error is not None:
+            raise job.error
+        if job.done:
+            result = job.result
+        else:
+            umap_progress(job)
+            shown = "pca"
+    if shown == "pca":
+        with st.spinner(f"PCA map of {backbone.vocab_size:,} tokens…"):
+            result = compute_map("pca")
+    st.caption(
+        f"{shown.upper()} map: {'from the disk cache' if result.from_cache else f'computed in {result.seconds:.1f} s'}."
+    )
 except EmbvizError as error:
     st.error(str(error))
     st.stop()
@@ -103,7 +140,7 @@ figure = projection_panels(
     sampled_note=note,
     movement_lines=lines,
     provenance=provenance(
-        backbone, config, map=method, **{f"{method}_{k}": v for k, v in result.params.items()}
+        backbone, config, map=shown, **{f"{shown}_{k}": v for k, v in result.params.items()}
     ),
 )
 figure.update_layout(dragmode="select")  # dragging selects; zoom stays in the toolbar

@@ -460,3 +460,32 @@ def test_a_plotly_selection_becomes_token_ids() -> None:
     assert selected_token_ids(scatter, {}).tolist() == [3, 7]
     assert selected_token_ids(None, {}).size == 0
     assert selected_token_ids({"selection": {"points": []}}, {}).size == 0
+
+
+def test_umap_runs_in_the_background_while_pca_is_shown(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold UMAP does not block the page: PCA is drawn with UMAP's progress, then UMAP once it is done."""
+    from embviz import projections
+
+    release = threading.Event()
+    umap_map = projections.umap_map
+
+    def slow_umap(*args: object, **kwargs: object) -> object:
+        release.wait(timeout=60)
+        return umap_map(*args, **kwargs)
+
+    monkeypatch.setattr(projections, "umap_map", slow_umap)
+    app = run_app("map", map="umap", tok="king")
+    assert_clean(app)
+    assert any(caption.value.startswith("PCA map") for caption in app.caption)
+    assert any("UMAP is running in the background" in bar.proto.text for bar in app.get("progress"))
+    release.set()
+    from pages.data import job_board
+
+    for job in job_board().jobs.values():
+        assert job.thread is not None
+        job.thread.join(timeout=120)
+    app.run()
+    assert_clean(app)
+    assert any(caption.value.startswith("UMAP map") for caption in app.caption)

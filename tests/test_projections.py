@@ -213,10 +213,10 @@ def test_a_cluster_that_moves_together_is_not_displaced_but_a_token_that_leaves_
 
     original = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [10.0, 10.0], [11.0, 10.0], [10.0, 11.0]])
     neighbours = np.array([[1, 2], [0, 2], [0, 1], [4, 5], [3, 5], [3, 4]])
-    shifted = original + [5.0, -3.0]  # everything moves together
+    shifted = original + np.array([5.0, -3.0])  # everything moves together
     np.testing.assert_allclose(neighbourhood_displacement(original, shifted, neighbours), 0, atol=1e-12)
     pulled = original.copy()
-    pulled[3] += [4.0, 0.0]  # token 3 leaves its neighbours
+    pulled[3] += np.array([4.0, 0.0])  # token 3 leaves its neighbours
     moved = neighbourhood_displacement(original, pulled, neighbours)
     assert moved[3] == pytest.approx(4.0) and np.argmax(moved) == 3
     assert moved[0] == pytest.approx(0.0) and moved[4] == pytest.approx(2.0)  # its neighbours see it go
