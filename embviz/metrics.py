@@ -365,6 +365,22 @@ def cross_neighbours(
     return _blocked_topk(query_rows, key_rows, k, exclude_self=False, block_rows=block_rows)
 
 
+def token_neighbours(matrix: Matrix, token_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k most cosine-similar rows to row ``token_id`` of a V x D matrix, itself excluded: one row of
+    :func:`nearest_neighbours` (same ordering, int32 / float32), in one matrix-vector product."""
+    matrix = as_float_matrix(matrix)
+    vocab = matrix.shape[0]
+    _check_k(k, vocab - 1)
+    if not 0 <= token_id < vocab:
+        raise BadInputError(f"token id {token_id} is outside the vocabulary (0..{vocab - 1})")
+    norms = matrix.norm(dim=1)
+    query = matrix[token_id] / norms[token_id].clamp_min(torch.finfo(matrix.dtype).tiny)
+    similarities = (matrix @ query) / torch.where(norms > 0, norms, 1.0)
+    similarities[token_id] = -math.inf
+    top = torch.topk(similarities.float(), k)
+    return top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float32)
+
+
 def _valid_table(vocab: int, k: int) -> Callable[[dict[str, np.ndarray]], bool]:
     def valid(arrays: dict[str, np.ndarray]) -> bool:
         indices, scores = arrays.get("indices"), arrays.get("scores")
@@ -710,6 +726,7 @@ __all__ = [
     "summary",
     "token_classes",
     "token_frequencies",
+    "token_neighbours",
     "variant_fingerprint",
 ]
 

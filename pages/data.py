@@ -43,6 +43,7 @@ from embviz.metrics import (
     neighbour_table_cached,
     reconstruction_angles,
     token_classes,
+    token_neighbours,
 )
 from embviz.progress import Progress, ProgressCallback
 from embviz.sources import load_model
@@ -312,16 +313,25 @@ def original_neighbour_table(model: str, k: int) -> NeighbourTable:
     return neighbour_table_cached(model, backbone_fingerprint(model), backbone.embedding, k)
 
 
-@st.cache_resource(show_spinner=False, max_entries=8)
-def _variant_neighbours(spec: VariantSpec, k: int, _compressed: CompressedEmbedding) -> NeighbourTable:
-    return nearest_neighbours(_compressed, k)
+def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, BackgroundJob]:
+    """Full-vocabulary top-k tables of each variant (exact, through its factors when low-rank), each computed
+    once per server in the background (:class:`JobBoard`); a page draws them when done."""
+    board = job_board()
+    return {
+        name: board.start(
+            ("neighbours", variant.spec, k),
+            lambda report, compressed=variant.compressed: nearest_neighbours(compressed, k, progress=report),
+        )
+        for name, variant in variants.items()
+    }
 
 
-def neighbour_tables(backbone: Backbone, variants: dict[str, Variant], k: int) -> dict[str, NeighbourTable]:
-    """Full-vocabulary top-k tables: ``original`` (disk-cached) and each variant (factor path, in memory)."""
-    tables = {ORIGINAL: original_neighbour_table(backbone.name, k)}
-    for name, variant in variants.items():
-        tables[name] = _variant_neighbours(variant.spec, k, variant.compressed)
+def focus_neighbours(variants: dict[str, Variant], token_id: int, k: int) -> dict[str, NeighbourTable]:
+    """One token's top-k under each variant (exact, one matrix-vector product each), as one-row tables."""
+    tables = {}
+    for name, matrix in reconstructions(variants).items():
+        indices, scores = token_neighbours(matrix, token_id, k)
+        tables[name] = (indices[None, :], scores[None, :])
     return tables
 
 
@@ -374,9 +384,12 @@ class BackgroundJob:
 class JobBoard:
     """Background jobs by key; a job that failed is started again on the next request."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_jobs: int = 32) -> None:
         self.lock = threading.Lock()
+        # One job computes at a time: each uses torch's threads (the app's policy leaves the browser a core).
+        self.running = threading.Lock()
         self.jobs: dict[Any, BackgroundJob] = {}
+        self.max_jobs = max_jobs
 
     def start(self, key: Any, work: Callable[[ProgressCallback], Any]) -> BackgroundJob:
         """The job for ``key``, started now (``work(progress)`` in a daemon thread) unless it exists."""
@@ -390,13 +403,17 @@ class JobBoard:
                 def report(update: Progress) -> None:
                     job.progress = update
 
-                try:
-                    job.result = work(report)
-                except Exception as error:  # shown on the page that asked
-                    job.error = error
+                with self.running:
+                    try:
+                        job.result = work(report)
+                    except Exception as error:  # shown on the page that asked
+                        job.error = error
 
             job.thread = threading.Thread(target=run, name=f"embviz-job-{len(self.jobs)}", daemon=True)
             self.jobs[key] = job
+            finished = [old for old, other in self.jobs.items() if other.done]
+            for old in finished[: max(0, len(self.jobs) - self.max_jobs)]:
+                del self.jobs[old]
             job.thread.start()
             return job
 

@@ -10,16 +10,25 @@ from embviz.errors import EmbvizError
 from embviz.figures import class_breakdown_bar, recall_histogram
 from embviz.metrics import FREQUENCY_BANDS, TOKEN_CLASSES, group_means, neighbour_comparison, recall_at_k
 from embviz.vocab import display_token, suggest
-from pages.data import ORIGINAL, backbone_fingerprint, neighbour_tables, token_groups
+from pages.data import (
+    ORIGINAL,
+    backbone_fingerprint,
+    focus_neighbours,
+    original_neighbour_table,
+    token_groups,
+    variant_neighbour_jobs,
+)
 from pages.routing import use_app_router
 from pages.widgets import (
     downloads,
     explain,
     focus_token_id,
+    jobs_progress,
     provenance,
     require_variants,
     selected_token_ids,
     token_table,
+    wait_for_jobs,
 )
 
 _STATUS_COLOURS = {"kept": "#e6f4ea", "lost": "#fde8e8", "new": "#e8f0fe"}
@@ -38,14 +47,13 @@ explain(
 config, backbone, variants = require_variants()
 
 try:
-    with st.spinner(
-        f"Nearest neighbours of all {backbone.vocab_size:,} tokens (cached on disk for the original)…"
-    ):
-        tables = neighbour_tables(backbone, variants, config.k)
+    with st.spinner(f"Nearest neighbours of all {backbone.vocab_size:,} original tokens (cached on disk)…"):
+        original_indices, original_scores = original_neighbour_table(backbone.name, config.k)
+    jobs = variant_neighbour_jobs(variants, config.k)  # each variant's table, in the background
+    wait_for_jobs(jobs, seconds=1.0)
 except EmbvizError as error:  # e.g. not enough memory for the full-vocabulary search
     st.error(str(error))
     st.stop()
-original_indices, original_scores = tables[ORIGINAL]
 
 focus = focus_token_id(backbone, config)
 if config.token and focus is None:
@@ -55,10 +63,16 @@ if config.token and focus is None:
 if focus is not None:
     st.subheader(f"Neighbours of {display_token(backbone.tokens[focus])!r} (id {focus})")
     columns = st.columns(len(variants))
+    focus_tables = focus_neighbours(variants, focus, config.k)
     for column, name in zip(columns, variants, strict=True):
-        indices, scores = tables[name]
+        indices, scores = focus_tables[name]
         rows = neighbour_comparison(
-            original_indices, original_scores, indices, scores, focus, backbone.tokens
+            original_indices[focus : focus + 1],
+            original_scores[focus : focus + 1],
+            indices,
+            scores,
+            0,
+            backbone.tokens,
         )
         frame = pd.DataFrame(rows)
         frame["token"] = frame["token"].map(display_token)
@@ -81,6 +95,19 @@ if focus is not None:
         )
 
 st.subheader(f"Recall@{config.k} over the whole vocabulary")
+failed = [job.error for job in jobs.values() if job.done and job.error is not None]
+for error in failed:
+    if not isinstance(error, EmbvizError):
+        raise error
+    st.error(str(error))
+if failed:
+    st.stop()
+if not all(job.done for job in jobs.values()):
+    jobs_progress(
+        jobs, f"Nearest neighbours of all {backbone.vocab_size:,} tokens under each variant (exact)"
+    )
+    st.stop()
+tables = {ORIGINAL: (original_indices, original_scores)} | {name: job.result for name, job in jobs.items()}
 recalls = {name: recall_at_k(original_indices, tables[name][0]) for name in variants}
 metric_columns = st.columns(len(recalls))
 for column, (name, recall) in zip(metric_columns, recalls.items(), strict=True):

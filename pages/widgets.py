@@ -6,6 +6,7 @@ Numbers come from the core (:mod:`embviz`) and cached data from :mod:`pages.data
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,7 @@ from embviz.figures import provenance_line
 from embviz.progress import Progress, ProgressCallback, describe, format_metrics
 from embviz.sources import load_model
 from pages.data import (
+    BackgroundJob,
     Variant,
     VariantSpec,
     auto_fit_seconds,
@@ -130,6 +132,34 @@ def focus_token_id(backbone: Backbone, config: Settings) -> int | None:
     except EmbvizError as error:
         st.error(str(error))
         return None
+
+
+# -- background jobs ------------------------------------------------------------------------------------
+def wait_for_jobs(jobs: Mapping[str, BackgroundJob], seconds: float) -> None:
+    """Give background jobs up to ``seconds`` in all (quick ones then draw in this run)."""
+    deadline = time.perf_counter() + seconds
+    for job in jobs.values():
+        if job.thread is not None:
+            job.thread.join(timeout=max(0.0, deadline - time.perf_counter()))
+
+
+def jobs_progress(jobs: Mapping[str, BackgroundJob], what: str) -> None:
+    """A self-updating progress panel for background jobs; the whole page reruns once they are all done."""
+
+    @st.fragment(run_every=1.0)
+    def panel() -> None:
+        if all(job.done for job in jobs.values()):
+            st.rerun()
+        for name, job in jobs.items():
+            update = job.progress
+            state = "done" if job.done else describe(update) if update else "waiting for the previous job"
+            st.progress(
+                1.0 if job.done else update.fraction if update else 0.0,
+                text=f"{name}: {state} ({time.perf_counter() - job.started:.0f} s)",
+            )
+
+    st.info(f"{what}: computing in the background; this part of the page appears by itself when done.")
+    panel()
 
 
 # -- brushing ---------------------------------------------------------------------------------------------

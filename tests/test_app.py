@@ -398,12 +398,12 @@ def test_a_neighbour_search_that_does_not_fit_is_an_error_not_a_crash(
 
     data.load_backbone(str(trained))  # the model itself fits
     monkeypatch.setattr(resources, "available_memory", lambda: 600_000)
-    data._original_neighbours.clear()
-    data._variant_neighbours.clear()
+    data.original_neighbour_table.clear()
+    data.job_board.clear()
     app = run_app("neighbours")
     assert not app.exception
     assert any("needs about" in error.value and "available" in error.value for error in app.error)
-    data._original_neighbours.clear()
+    data.original_neighbour_table.clear()
 
 
 def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
@@ -489,3 +489,33 @@ def test_umap_runs_in_the_background_while_pca_is_shown(
     app.run()
     assert_clean(app)
     assert any(caption.value.startswith("UMAP map") for caption in app.caption)
+
+
+def test_variant_neighbour_tables_compute_in_the_background_while_the_focus_token_shows(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The focus token's neighbours show at once (one product per variant); recall over the vocabulary
+    follows when the background searches finish."""
+    from pages import data
+
+    release = threading.Event()
+    search = data.nearest_neighbours
+
+    def slow_search(*args: object, **kwargs: object) -> object:
+        release.wait(timeout=60)
+        return search(*args, **kwargs)
+
+    data.job_board.clear()
+    monkeypatch.setattr(data, "nearest_neighbours", slow_search)
+    app = run_app("neighbours", tok="king", k="7")
+    assert_clean(app)
+    assert any("king" in header.value for header in app.subheader)
+    assert any("computing in the background" in info.value for info in app.info)
+    assert not app.metric, "no recall before the tables exist"
+    release.set()
+    for job in data.job_board().jobs.values():
+        assert job.thread is not None
+        job.thread.join(timeout=120)
+    app.run()
+    assert_clean(app)
+    assert [m.label for m in app.metric] == ["svd mean recall@7", "ae-paper mean recall@7"]
