@@ -749,24 +749,23 @@ def toy_arrows(
         for trace in traces:
             if trace is not None:
                 fig.add_trace(trace, row=1, col=col)
-    if dim == 2:
+    if dim == 2:  # the arrows' bounding box (origin included), one unit as long on both axes
+        points = np.vstack([vectors, np.zeros((1, 2)), *(np.asarray(r) for r in reconstructions.values())])
+        low, high = np.minimum(points.min(axis=0), 0.0), np.maximum(points.max(axis=0), 0.0)
+        pad = 0.08 * float((high - low).max())
+        x_range, y_range = [low[0] - pad, high[0] + pad], [low[1] - pad, high[1] + pad]
         for col in range(1, len(names) + 1):
             anchor = f"x{col if col > 1 else ''}"
-            fig.update_xaxes(
-                range=[-reach, reach], zerolinecolor="#cccccc", constrain="domain", row=1, col=col
-            )
+            fig.update_xaxes(range=x_range, zerolinecolor="#cccccc", row=1, col=col)
             fig.update_yaxes(
-                range=[-reach, reach],
-                scaleanchor=anchor,
-                scaleratio=1,
-                zerolinecolor="#cccccc",
-                row=1,
-                col=col,
+                range=y_range, scaleanchor=anchor, scaleratio=1, zerolinecolor="#cccccc", row=1, col=col
             )
     else:
         axis = {"range": [-reach, reach], "zeroline": True}
         fig.update_scenes(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="cube")
-    return _finish(fig, provenance, title=title, height=480)
+    _finish(fig, provenance, title=title, height=540)
+    # the legend goes above the panels' titles
+    return fig.update_layout(margin={"t": 110 if title else 80}, legend={"y": 1.12})
 
 
 def angle_by_length(
@@ -784,9 +783,8 @@ def angle_by_length(
                 x=lengths[order],
                 y=values[order],
                 name=f"{name} (mean {np.nanmean(values):.1f}°)",
-                mode="lines+markers",
-                line={"color": colours[name], "width": 1},
-                marker={"size": 8},
+                mode="markers",
+                marker={"size": 9, "color": colours[name]},
                 customdata=order + 1,
                 hovertemplate=f"{name} · arrow %{{customdata}}<br>length %{{x:.2f}}<br>angle %{{y:.1f}}°"
                 "<extra></extra>",

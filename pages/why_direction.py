@@ -178,14 +178,18 @@ request = ("grid", backbone.name, specs, text, config.mode)
 blank_request = ("blank", backbone.name, specs, sentence, config.mode)
 store = computed()
 if request not in store:
-    passes = 1 + 4 * len(variants)
-    st.info(
-        f"Scoring the {len(variants)} 2 x 2s means up to {passes} passes of the model over the first "
-        f"{DEFAULT_MAX_TOKENS:,} tokens of {text} (on SmolLM2 with 2 CPU cores, about half a minute each the "
-        "first time). Every perplexity is cached on disk, so afterwards this takes a second."
-    )
-    if not st.button("Compute the 2 x 2", type="primary"):
+    offer = st.empty()
+    with offer.container():
+        passes = 1 + 4 * len(variants)
+        st.info(
+            f"Scoring the 2 x 2 of {' and '.join(variants)} takes up to {passes} passes of the model over the "
+            f"first {DEFAULT_MAX_TOKENS:,} tokens of {text} (on smollm2 with 2 CPU cores, about half a minute "
+            "each the first time). Every perplexity is cached on disk, so afterwards this takes a second."
+        )
+        clicked = st.button("Compute the 2 x 2", type="primary")
+    if not clicked:
         st.stop()
+    offer.empty()
     try:
         with st.status("Scoring every cell of the 2 x 2…", expanded=True) as status:
             report = direction_length_grids(
