@@ -811,7 +811,7 @@ def direction_length_grid(
     names = list(grids)
     values = [v for cells in grids.values() for v in cells.values() if v > 0 and math.isfinite(v)]
     low, high = (math.log10(min(values)), math.log10(max(values))) if values else (0.0, 1.0)
-    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.12)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.17)
     for col, name in enumerate(names, start=1):
         sides = ("original", name)
         z, text = [], []
