@@ -749,10 +749,11 @@ def toy_arrows(
         for trace in traces:
             if trace is not None:
                 fig.add_trace(trace, row=1, col=col)
-    if dim == 2:  # the arrows' bounding box (origin included), one unit as long on both axes
-        points = np.vstack([vectors, np.zeros((1, 2)), *(np.asarray(r) for r in reconstructions.values())])
-        low, high = np.minimum(points.min(axis=0), 0.0), np.maximum(points.max(axis=0), 0.0)
-        pad = 0.08 * float((high - low).max())
+    # the arrows' bounding box (origin included), one unit as long on every axis
+    points = np.vstack([vectors, np.zeros((1, dim)), *(np.asarray(r) for r in reconstructions.values())])
+    low, high = np.minimum(points.min(axis=0), 0.0), np.maximum(points.max(axis=0), 0.0)
+    pad = 0.08 * float((high - low).max())
+    if dim == 2:
         x_range, y_range = [low[0] - pad, high[0] + pad], [low[1] - pad, high[1] + pad]
         for col in range(1, len(names) + 1):
             anchor = f"x{col if col > 1 else ''}"
@@ -760,9 +761,11 @@ def toy_arrows(
             fig.update_yaxes(
                 range=y_range, scaleanchor=anchor, scaleratio=1, zerolinecolor="#cccccc", row=1, col=col
             )
-    else:
-        axis = {"range": [-reach, reach], "zeroline": True}
-        fig.update_scenes(xaxis=axis, yaxis=axis, zaxis=axis, aspectmode="cube")
+    else:  # a cube around the box: equal ranges, so angles look right
+        half = float((high - low).max()) / 2 + pad
+        centre = (low + high) / 2
+        axes = {f"{name}axis": {"range": [c - half, c + half]} for name, c in zip("xyz", centre, strict=True)}
+        fig.update_scenes(**axes, aspectmode="cube")
     _finish(fig, provenance, title=title, height=540)
     # the legend goes above the panels' titles
     return fig.update_layout(margin={"t": 110 if title else 80}, legend={"y": 1.12})
