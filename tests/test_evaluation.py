@@ -29,6 +29,7 @@ from embviz.evaluation import (
     sweep,
     variant_name,
 )
+from embviz.predictions import predict_blank
 from embviz.progress import Progress
 from embviz.testing import SENTENCES
 
@@ -241,6 +242,19 @@ def test_direction_length_grids_are_the_evaluation_ablation_as_a_2x2(
     ]  # fmt: skip
     assert report.to_dict()["grids"]["SVD"]["compressed"] == svd.compressed
     assert "causal LM" in report.protocol and report.text == text_file
+
+
+def test_direction_length_grid_and_blank_on_a_masked_model(tiny_masked: Backbone, text_file: str) -> None:
+    svd = _svd(tiny_masked, rank=2)
+    report = direction_length_grids(tiny_masked, {"SVD": svd}, text=text_file, max_tokens=MAX_TOKENS)
+    grid = report.grids["SVD"]
+    assert "masked LM" in report.protocol
+    assert all(
+        value > 0 for value in (grid.original, grid.variant_lengths, grid.variant_directions, grid.compressed)
+    )
+    matrices = direction_length_variants(tiny_masked.embedding, {"SVD": svd.reconstruct()})
+    result = predict_blank(tiny_masked, "the ___ went home", {"original": None, **matrices}, k=3)
+    assert list(result.variants) == ["original", *matrices]
 
 
 def test_direction_length_variants_and_the_plain_summary() -> None:
