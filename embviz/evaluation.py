@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from embviz.artifacts import (
     ArtifactError,
@@ -454,6 +455,170 @@ def evaluate_variant(
     return evaluator.evaluate(compressed, progress or quiet, ablation=ablation)
 
 
+# -- the direction / length ablation as a 2 x 2 ----------------------------------------------------------
+ORIGINAL_SIDE = "original"
+
+
+def cell_name(variant: str, directions: str, lengths: str) -> str:
+    """The name of one cell of a variant's 2 x 2: ``"original"``, ``"SVD"``, ``"SVD directions + original
+    lengths"`` or ``"original directions + SVD lengths"`` (``directions`` / ``lengths``: ``"original"`` or the
+    variant's name)."""
+    if directions == lengths:
+        return ORIGINAL_SIDE if directions == ORIGINAL_SIDE else variant
+    return f"{directions} directions + {lengths} lengths"
+
+
+def direction_length_variants(
+    original: torch.Tensor, variants: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Each variant's matrix and its two swaps (:func:`embviz.perplexity.direction_length_ablation`), named by
+    :func:`cell_name`: ``{"SVD": ..., "SVD directions + original lengths": ..., "original directions + SVD
+    lengths": ...}`` for every variant, in that order."""
+    named: dict[str, torch.Tensor] = {}
+    for name, matrix in variants.items():
+        if name == ORIGINAL_SIDE:
+            raise BadInputError(f"the variant name {ORIGINAL_SIDE!r} is reserved for the uncompressed model")
+        swapped = direction_length_ablation(original, matrix)
+        named[name] = matrix
+        named[cell_name(name, name, ORIGINAL_SIDE)] = swapped["directions"]
+        named[cell_name(name, ORIGINAL_SIDE, name)] = swapped["lengths"]
+    return named
+
+
+@dataclass(frozen=True)
+class DirectionLengthGrid:
+    """One variant's perplexities as a 2 x 2: whose row directions (original or the variant's) x whose row
+    lengths. The diagonal is the uncompressed model and the variant itself; the other two cells swap one."""
+
+    name: str
+    original: float
+    """Original directions, original lengths: the uncompressed model."""
+    variant_lengths: float
+    """Original directions with the variant's lengths."""
+    variant_directions: float
+    """The variant's directions with the original lengths."""
+    compressed: float
+    """The variant's directions and lengths: the variant itself."""
+    cached: bool = False
+
+    def cell(self, directions: str, lengths: str) -> float:
+        """The perplexity with ``directions`` and ``lengths`` each ``"original"`` or :attr:`name`."""
+        cells = {
+            (ORIGINAL_SIDE, ORIGINAL_SIDE): self.original,
+            (ORIGINAL_SIDE, self.name): self.variant_lengths,
+            (self.name, ORIGINAL_SIDE): self.variant_directions,
+            (self.name, self.name): self.compressed,
+        }
+        if (directions, lengths) not in cells:
+            raise BadInputError(f"directions and lengths are {ORIGINAL_SIDE!r} or {self.name!r}")
+        return cells[directions, lengths]
+
+    def table(self) -> list[dict[str, Any]]:
+        """The four cells, one row each: variant, directions, lengths, cell name, perplexity, x original."""
+        sides = (ORIGINAL_SIDE, self.name)
+        return [
+            {
+                "variant": self.name,
+                "directions": directions,
+                "lengths": lengths,
+                "cell": cell_name(self.name, directions, lengths),
+                "perplexity": round(self.cell(directions, lengths), 3),
+                "x original": round(self.cell(directions, lengths) / self.original, 3),
+            }
+            for directions in sides
+            for lengths in sides
+        ]
+
+    def summary(self) -> str:
+        """What the 2 x 2 says, in plain words, from its numbers."""
+
+        def change(after: float) -> str:
+            factor = self.compressed / after
+            if 0.95 <= factor <= 1.05:
+                return "about the same"
+            return f"{factor:.1f}x better" if factor > 1 else f"{1 / factor:.1f}x worse"
+
+        return (
+            f"{self.name} alone: perplexity {self.compressed:,.1f} (the uncompressed model: "
+            f"{self.original:,.1f}). Give {self.name} back the original lengths and it is "
+            f"{self.variant_directions:,.1f} ({change(self.variant_directions)}); give it back the original "
+            f"directions instead and it is {self.variant_lengths:,.1f} ({change(self.variant_lengths)})."
+        )
+
+
+@dataclass(frozen=True)
+class DirectionLengthReport:
+    """The 2 x 2 of every variant under one protocol (text, mode, budget), as
+    :func:`direction_length_grids` returns it."""
+
+    backbone: str
+    text: str
+    mode: str
+    protocol: str
+    grids: dict[str, DirectionLengthGrid]
+    seconds: float
+
+    def table(self) -> list[dict[str, Any]]:
+        """Every variant's four cells (:meth:`DirectionLengthGrid.table`)."""
+        return [row for grid in self.grids.values() for row in grid.table()]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: settings, protocol and each variant's cells."""
+        return {
+            "backbone": self.backbone,
+            "text": self.text,
+            "mode": self.mode,
+            "protocol": self.protocol,
+            "seconds": round(self.seconds, 3),
+            "grids": {name: asdict(grid) for name, grid in self.grids.items()},
+        }
+
+
+def direction_length_grids(
+    backbone: Backbone,
+    variants: Mapping[str, CompressedEmbedding],
+    *,
+    text: str = DEFAULT_TEXT,
+    mode: Mode = "input",
+    max_tokens: int | None = None,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+) -> DirectionLengthReport:
+    """The direction / length ablation of each variant as a :class:`DirectionLengthGrid`, by display name.
+
+    The same perplexities as :func:`evaluate_variant` with ``ablation`` (same protocol, same disk cache
+    entries, so either fills the cache for the other): the uncompressed model, each variant (with its KL
+    divergence, as everywhere), and each variant's two swaps. ``progress`` counts variants.
+
+    Raises:
+        BadInputError: unknown corpus / split / file, bad mode, text too short for the protocol.
+    """
+    started = time.perf_counter()
+    k = min(DEFAULT_K, backbone.vocab_size - 1)  # recall is not measured here; any valid k will do
+    evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed)
+    grids: dict[str, DirectionLengthGrid] = {}
+    for index, (name, compressed) in enumerate(variants.items()):
+        report = nested(progress or quiet, index, index + 1, len(variants), f"{name}: ")
+        results = evaluator.perplexity(compressed, report, ablation=True)
+        grids[name] = DirectionLengthGrid(
+            name=name,
+            original=results[REFERENCE].perplexity,
+            variant_lengths=results[_LENGTHS].perplexity,
+            variant_directions=results[_DIRECTIONS].perplexity,
+            compressed=results[_VARIANT].perplexity,
+            cached=all(result.cached for result in results.values()),
+        )
+    send(progress, Progress(len(variants), len(variants), "2 x 2 done"))
+    return DirectionLengthReport(
+        backbone=backbone.name,
+        text=text,
+        mode=mode,
+        protocol=evaluator.eval_set.description,
+        grids=grids,
+        seconds=time.perf_counter() - started,
+    )
+
+
 @dataclass(frozen=True)
 class SweepJob:
     """One (method, size) pair of a sweep."""
@@ -713,11 +878,16 @@ __all__ = [
     "SIZINGS",
     "SWEEP_COLUMNS",
     "UNCOMPRESSED",
+    "DirectionLengthGrid",
+    "DirectionLengthReport",
     "Evaluation",
     "SweepJob",
     "SweepPlan",
     "SweepResult",
     "SweepRow",
+    "cell_name",
+    "direction_length_grids",
+    "direction_length_variants",
     "evaluate_variant",
     "frontier",
     "load_variant",

@@ -617,3 +617,234 @@ def _size_text(row: Mapping[str, Any]) -> str:
     if row.get("bytes_vs_source") is not None:
         text += f", {float(row['bytes_vs_source']):.2f}x than the source ({row.get('source_format')})"
     return text
+
+
+# -- the "Why direction?" page: the toy and the direction / length 2 x 2 -------------------------------------
+TOY_ARC_SHARE = 0.45
+"""An angle's arc is drawn at this share of its arrow's length from the origin."""
+
+
+def _arc(start: np.ndarray, end: np.ndarray, radius: float, points: int = 16) -> np.ndarray:
+    """Points on the arc from ``start``'s direction to ``end``'s at ``radius`` (empty when undefined)."""
+    a, b = np.linalg.norm(start), np.linalg.norm(end)
+    if a == 0 or b == 0:
+        return np.empty((0, len(start)))
+    u, v = start / a, end / b
+    theta = math.acos(max(-1.0, min(1.0, float(u @ v))))
+    if theta < 1e-3 or math.pi - theta < 1e-3:
+        return np.empty((0, len(start)))
+    t = np.linspace(0.0, 1.0, points)[:, None]
+    return radius * (np.sin((1 - t) * theta) * u + np.sin(t * theta) * v) / math.sin(theta)
+
+
+def _segments(ends: np.ndarray, starts: np.ndarray | None = None) -> np.ndarray:
+    """Line segments start -> end with a NaN row between them (one trace draws them all)."""
+    starts = np.zeros_like(ends) if starts is None else starts
+    rows = [np.vstack([s, e, np.full(ends.shape[1], np.nan)]) for s, e in zip(starts, ends, strict=True)]
+    return np.vstack(rows) if rows else np.empty((0, ends.shape[1]))
+
+
+def _toy_hover(
+    vectors: np.ndarray, reconstruction: np.ndarray, angles: np.ndarray, name: str
+) -> list[str | None]:
+    """Hover text for the tips of the reconstructed arrows (None at the origin and the gaps)."""
+    texts: list[str | None] = []
+    for i, (x, y, angle) in enumerate(zip(vectors, reconstruction, angles, strict=True)):
+        a, b = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+        ratio = f" (x{b / a:.2f})" if a else ""
+        texts += [
+            None,
+            f"{name} · arrow {i + 1}<br>angle {angle:.1f}°<br>length {a:.2f} -> {b:.2f}{ratio}",
+            None,
+        ]
+    return texts
+
+
+def _toy_trace(points: np.ndarray, *, tips: bool = False, **style: Any) -> go.Scatter | go.Scatter3d:
+    """One 2-D or 3-D line trace through ``points``; with ``tips`` a marker at the end of every segment (an
+    arrowhead in 2-D), sized 0 at its start and gap rows."""
+    dim = points.shape[1]
+    if tips:
+        symbol = {"symbol": "arrow", "angleref": "previous"} if dim == 2 else {"symbol": "diamond"}
+        size = [0, 11 if dim == 2 else 4, 0] * (len(points) // 3)
+        style["marker"] = {"size": size, "color": style["line"]["color"], **symbol}
+    style.setdefault("hoverinfo", "text" if "hovertext" in style else "skip")
+    style["mode"] = "lines+markers" if tips else "lines"
+    if dim == 2:
+        return go.Scatter(x=points[:, 0], y=points[:, 1], **style)
+    return go.Scatter3d(x=points[:, 0], y=points[:, 1], z=points[:, 2], **style)
+
+
+def _span_trace(basis: np.ndarray, offset: np.ndarray, reach: float, colour: str, **legend: Any) -> Any:
+    """What a rank-r map can reach: a dashed line (r = 1) or a shaded plane (r = 2 in 3-D); None otherwise."""
+    name = "what rank r can reach"
+    if basis.shape[1] == 1:
+        line = offset + np.outer([-2 * reach, 2 * reach], basis[:, 0])
+        return _toy_trace(line, name=name, line={"color": colour, "dash": "dash", "width": 1}, **legend)
+    if basis.shape == (3, 2):
+        plane = offset + (np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]]) * 1.5 * reach) @ basis.T
+        x, y, z = plane.T
+        triangles = {"i": [0, 0], "j": [1, 2], "k": [2, 3]}
+        style = {"color": colour, "opacity": 0.12, "name": name, "hoverinfo": "skip"}
+        return go.Mesh3d(x=x, y=y, z=z, **triangles, **style, **legend)
+    return None
+
+
+def toy_arrows(
+    vectors: np.ndarray,
+    reconstructions: Mapping[str, np.ndarray],
+    angles: Mapping[str, np.ndarray],
+    *,
+    spans: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    provenance: str,
+    title: str | None = None,
+) -> go.Figure:
+    """The toy's arrows (grey) and each variant's reconstructions (one panel each), 2-D or 3-D.
+
+    ``vectors`` is n x D (D = 2 or 3); ``reconstructions`` and ``angles`` (degrees) map a variant to its
+    n x D reconstruction and n angles; ``spans`` maps a variant to ``(basis, offset)``: the D x r directions
+    its reconstructions can take and where they are shifted to, drawn as a dashed line (r = 1) or a shaded
+    plane (r = 2, 3-D). Each angle is an arc at :data:`TOY_ARC_SHARE` of its arrow's length.
+    """
+    vectors = np.asarray(vectors, dtype=np.float64)
+    dim = vectors.shape[1]
+    if dim not in (2, 3):
+        raise ValueError(f"toy_arrows draws 2-D or 3-D arrows, got {dim}-D")
+    names = list(reconstructions)
+    colours = variant_colours(names)
+    reach = 1.15 * max(
+        [float(np.abs(vectors).max(initial=1.0))]
+        + [float(np.abs(np.asarray(r)).max(initial=0.0)) for r in reconstructions.values()]
+    )
+    fig = make_subplots(
+        rows=1,
+        cols=len(names),
+        specs=[[{"type": "scene" if dim == 3 else "xy"} for _ in names]],
+        subplot_titles=[f"{name}: mean angle {np.nanmean(angles[name]):.1f}°" for name in names],
+        horizontal_spacing=0.06,
+    )
+    lengths = np.linalg.norm(vectors, axis=1)
+    for col, name in enumerate(names, start=1):
+        rebuilt = np.asarray(reconstructions[name], dtype=np.float64)
+
+        def legend(group: str, col: int = col) -> dict[str, Any]:
+            return {"showlegend": col == 1, "legendgroup": group}
+
+        traces = []
+        if spans and name in spans:
+            basis, offset = (np.asarray(part, dtype=np.float64) for part in spans[name])
+            traces.append(_span_trace(basis, offset, reach, colours[name], **legend("span")))
+        grey, colour = {"color": ORIGINAL_COLOUR, "width": 3}, {"color": colours[name], "width": 3}
+        hover = _toy_hover(vectors, rebuilt, angles[name], name)
+        traces.append(
+            _toy_trace(_segments(vectors), tips=True, name="original arrows", line=grey, **legend("x"))
+        )
+        rebuilt_style = {"name": "reconstructed", "line": colour, "hovertext": hover, **legend("rebuilt")}
+        traces.append(_toy_trace(_segments(rebuilt), tips=True, **rebuilt_style))
+        arcs = [_arc(x, y, TOY_ARC_SHARE * n) for x, y, n in zip(vectors, rebuilt, lengths, strict=True)]
+        gap = np.full((1, dim), np.nan)
+        arc_points = np.vstack([part for arc in arcs if len(arc) for part in (arc, gap)] or [gap])
+        arc_line = {"color": NOTE_COLOUR, "width": 1.5}
+        traces.append(_toy_trace(arc_points, name="angle", line=arc_line, **legend("angle")))
+        for trace in traces:
+            if trace is not None:
+                fig.add_trace(trace, row=1, col=col)
+    # the arrows' bounding box (origin included), one unit as long on every axis
+    points = np.vstack([vectors, np.zeros((1, dim)), *(np.asarray(r) for r in reconstructions.values())])
+    low, high = np.minimum(points.min(axis=0), 0.0), np.maximum(points.max(axis=0), 0.0)
+    pad = 0.08 * float((high - low).max())
+    if dim == 2:
+        x_range, y_range = [low[0] - pad, high[0] + pad], [low[1] - pad, high[1] + pad]
+        for col in range(1, len(names) + 1):
+            anchor = f"x{col if col > 1 else ''}"
+            fig.update_xaxes(range=x_range, zerolinecolor="#cccccc", row=1, col=col)
+            fig.update_yaxes(
+                range=y_range, scaleanchor=anchor, scaleratio=1, zerolinecolor="#cccccc", row=1, col=col
+            )
+    else:  # a cube around the box: equal ranges, so angles look right
+        half = float((high - low).max()) / 2 + pad
+        centre = (low + high) / 2
+        axes = {f"{name}axis": {"range": [c - half, c + half]} for name, c in zip("xyz", centre, strict=True)}
+        fig.update_scenes(**axes, aspectmode="cube")
+    _finish(fig, provenance, title=title, height=540)
+    # the legend goes above the panels' titles
+    return fig.update_layout(margin={"t": 110 if title else 80}, legend={"y": 1.12})
+
+
+def angle_by_length(
+    lengths: np.ndarray, angles: Mapping[str, np.ndarray], *, provenance: str, title: str | None = None
+) -> go.Figure:
+    """Each arrow's angle error (degrees) against its original length, one series per variant."""
+    lengths = np.asarray(lengths, dtype=np.float64)
+    order = np.argsort(lengths, kind="stable")
+    colours = variant_colours(list(angles))
+    fig = go.Figure()
+    for name, values in angles.items():
+        values = np.asarray(values, dtype=np.float64)
+        fig.add_trace(
+            go.Scatter(
+                x=lengths[order],
+                y=values[order],
+                name=f"{name} (mean {np.nanmean(values):.1f}°)",
+                mode="markers",
+                marker={"size": 9, "color": colours[name]},
+                customdata=order + 1,
+                hovertemplate=f"{name} · arrow %{{customdata}}<br>length %{{x:.2f}}<br>angle %{{y:.1f}}°"
+                "<extra></extra>",
+            )
+        )
+    fig.update_xaxes(title="length of the original arrow")
+    fig.update_yaxes(title="angle to its reconstruction (degrees)", rangemode="tozero")
+    return _finish(fig, provenance, title=title or "Which arrows lose their direction", height=360)
+
+
+def direction_length_grid(
+    grids: Mapping[str, Mapping[tuple[str, str], float]],
+    *,
+    notes: Mapping[str, Mapping[tuple[str, str], str]] | None = None,
+    provenance: str,
+    title: str | None = None,
+) -> go.Figure:
+    """One 2 x 2 heat map per variant: rows whose directions, columns whose lengths, colour log perplexity.
+
+    ``grids`` maps a variant to ``{(directions, lengths): perplexity}`` where each side is ``"original"`` or
+    the variant's name; ``notes`` adds a line to a cell (e.g. its top prediction for a blank). The colour
+    scale is shared by every panel (log10 of perplexity; lower is better).
+    """
+    names = list(grids)
+    values = [v for cells in grids.values() for v in cells.values() if v > 0 and math.isfinite(v)]
+    low, high = (math.log10(min(values)), math.log10(max(values))) if values else (0.0, 1.0)
+    fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.17)
+    for col, name in enumerate(names, start=1):
+        sides = ("original", name)
+        z, text = [], []
+        for directions in sides:
+            row_z, row_text = [], []
+            for lengths in sides:
+                value = grids[name].get((directions, lengths), math.nan)
+                row_z.append(math.log10(value) if value > 0 else math.nan)
+                note = (notes or {}).get(name, {}).get((directions, lengths), "")
+                row_text.append(f"<b>{value:,.1f}</b>" + (f"<br>{note}" if note else ""))
+            z.append(row_z)
+            text.append(row_text)
+        fig.add_trace(
+            go.Heatmap(
+                z=z,
+                x=[f"{side} lengths" for side in sides],
+                y=[f"{side} directions" for side in sides],
+                text=text,
+                texttemplate="%{text}",
+                textfont={"size": 14},
+                zmin=low,
+                zmax=max(high, low + 1e-6),
+                colorscale="YlOrRd",
+                showscale=col == len(names),
+                colorbar={"title": "log10 perplexity"},
+                hovertemplate="%{y} · %{x}<br>perplexity %{text}<extra></extra>",
+                name=name,
+            ),
+            row=1,
+            col=col,
+        )
+        fig.update_yaxes(autorange="reversed", row=1, col=col)
+    return _finish(fig, provenance, title=title or "Perplexity: whose directions x whose lengths", height=420)

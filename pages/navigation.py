@@ -48,6 +48,7 @@ PAGES: tuple[PageSpec, ...] = (
     PageSpec("pages/predictions.py", "Predictions", ":material/edit_note:", "Fill in the blank"),
     PageSpec("pages/perplexity.py", "Perplexity", ":material/trending_up:", "Perplexity vs compression"),
     PageSpec("pages/size.py", "Size vs quality", ":material/stacked_line_chart:", "Size vs quality"),
+    PageSpec("pages/why_direction.py", "Why direction?", ":material/school:", "Why direction?"),
 )
 
 

@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--query", default="rank=64&tok=king")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets")
     parser.add_argument("--pages", default=",".join(PAGES))
+    parser.add_argument("--height", type=int, default=2000, help="viewport height (a long page needs more)")
     parser.add_argument(
         "--click", action="append", default=[], help="PAGE=BUTTON LABEL to click before the shot"
     )
@@ -37,7 +38,7 @@ def main() -> None:
             executable_path="/usr/bin/chromium",
             args=["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"],
         )
-        page = browser.new_page(viewport={"width": 1500, "height": 2000})
+        page = browser.new_page(viewport={"width": 1500, "height": args.height})
         for name in args.pages.split(","):
             path, heading = PAGES[name]
             page.goto(f"{args.url}/{path}?{args.query}")

@@ -519,3 +519,43 @@ def test_variant_neighbour_tables_compute_in_the_background_while_the_focus_toke
     app.run()
     assert_clean(app)
     assert [m.label for m in app.metric] == ["svd mean recall@7", "ae-paper mean recall@7"]
+
+
+def test_why_direction_plays_the_toy_and_computes_the_2x2_on_demand(trained: Path) -> None:
+    st.cache_resource.clear()  # the page keeps computed 2 x 2s for the server process
+    app = run_app("why_direction")
+    assert_clean(app)
+    assert {"SVD mean angle", "AE mean angle"} <= {metric.label for metric in app.metric}
+    assert any("What the toy shows" in md.value for md in app.markdown)
+    app.radio(key="toy_dim").set_value("3-D").run()
+    app.slider(key="toy_rank").set_value(3).run()
+    assert_clean(app)
+    assert any("exactly" in md.value for md in app.markdown)  # full rank: nothing lost
+    app.radio(key="toy_dim").set_value("2-D").run()  # rank 3 no longer fits: the slider follows
+    assert_clean(app)
+    assert app.slider(key="toy_rank").value == 2
+    app.select_slider(key="toy_weight").set_value(0.0).run()
+    app.checkbox(key="toy_bias").check().run()
+    assert_clean(app)
+
+    [button] = [b for b in app.button if b.label == "Compute the 2 x 2"]
+    button.click().run()
+    assert_clean(app)
+    table = app.dataframe[-1].value
+    assert list(table["cell"]) == [
+        "original",
+        "original directions + SVD lengths",
+        "SVD directions + original lengths",
+        "SVD",
+        "original directions + AE lengths",
+        "AE directions + original lengths",
+        "AE",
+    ]
+    assert (table["perplexity"] > 0).all() and table["x original"].iloc[0] == 1.0
+    assert (table["top 3 for the blank"].str.len() > 0).all()
+    assert any("give it back the original directions" in md.value for md in app.markdown)
+    # a sentence without a blank: one clear message, the 2 x 2 stays
+    app.text_input(key="why_sentence").input("no blank in this sentence").run()
+    assert not app.exception
+    assert any("blank" in error.value for error in app.error)
+    assert len(app.dataframe[-1].value) == 7

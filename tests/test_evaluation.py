@@ -19,12 +19,17 @@ from embviz.errors import BadInputError
 from embviz.evaluation import (
     SWEEP_COLUMNS,
     UNCOMPRESSED,
+    DirectionLengthGrid,
     SweepRow,
+    cell_name,
+    direction_length_grids,
+    direction_length_variants,
     evaluate_variant,
     load_variant,
     sweep,
     variant_name,
 )
+from embviz.predictions import predict_blank
 from embviz.progress import Progress
 from embviz.testing import SENTENCES
 
@@ -202,6 +207,74 @@ def test_ablation_separates_direction_from_length(tiny_causal: Backbone, text_fi
     assert result.perplexity_variant_lengths == pytest.approx(result.perplexity, rel=1e-6)
     assert result.perplexity != pytest.approx(result.original_perplexity, rel=1e-3)
     assert result.kl_nats > 0
+
+
+def test_direction_length_grids_are_the_evaluation_ablation_as_a_2x2(
+    tiny_causal: Backbone, text_file: str
+) -> None:
+    variants = {"SVD": _svd(tiny_causal, rank=2), "half": _dense(tiny_causal.embedding * 0.5, "half")}
+    seen: list[Progress] = []
+    report = direction_length_grids(
+        tiny_causal, variants, text=text_file, max_tokens=MAX_TOKENS, progress=seen.append
+    )
+    assert list(report.grids) == ["SVD", "half"] and seen[-1].fraction == 1.0
+    svd, half = report.grids["SVD"], report.grids["half"]
+    # the same numbers (and the same cache entries) as evaluate_variant's ablation
+    evaluation = evaluate_variant(tiny_causal, variants["SVD"], text=text_file, max_tokens=MAX_TOKENS)
+    assert evaluation.perplexity_cached
+    assert svd.original == evaluation.original_perplexity and svd.compressed == evaluation.perplexity
+    assert svd.variant_directions == evaluation.perplexity_variant_directions
+    assert svd.variant_lengths == evaluation.perplexity_variant_lengths
+    # halving every row keeps its direction: the original lengths bring the original back
+    assert half.variant_directions == pytest.approx(half.original, rel=1e-6)
+    assert half.variant_lengths == pytest.approx(half.compressed, rel=1e-6)
+    assert (
+        half.cell("original", "half") == half.variant_lengths and half.cell("half", "half") == half.compressed
+    )
+    with pytest.raises(BadInputError):
+        half.cell("SVD", "original")
+    again = direction_length_grids(tiny_causal, variants, text=text_file, max_tokens=MAX_TOKENS)
+    assert all(grid.cached for grid in again.grids.values())
+    rows = report.table()
+    assert len(rows) == 8 and rows[0]["cell"] == "original" and rows[0]["x original"] == 1.0
+    assert [row["cell"] for row in rows[:4]] == [
+        "original", "original directions + SVD lengths", "SVD directions + original lengths", "SVD"
+    ]  # fmt: skip
+    assert report.to_dict()["grids"]["SVD"]["compressed"] == svd.compressed
+    assert "causal LM" in report.protocol and report.text == text_file
+
+
+def test_direction_length_grid_and_blank_on_a_masked_model(tiny_masked: Backbone, text_file: str) -> None:
+    svd = _svd(tiny_masked, rank=2)
+    report = direction_length_grids(tiny_masked, {"SVD": svd}, text=text_file, max_tokens=MAX_TOKENS)
+    grid = report.grids["SVD"]
+    assert "masked LM" in report.protocol
+    assert all(
+        value > 0 for value in (grid.original, grid.variant_lengths, grid.variant_directions, grid.compressed)
+    )
+    matrices = direction_length_variants(tiny_masked.embedding, {"SVD": svd.reconstruct()})
+    result = predict_blank(tiny_masked, "the ___ went home", {"original": None, **matrices}, k=3)
+    assert list(result.variants) == ["original", *matrices]
+
+
+def test_direction_length_variants_and_the_plain_summary() -> None:
+    original = torch.tensor([[3.0, 4.0], [0.0, 2.0]])
+    variant = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    named = direction_length_variants(original, {"SVD": variant})
+    assert list(named) == ["SVD", "SVD directions + original lengths", "original directions + SVD lengths"]
+    torch.testing.assert_close(named["SVD directions + original lengths"][0], torch.tensor([0.0, 5.0]))
+    torch.testing.assert_close(named["original directions + SVD lengths"][0], torch.tensor([0.6, 0.8]))
+    with pytest.raises(BadInputError, match="reserved"):
+        direction_length_variants(original, {"original": variant})
+    assert cell_name("AE", "original", "original") == "original" and cell_name("AE", "AE", "AE") == "AE"
+    grid = DirectionLengthGrid("SVD", original=19.5, variant_lengths=41.4, variant_directions=3511.0,
+                               compressed=4233.3)  # fmt: skip
+    text = grid.summary()
+    assert "SVD alone: perplexity 4,233.3" in text and "3,511.0 (1.2x better)" in text
+    assert "41.4 (102.3x better)" in text
+    worse = DirectionLengthGrid("AE", original=19.5, variant_lengths=20.9, variant_directions=2668.8,
+                                compressed=2513.4)  # fmt: skip
+    assert "2,668.8 (1.1x worse)" in worse.summary()
 
 
 def test_a_damaged_variant_diverges_and_the_ablation_is_optional(

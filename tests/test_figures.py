@@ -8,8 +8,10 @@ import pytest
 
 from embviz.figures import (
     ORIGINAL_COLOUR,
+    angle_by_length,
     angle_histogram,
     class_breakdown_bar,
+    direction_length_grid,
     norm_ratio_histogram,
     perplexity_curve,
     projection_panels,
@@ -17,6 +19,7 @@ from embviz.figures import (
     rate_distortion,
     recall_histogram,
     storage_marks,
+    toy_arrows,
     training_curve,
     variant_colours,
 )
@@ -255,3 +258,78 @@ def test_a_float32_source_shares_the_float32_mark() -> None:
     ]
     with pytest.raises(ValueError, match="x must be"):
         rate_distortion(_bits_rows(("float32", 32.0)), x="MiB")
+
+
+# -- the "Why direction?" page -------------------------------------------------------------------------------
+def _toy(dim: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    vectors = _rng().normal(size=(5, dim))
+    flat = vectors.copy()
+    flat[:, -1] = 0.0  # the projection onto the first axes
+    cosine = (
+        np.einsum("ij,ij->i", vectors, flat) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(flat, axis=1)
+    )
+    angles = np.degrees(np.arccos(np.clip(cosine, -1, 1)))
+    return vectors, {"SVD": flat, "AE": flat * 0.5}, {"SVD": angles, "AE": angles}
+
+
+def test_toy_arrows_in_2d_draw_arrows_spans_and_angle_arcs() -> None:
+    vectors, rebuilt, angles = _toy(2)
+    spans = {
+        "SVD": (np.array([[1.0], [0.0]]), np.zeros(2)),
+        "AE": (np.array([[1.0], [0.0]]), np.array([0, 0.5])),
+    }
+    fig = toy_arrows(vectors, rebuilt, angles, spans=spans, provenance=PROVENANCE)
+    names = [trace.name for trace in fig.data]
+    assert (
+        names.count("original arrows") == 2
+        and names.count("reconstructed") == 2
+        and names.count("angle") == 2
+    )
+    assert names.count("what rank r can reach") == 2
+    originals = fig.data[names.index("original arrows")]
+    assert originals.marker.symbol == "arrow" and list(originals.marker.size[:3]) == [0, 11, 0]
+    assert len(originals.x) == 3 * len(vectors)  # origin, tip, gap per arrow
+    assert "angle" in fig.data[names.index("reconstructed")].hovertext[1]
+    assert fig.layout.annotations[0].text.startswith("SVD: mean angle")
+    assert fig.layout.yaxis.scaleanchor == "x" and fig.layout.yaxis2.scaleanchor == "x2"
+    ae_span = [trace for trace in fig.data if trace.name == "what rank r can reach"][1]
+    assert np.allclose(ae_span.y, 0.5)  # the AE's line is shifted by its offset
+    assert PROVENANCE in _annotations(fig)
+    assert sum(trace.showlegend is not False for trace in fig.data) == 4  # one legend entry per kind
+
+
+def test_toy_arrows_in_3d_shade_a_rank_2_plane() -> None:
+    vectors, rebuilt, angles = _toy(3)
+    basis = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    fig = toy_arrows(vectors, rebuilt, angles, spans={"SVD": (basis, np.zeros(3))}, provenance=PROVENANCE)
+    assert {type(trace).__name__ for trace in fig.data} == {"Scatter3d", "Mesh3d"}
+    assert fig.layout.scene.aspectmode == "cube" and fig.layout.scene2 is not None
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        toy_arrows(np.zeros((3, 4)), {}, {}, provenance=PROVENANCE)
+
+
+def test_angle_by_length_sorts_arrows_by_length() -> None:
+    lengths = np.array([2.0, 0.5, 1.0])
+    fig = angle_by_length(lengths, {"SVD": np.array([5.0, 60.0, 20.0]), "AE": np.array([9.0, 30.0, 15.0])},
+                          provenance=PROVENANCE)  # fmt: skip
+    assert list(fig.data[0].x) == [0.5, 1.0, 2.0] and list(fig.data[0].y) == [60.0, 20.0, 5.0]
+    assert list(fig.data[0].customdata) == [2, 3, 1] and fig.data[1].name.startswith("AE (mean 18.0")
+
+
+def test_direction_length_grid_is_one_2x2_heatmap_per_variant_on_a_shared_scale() -> None:
+    grids = {
+        "SVD": {("original", "original"): 19.5, ("original", "SVD"): 41.4, ("SVD", "original"): 3511.0,
+                ("SVD", "SVD"): 4233.3},
+        "AE": {("original", "original"): 19.5, ("original", "AE"): 20.9, ("AE", "original"): 2668.8,
+               ("AE", "AE"): 2513.4},
+    }  # fmt: skip
+    notes = {"SVD": {("original", "SVD"): "' Paris' 56%"}}
+    fig = direction_length_grid(grids, notes=notes, provenance=PROVENANCE)
+    svd, ae = fig.data
+    assert list(svd.y) == ["original directions", "SVD directions"] and list(ae.x)[1] == "AE lengths"
+    assert svd.zmin == ae.zmin == pytest.approx(math.log10(19.5)) and svd.zmax == pytest.approx(
+        math.log10(4233.3)
+    )
+    assert svd.text[0][1] == "<b>41.4</b><br>' Paris' 56%" and svd.text[1][1] == "<b>4,233.3</b>"
+    assert svd.showscale is False and ae.showscale is True
+    assert PROVENANCE in _annotations(fig)

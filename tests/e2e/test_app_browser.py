@@ -121,3 +121,26 @@ def test_a_shared_link_with_chosen_variants_reproduces_them(page, app_url: str) 
     for name in ("svd", "quant-int4", "svd@4"):
         expect(page.get_by_text(f"{name} median angle").first).to_be_visible(timeout=60_000)
     assert_no_exception(page)
+
+
+def test_why_direction_draws_the_toy_and_the_2x2_with_predictions(page, app_url: str) -> None:
+    open_page(page, app_url, "why_direction")
+    assert_no_exception(page)
+    expect(page.get_by_text("SVD mean angle")).to_be_visible(timeout=60_000)
+    plots = page.locator(".js-plotly-plot")
+    expect(plots).to_have_count(2, timeout=60_000)  # the toy's arrows and its angle-by-length chart
+    expect(plots.first.locator("text", has_text="SVD: mean angle")).to_have_count(1)
+    page.get_by_text("3-D", exact=True).click()  # the toy redraws in 3-D
+    wait_for_idle(page)
+    expect(plots.first.locator(".gl-container")).to_have_count(1, timeout=60_000)
+    assert_no_exception(page)
+
+    page.get_by_role("button", name="Compute the 2 x 2").click()
+    expect(page.get_by_text("In plain words")).to_be_visible(timeout=120_000)
+    wait_for_idle(page)
+    assert_no_exception(page)
+    expect(plots).to_have_count(3)
+    grid = plots.nth(2)
+    for label in ("original directions", "SVD directions", "AE lengths"):
+        expect(grid.locator("text", has_text=label).first).to_be_visible()
+    expect(page.get_by_text("give it back the original directions").first).to_be_visible()
