@@ -65,22 +65,26 @@ FINISHED_JS = """
   if (document.querySelector("[data-testid='stSpinner'], [data-testid='stSkeleton'], "
                              + "[data-testid='stAppSkeleton'], [data-testid='stStatusWidgetRunningIcon'], "
                              + "[data-testid='stStatusWidgetRunningManIcon']")) return false;
+  if (document.querySelector('.st-key-background-jobs')) return false;
   for (const plot of document.querySelectorAll('.js-plotly-plot'))
     if (!plot.querySelector('.main-svg')) return false;
   return true;
 }
 """
-"""Predicate for ``page.wait_for_function``: ``[heading or null, script runs to wait past or null]``."""
+"""Predicate for ``page.wait_for_function``: ``[heading or null, script runs to wait past or null]``. A page
+whose background jobs still run (the app's ``background-jobs`` panel, ``pages/widgets.py``) is not finished."""
 
 FIRST_FIGURE_JS = """
 () => {
   const drawn = [...document.querySelectorAll('.js-plotly-plot')].some((p) => p.querySelector('.main-svg'));
   if (!drawn) return false;
   const app = document.querySelector("[data-testid='stApp']");
-  return {running: !app || app.getAttribute('data-test-script-state') !== 'notRunning'};
+  const background = document.querySelector('.st-key-background-jobs') !== null;
+  return {running: background || !app || app.getAttribute('data-test-script-state') !== 'notRunning'};
 }
 """
-"""Predicate: the first drawn Plotly figure, and whether the script was still running when it appeared."""
+"""Predicate: the first drawn Plotly figure, and whether the script or a background job was still running
+when it appeared."""
 
 
 class AppServerError(RuntimeError):

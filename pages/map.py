@@ -119,7 +119,8 @@ try:
         if job.done:
             result = job.result
         else:
-            umap_progress(job)
+            with st.container(key="background-jobs"):  # the browser tests and benchmark wait for it to go
+                umap_progress(job)
             shown = "pca"
     if shown == "pca":
         with st.spinner(f"PCA map of {backbone.vocab_size:,} tokens…"):

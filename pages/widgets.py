@@ -158,8 +158,9 @@ def jobs_progress(jobs: Mapping[str, BackgroundJob], what: str) -> None:
                 text=f"{name}: {state} ({time.perf_counter() - job.started:.0f} s)",
             )
 
-    st.info(f"{what}: computing in the background; this part of the page appears by itself when done.")
-    panel()
+    with st.container(key="background-jobs"):  # the browser tests and benchmark wait for it to go
+        st.info(f"{what}: computing in the background; this part of the page appears by itself when done.")
+        panel()
 
 
 # -- brushing ---------------------------------------------------------------------------------------------
