@@ -83,6 +83,7 @@ def test_a_shared_link_to_a_page_keeps_its_settings_on_a_fresh_server(page, fres
 
 def _drag_box(page, plot, fraction: tuple[float, float, float, float] = (0.05, 0.05, 0.95, 0.95)) -> None:
     """Drag a selection box over a Plotly chart's plotting area (fractions of its drag layer)."""
+    plot.scroll_into_view_if_needed()
     area = plot.locator(".nsewdrag").first
     box = area.bounding_box()
     assert box is not None, "the chart has no plotting area"
