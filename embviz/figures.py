@@ -176,8 +176,10 @@ def class_breakdown_bar(
     order: Sequence[str] | None = None,
     provenance: str = "",
     title: str | None = None,
+    group_title: str = "token class",
 ) -> go.Figure:
-    """Grouped bars: a metric (mean angle, recall, ...) per token class, one bar per variant.
+    """Grouped bars: a metric (mean angle, recall, ...) per token class (or any grouping named by
+    ``group_title``, e.g. frequency band), one bar per variant.
 
     ``values_by_variant`` is ``{variant: {class: value}}`` (a None value draws no bar); ``counts`` adds the
     class sizes to the axis labels; ``order`` fixes the class order (default: first appearance).
@@ -197,9 +199,9 @@ def class_breakdown_bar(
         ]
     )
     fig.update_layout(barmode="group")
-    fig.update_xaxes(title="token class")
+    fig.update_xaxes(title=group_title)
     fig.update_yaxes(title=metric)
-    return _finish(fig, provenance, title=title or f"{metric[:1].upper()}{metric[1:]} by token class")
+    return _finish(fig, provenance, title=title or f"{metric[:1].upper()}{metric[1:]} by {group_title}")
 
 
 # -- projection panels --------------------------------------------------------------------------------------

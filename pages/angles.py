@@ -54,7 +54,12 @@ values = {
 }
 counts = {group: int((groups == group).sum()) for group in present}
 bars = class_breakdown_bar(
-    values, metric="mean angle (degrees)", counts=counts, order=present, provenance=note
+    values,
+    metric="mean angle (degrees)",
+    counts=counts,
+    order=present,
+    provenance=note,
+    group_title="token class" if split == "token class" else "frequency band",
 )
 st.plotly_chart(bars, width="stretch")
 

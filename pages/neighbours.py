@@ -173,6 +173,7 @@ for column, groups, order, what in (
             order=present,
             provenance=provenance(backbone, config, k=config.k),
             title=f"Mean recall@{config.k} by {what}",
+            group_title=what.split(" (")[0],
         ),
         width="stretch",
     )
