@@ -24,6 +24,7 @@ from pages.widgets import (
     require_variants,
     selected_token_ids,
     token_table,
+    wait_for_jobs,
 )
 
 use_app_router()
@@ -112,8 +113,7 @@ try:
             tuple(params["include_ids"]) if params["sample"] else (),  # all tokens: the focus is drawn anyway
         )
         job = job_board().start(job_key, lambda report: compute_map("umap", report))
-        assert job.thread is not None
-        job.thread.join(timeout=0.5)  # a map from the disk cache comes back at once
+        wait_for_jobs({"umap": job}, seconds=0.5)  # a map from the disk cache comes back at once
         if job.done and job.error is not None:
             raise job.error
         if job.done:

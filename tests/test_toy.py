@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -77,11 +75,9 @@ def test_direction_weight_moves_the_ae_from_error_to_angles() -> None:
     assert by_angle.relative_error > by_error.relative_error
 
 
-def test_the_ae_is_deterministic_and_fast() -> None:
+def test_the_ae_is_deterministic() -> None:
     vectors = toy_vectors(3, 10, seed=2)
-    started = time.perf_counter()
     first = fit_direction_ae(vectors, 2, 0.9, bias=True, seed=5)
-    assert time.perf_counter() - started < 5.0  # well under a second on an idle core
     second = fit_direction_ae(vectors, 2, 0.9, bias=True, seed=5)
     np.testing.assert_array_equal(first.reconstruction, second.reconstruction)
     assert first.loss is not None and first.loss == second.loss
