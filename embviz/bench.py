@@ -896,6 +896,8 @@ class AppDriver:
 
         started = time.perf_counter()
         self.page.goto(page_url(self.url, page.url_path, rank=self.rank, **query), wait_until="commit")
+        if figure and page.name == "neighbours":
+            self.first_answer(figure, started, None)
         clicks = self.settle(page.heading, started)
         elapsed = time.perf_counter() - started
         if figure:
@@ -913,13 +915,33 @@ class AppDriver:
             self.samples.flag(f"{figure}_train_clicked", True)
         return elapsed
 
-    def after_action(self, heading: str, action: Callable[[], None]) -> tuple[float, list[float]]:
-        """Seconds from ``action`` (e.g. pressing Enter) to the finished page, and any train-button clicks."""
+    def first_answer(self, figure: str, started: float, after_runs: int | None) -> None:
+        """Record when the Neighbours page first shows recall (``<figure>_first_answer_s``) and whether that
+        was the sampled estimate (``<figure>_estimate_first``); a train button first ends the wait."""
+        from embviz.browser import train_button_visible, wait_for_recall_answer
+
+        try:
+            answer = wait_for_recall_answer(self.page, after_runs, timeout_ms=APP_TIMEOUT_MS)
+        except Exception:  # e.g. the page stopped on a train button: settle() handles that
+            if train_button_visible(self.page):
+                return
+            raise
+        stem = figure.removesuffix("_s")
+        self.samples.add(f"{stem}_first_answer_s", time.perf_counter() - started)
+        self.samples.flag(f"{stem}_estimate_first", answer == "estimate")
+
+    def after_action(
+        self, heading: str, action: Callable[[], None], first_answer: str | None = None
+    ) -> tuple[float, list[float]]:
+        """Seconds from ``action`` (e.g. pressing Enter) to the finished page, and any train-button clicks;
+        ``first_answer`` names a figure whose first recall answer is recorded on the way."""
         from embviz.browser import script_runs
 
         before = script_runs(self.page)
         started = time.perf_counter()
         action()
+        if first_answer:
+            self.first_answer(first_answer, started, before)
         clicks = self.settle(heading, started, after_runs=before)
         return time.perf_counter() - started, clicks
 
@@ -962,7 +984,9 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(neighbours, None)
         box = driver.page.locator("input[aria-label='Rank (latent size r)']")
         box.fill(str(new_rank))
-        elapsed, clicks = driver.after_action(neighbours.heading, lambda: box.press("Enter"))
+        elapsed, clicks = driver.after_action(
+            neighbours.heading, lambda: box.press("Enter"), first_answer="app_new_rank_s"
+        )
         samples.add("app_new_rank_s", elapsed)
         samples.flag("app_new_rank_train_clicked", bool(clicks))
         if clicks:
@@ -1053,6 +1077,11 @@ def app_scenarios(
         },
         "predictions": {"predictions": entry("app_predictions_s")},
         "fresh_rank": {"neighbours": entry("app_new_rank_s")},
+        # Not targets: when Neighbours first shows recall (a sampled estimate while the exact tables run).
+        "first_recall_answer": {
+            "fresh_variants": entry("app_neighbours_fresh_variants_first_answer_s"),
+            "new_rank": entry("app_new_rank_first_answer_s"),
+        },
         "umap_cold": {"map": entry("app_umap_cold_s")},
         "umap_pca_first": {"map": entry("app_umap_first_map_s")},
     }

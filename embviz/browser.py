@@ -87,6 +87,22 @@ FIRST_FIGURE_JS = """
 when it appeared."""
 
 
+RECALL_ANSWER_JS = """
+(afterRuns) => {
+  if (afterRuns !== null && (window.__embvizRuns || 0) <= afterRuns) return false;
+  const labels = [...document.querySelectorAll("[data-testid='stMetricLabel']")].map((l) => l.textContent);
+  if (labels.some((text) => text.includes('(estimate)'))) return 'estimate';
+  const app = document.querySelector("[data-testid='stApp']");
+  const idle = app && app.getAttribute('data-test-script-state') === 'notRunning';
+  if (idle && !document.querySelector('.st-key-background-jobs')
+      && labels.some((text) => text.includes('mean recall@'))) return 'exact';
+  return false;
+}
+"""
+"""Predicate: the Neighbours page's first recall answer, ``'estimate'`` (a sampled recall shown while the
+exact tables run) or ``'exact'``, after ``afterRuns`` script runs (null: any)."""
+
+
 class AppServerError(RuntimeError):
     """``streamlit run app.py`` did not become healthy (its log tail is in the message)."""
 
@@ -244,6 +260,12 @@ def wait_for_first_figure(page: Page, timeout_ms: float = 120_000) -> bool:
     """Wait for the first drawn Plotly figure; True when the script was still running as it appeared."""
     handle = page.wait_for_function(FIRST_FIGURE_JS, timeout=timeout_ms)
     return bool(handle.json_value()["running"])
+
+
+def wait_for_recall_answer(page: Page, after_runs: int | None = None, timeout_ms: float = 120_000) -> str:
+    """Wait for the Neighbours page's first recall figures; ``'estimate'`` or ``'exact'``."""
+    handle = page.wait_for_function(RECALL_ANSWER_JS, arg=after_runs, timeout=timeout_ms)
+    return str(handle.json_value())
 
 
 def train_button_visible(page: Page) -> bool:

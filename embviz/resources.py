@@ -152,11 +152,16 @@ def gguf_memory(path: Path) -> int:
     return model_memory(2 * size) + size
 
 
-def neighbour_memory(rows: int, width: int, keys: int, k: int, block_rows: int, chunk: int = 64) -> int:
-    """Bytes for an exact blocked top-k search: unit rows (and their float64 source), the padded keys, one
-    ``block_rows x keys`` block of similarities and the ``rows x k`` result."""
-    padded = -(-keys // chunk) * chunk
-    return 12 * rows * width + 4 * padded * width + 4 * min(block_rows, rows) * padded + 8 * rows * k
+SEARCH_TILE = (4096, 1024)
+"""faiss's brute-force search tile (query rows x key rows) of float32 similarities."""
+
+
+def neighbour_memory(rows: int, width: int, keys: int, k: int, block_rows: int) -> int:
+    """Bytes for an exact blocked top-k search: unit rows (and their float64 source), a float32 copy of the
+    keys, one faiss similarity tile (``min(block_rows, rows)`` queries at most) and the result (k+1 ids and
+    scores per row while the row's own id is dropped)."""
+    tile = min(block_rows, rows, SEARCH_TILE[0]) * min(keys, SEARCH_TILE[1])
+    return 12 * rows * width + 4 * keys * width + 4 * tile + 16 * rows * (k + 1)
 
 
 __all__ = [

@@ -52,10 +52,18 @@ def choose_threads(policy: Policy, cores: int | None = None) -> int:
     return max(1, cores - 1) if policy == APP else max(1, cores)
 
 
+OTHER_RUNTIMES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
+"""Thread settings read once, when they load, by the other parallel runtimes embviz uses: faiss's own
+OpenMP (and the BLAS it bundles), and numba's (UMAP). A value the user set is kept."""
+
+
 def configure_threads(policy: Policy) -> int:
-    """Set torch's intra-op threads for this process once (later calls keep the first choice); returns it."""
+    """Set torch's intra-op threads for this process once (later calls keep the first choice), and the same
+    default for faiss's and numba's runtimes that load later (:data:`OTHER_RUNTIMES`); returns it."""
     with _LOCK:
         if "threads" not in _CHOSEN:
             _CHOSEN["threads"] = choose_threads(policy)
             torch.set_num_threads(_CHOSEN["threads"])
+            for variable in OTHER_RUNTIMES:
+                os.environ.setdefault(variable, str(_CHOSEN["threads"]))
         return _CHOSEN["threads"]

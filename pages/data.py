@@ -37,11 +37,12 @@ from embviz.errors import BadInputError, EmbvizError
 from embviz.frequency import frequency_weights
 from embviz.metrics import (
     Angles,
+    RecallEstimate,
     corpus_frequencies,
     frequency_bands,
-    nearest_neighbours,
     neighbour_table_cached,
     reconstruction_angles,
+    sampled_recall,
     token_classes,
     token_neighbours,
 )
@@ -315,15 +316,31 @@ def original_neighbour_table(model: str, k: int) -> NeighbourTable:
 
 def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, BackgroundJob]:
     """Full-vocabulary top-k tables of each variant (exact, through its factors when low-rank), each computed
-    once per server in the background (:class:`JobBoard`); a page draws them when done."""
+    once in the background (:class:`JobBoard`) and kept on disk; a page draws them when done."""
     board = job_board()
     return {
         name: board.start(
             ("neighbours", variant.spec, k),
-            lambda report, compressed=variant.compressed: nearest_neighbours(compressed, k, progress=report),
+            lambda report, spec=variant.spec, compressed=variant.compressed: neighbour_table_cached(
+                spec.model, None, compressed, k, progress=report
+            ),
         )
         for name, variant in variants.items()
     }
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def _sampled_recall(
+    spec: VariantSpec, k: int, _original: np.ndarray, _compressed: CompressedEmbedding
+) -> RecallEstimate:
+    return sampled_recall(_original, _compressed)
+
+
+def sampled_recall_of(variants: dict[str, Variant], k: int) -> dict[str, RecallEstimate]:
+    """Each variant's recall@k on a random sample of tokens (exact for them, with its standard error): the
+    first answer while the full tables run in the background."""
+    original, _ = original_neighbour_table(next(iter(variants.values())).spec.model, k)
+    return {name: _sampled_recall(v.spec, k, original, v.compressed) for name, v in variants.items()}
 
 
 def focus_neighbours(variants: dict[str, Variant], token_id: int, k: int) -> dict[str, NeighbourTable]:

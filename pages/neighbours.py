@@ -15,6 +15,7 @@ from pages.data import (
     backbone_fingerprint,
     focus_neighbours,
     original_neighbour_table,
+    sampled_recall_of,
     token_groups,
     variant_neighbour_jobs,
 )
@@ -103,6 +104,35 @@ for error in failed:
 if failed:
     st.stop()
 if not all(job.done for job in jobs.values()):
+    # A first answer at once: exact recall on a random sample, with its error, until the full tables are in.
+    try:
+        estimates = sampled_recall_of(variants, config.k)
+    except EmbvizError as error:  # e.g. not enough memory for the search
+        st.error(str(error))
+        st.stop()
+    sample = len(next(iter(estimates.values())).ids)
+    metric_columns = st.columns(len(estimates))
+    for column, (name, estimate) in zip(metric_columns, estimates.items(), strict=True):
+        column.metric(
+            f"{name} mean recall@{config.k} (estimate)",
+            f"{estimate.mean:.3f} ± {estimate.margin:.3f}",
+            help=f"95% interval from {sample:,} random tokens",
+        )
+    st.plotly_chart(
+        recall_histogram(
+            {name: estimate.per_token for name, estimate in estimates.items()},
+            config.k,
+            provenance=provenance(backbone, config, k=config.k),
+            title=f"Neighbour recall@{config.k} on {sample:,} random tokens (estimate)",
+        ),
+        width="stretch",
+        key="recall_estimate",
+    )
+    st.warning(
+        f"**Estimated from a random sample** of {sample:,} of the {backbone.vocab_size:,} tokens (each one's "
+        "neighbours searched exactly over the whole vocabulary); ± is the 95% interval of the mean. The exact "
+        "figures for every token, the groups and the token table replace it when the background job ends."
+    )
     jobs_progress(
         jobs, f"Nearest neighbours of all {backbone.vocab_size:,} tokens under each variant (exact)"
     )

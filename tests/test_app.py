@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,7 +15,8 @@ from streamlit.testing.v1 import AppTest
 from embviz import resources
 from embviz.artifacts import compress_cached
 from embviz.backbones import Backbone
-from embviz.compressors import AECompressor, make_compressor, method_ids
+from embviz.cache import embviz_home
+from embviz.compressors import AECompressor, CompressedEmbedding, make_compressor, method_ids
 from embviz.progress import Progress
 from pages.navigation import PAGES, PageSpec
 from pages.state import MAX_COMPARED
@@ -392,11 +394,14 @@ def test_an_unusable_cache_shows_one_warning_and_the_app_still_works(
 
 
 def test_a_neighbour_search_that_does_not_fit_is_an_error_not_a_crash(
-    trained: Path, monkeypatch: pytest.MonkeyPatch
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pages import data
 
     data.load_backbone(str(trained))  # the model itself fits
+    artifacts = embviz_home() / "artifacts"
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "home"))  # no neighbour table on disk either
+    shutil.copytree(artifacts, tmp_path / "home" / "artifacts")
     monkeypatch.setattr(resources, "available_memory", lambda: 600_000)
     data.original_neighbour_table.clear()
     data.job_board.clear()
@@ -494,24 +499,28 @@ def test_umap_runs_in_the_background_while_pca_is_shown(
 def test_variant_neighbour_tables_compute_in_the_background_while_the_focus_token_shows(
     trained: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The focus token's neighbours show at once (one product per variant); recall over the vocabulary
-    follows when the background searches finish."""
+    """The focus token's neighbours show at once (one product per variant), and recall estimated on a random
+    sample with its error; the exact recall over the vocabulary follows when the background searches finish."""
     from pages import data
 
     release = threading.Event()
-    search = data.nearest_neighbours
+    search = data.neighbour_table_cached
 
     def slow_search(*args: object, **kwargs: object) -> object:
-        release.wait(timeout=60)
+        if isinstance(args[2], CompressedEmbedding):  # a variant's table, not the original's
+            release.wait(timeout=60)
         return search(*args, **kwargs)
 
     data.job_board.clear()
-    monkeypatch.setattr(data, "nearest_neighbours", slow_search)
+    monkeypatch.setattr(data, "neighbour_table_cached", slow_search)
     app = run_app("neighbours", tok="king", k="7")
     assert_clean(app)
     assert any("king" in header.value for header in app.subheader)
     assert any("computing in the background" in info.value for info in app.info)
-    assert not app.metric, "no recall before the tables exist"
+    labels = [m.label for m in app.metric]
+    assert labels == ["svd mean recall@7 (estimate)", "ae-paper mean recall@7 (estimate)"]
+    assert all(" ± " in m.value for m in app.metric)
+    assert any("Estimated from a random sample" in w.value for w in app.warning)
     release.set()
     for job in data.job_board().jobs.values():
         assert job.thread is not None
@@ -519,6 +528,7 @@ def test_variant_neighbour_tables_compute_in_the_background_while_the_focus_toke
     app.run()
     assert_clean(app)
     assert [m.label for m in app.metric] == ["svd mean recall@7", "ae-paper mean recall@7"]
+    assert not any("Estimated from a random sample" in w.value for w in app.warning)
 
 
 def test_why_direction_plays_the_toy_and_computes_the_2x2_on_demand(trained: Path) -> None:

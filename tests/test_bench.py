@@ -387,9 +387,11 @@ def test_app_scenarios_give_samples_median_target_and_verdict_per_page() -> None
         "first_visit",
         "predictions",
         "fresh_rank",
+        "first_recall_answer",
         "umap_cold",
         "umap_pca_first",
     }
+    assert "target" not in scenarios["first_recall_answer"]["new_rank"]  # reported, not a target
     assert set(scenarios["warm"]) == set(APP_PAGES)
     warm_map = scenarios["warm"]["map"]
     assert warm_map == {

@@ -25,6 +25,7 @@ from embviz.metrics import (
     neighbour_table_cached,
     recall_at_k,
     reconstruction_angles,
+    sampled_recall,
     summary,
     token_classes,
     token_frequencies,
@@ -146,6 +147,36 @@ def test_neighbour_method_errors() -> None:
         nearest_neighbours(CompressedEmbedding("q", {}, dense=_random(20, 4)), 3, method="factors")
     with pytest.raises(BadInputError, match="k must be"):
         nearest_neighbours(_random(5, 4), 5)
+
+
+def test_neighbours_of_some_rows_equal_those_rows_of_the_full_table() -> None:
+    matrix = _random(300, 12)
+    matrix[7] = matrix[3]  # an exact duplicate may outrank the row itself; the row is still dropped
+    full_indices, full_scores = nearest_neighbours(matrix, 6)
+    rows = np.array([0, 3, 7, 150, 299])
+    indices, scores = nearest_neighbours(matrix, 6, rows=rows)
+    np.testing.assert_allclose(scores, full_scores[rows], atol=1e-6)
+    assert _same_sets(indices, full_indices[rows]) == 1.0
+    assert not (indices == rows[:, None]).any()
+    assert 7 in indices[1] and 3 in indices[2]
+    with pytest.raises(BadInputError, match="rows must be token ids"):
+        nearest_neighbours(matrix, 6, rows=np.array([300]))
+
+
+def test_sampled_recall_estimates_the_full_recall_within_its_margin() -> None:
+    matrix = _random(2000, 16)
+    original, _ = nearest_neighbours(matrix, 10)
+    variant = _low_rank(matrix, 6, bias=False)
+    exact = recall_at_k(original, nearest_neighbours(variant, 10)[0])
+    estimate = sampled_recall(original, variant, 400, seed=3)
+    assert len(estimate.ids) == len(set(estimate.ids.tolist())) == 400
+    np.testing.assert_allclose(estimate.per_token, exact.per_token[estimate.ids])
+    assert 0 < estimate.standard_error < 0.05
+    assert abs(estimate.mean - exact.mean) <= 3 * estimate.standard_error
+    everything = sampled_recall(original, variant, 5000)
+    assert everything.mean == pytest.approx(exact.mean) and everything.standard_error == 0.0
+    with pytest.raises(BadInputError, match="rows"):
+        sampled_recall(original, matrix[:10])
 
 
 def test_recall_is_one_for_identical_matrix_and_matches_set_overlap() -> None:

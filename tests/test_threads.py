@@ -70,3 +70,27 @@ def test_a_bad_thread_count_stops_the_cli_with_one_line(
         capsys.readouterr().err.strip()
         == f"embviz: error: {THREADS_ENV} must be a positive integer, got 'many'"
     )
+
+
+def test_faiss_and_numba_follow_the_choice_in_every_thread() -> None:
+    """faiss's OpenMP and numba read their thread counts when they load; a server's worker thread (where the
+    app's background jobs run) must see the chosen count too, not one per core."""
+    code = (
+        "import threading; from embviz.threads import configure_threads; configure_threads('all')\n"
+        "from embviz.metrics import nearest_neighbours; import numpy as np\n"
+        "out = {}\n"
+        "def work():\n"
+        "    nearest_neighbours(np.random.default_rng(0).normal(size=(50, 4)).astype('float32'), 3)\n"
+        "    import faiss, numba; out['n'] = (faiss.omp_get_max_threads(), numba.get_num_threads())\n"
+        "t = threading.Thread(target=work); t.start(); t.join(); print(*out['n'])"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**environment, THREADS_ENV: "1"},
+        check=True,
+        timeout=120,
+    )
+    assert result.stdout.split() == ["1", "1"]

@@ -32,10 +32,19 @@ def test_the_app_stage_times_every_page_and_scenario(
             assert entry["samples"] and len(entry["samples"]) == 1, (scenario, page.name)
             assert math.isfinite(entry["median_s"]) and entry["median_s"] > 0, (scenario, page.name)
         assert result["targets"][f"app_warm_{page.name}_s"]["met"] in (True, False)
-    for name in ("app_predictions_s", "app_new_rank_s", "app_umap_first_map_s", "app_umap_cold_s"):
+    for name in (
+        "app_predictions_s",
+        "app_new_rank_s",
+        "app_new_rank_first_answer_s",
+        "app_neighbours_fresh_variants_first_answer_s",
+        "app_umap_first_map_s",
+        "app_umap_cold_s",
+    ):
         assert math.isfinite(figures[name]) and figures[name] > 0, name
     assert figures["app_predictions_three_tables"] is True
     assert figures["app_new_rank_both_variants"] is True
+    assert figures["app_new_rank_first_answer_s"] <= figures["app_new_rank_s"]
+    assert isinstance(figures["app_new_rank_estimate_first"], bool)
     assert isinstance(figures["app_new_rank_train_clicked"], bool)
     assert isinstance(figures["app_umap_pca_first"], bool)
     assert details["fresh_rank"] != RANK and details["threads_policy"] == "app"
