@@ -9,6 +9,9 @@ Stages (each can be run alone with ``--stages``):
   interpreter start included, measured from outside) and ``warm_reload_s`` (a second load in one process).
 * ``ae`` -- the AutoEncoder's paper recipe (batch 32, 30 epochs) against the fast recipe at rank 64: fit
   time, mean cosine and perplexity on ``bible:valid``; the ``compare`` block states the speed-up.
+* ``fits`` -- fit time of the bits-per-weight methods (direction-aware VQ and mixed rows at 4, 2, 1 and 0.5
+  bits per weight, llama.cpp's GGUF formats at their own size), each layout's exact bits per weight, and the
+  slowest fit at 1 bit against its two-minute limit.
 * ``knn`` -- full-vocabulary top-10 neighbours of a low-rank variant through its factors against the
   dense baseline (reconstruct, then blocked products), and recall@10 against the original's table.
 * ``maps`` -- UMAP (numba compile timed apart, cold in a fresh cache, then served from the disk cache) and
@@ -208,6 +211,7 @@ TARGETS: tuple[Target, ...] = (
     Target("PCA map", "pca_map_s", "<=", 2.0),
     Target("predictions, three variants", "predict_latency_s", "<=", 2.0),
     Target("peak memory, backbone + three variants", "peak_rss_mb", "<=", 3072.0, unit="MiB"),
+    Target("every fit at 1 bit per weight (2 CPU cores)", "fit_slowest_at_1_bit_s", "<=", 120.0),
 )
 
 
@@ -684,6 +688,54 @@ def stage_knn(context: BenchContext, report: Report) -> None:
     )
 
 
+FIT_METHODS = ("vq-direction", "quant-mixed", "gguf-q8_0", "gguf-q5_1", "gguf-q5_0", "gguf-q4_1", "gguf-q4_0")
+"""The methods the bits-per-weight work added or measures against (the AE recipes have their own stage)."""
+FIT_BUDGETS = (4.0, 2.0, 1.0, 0.5)
+"""Budgets in bits per weight the ``fits`` stage sizes each method to (fixed-size formats: their own)."""
+
+
+def fit_figure(method: str, bits: float | None) -> str:
+    """The figure name of one fit: ``fit_vq_direction_1b_s`` (a budget) or ``fit_gguf_q4_0_s`` (fixed)."""
+    budget = "" if bits is None else f"_{bits:g}b".replace(".", "p")
+    return f"fit_{method.replace('-', '_')}{budget}_s"
+
+
+def stage_fits(context: BenchContext, report: Report) -> None:
+    """Fit time of each :data:`FIT_METHODS` method at each :data:`FIT_BUDGETS` budget it can meet (the
+    sweep's own sizing), no artifact cache; the slowest fit at 1 bit against its limit."""
+    from embviz.compressors import get_method
+    from embviz.evaluation import plan_sweep
+
+    settings, backbone = context.settings, context.backbone
+    plan = plan_sweep(backbone, FIT_METHODS, None, None, "fast", bits=FIT_BUDGETS)
+    embedding = backbone.embedding
+    layouts: dict[str, Any] = {}
+    one_bit: list[float] = []
+    for job in plan:
+        fixed = get_method(job.method).sizing == "fixed"
+        figure = fit_figure(job.method, None if fixed else job.target_bits)
+        repeats = settings.repeats if fixed else settings.heavy_repeats
+        context.say(f"{figure}: fitting {job.method} ({repeats} runs)")
+        timing, fits = measure(partial(job.compressor.fit, embedding), repeats)
+        context.say(f"{figure}: {', '.join(f'{t:.1f}' for t in timing.runs)} s")
+        report.timing(figure, timing)
+        fitted = fits[-1]
+        layouts[figure] = {"label": fitted.label, "bits_per_weight": round(fitted.bits_per_weight, 4)}
+        if job.target_bits == 1.0 and not fixed:
+            one_bit.append(report.figures[figure])
+    if one_bit:
+        report.set("fit_slowest_at_1_bit_s", max(one_bit))
+    report.detail(
+        "fits",
+        budgets=list(FIT_BUDGETS),
+        methods=list(FIT_METHODS),
+        fitted=layouts,
+        notes=list(plan.notes),
+        measured="compressor.fit on the backbone's matrix, no artifact cache; row weights (wordfreq) "
+        "computed once before timing",
+    )
+
+
 def _warm_numba() -> float:
     """Run a tiny UMAP fit + transform so numba compiles its kernels; the seconds it took."""
     import numpy as np
@@ -1147,6 +1199,7 @@ Stage = Callable[[BenchContext, Report], None]
 STAGES: dict[str, Stage] = {
     "load": stage_load,
     "ae": stage_ae,
+    "fits": stage_fits,
     "knn": stage_knn,
     "maps": stage_maps,
     "latency": stage_latency,

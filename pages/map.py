@@ -104,6 +104,7 @@ def umap_progress(job: BackgroundJob) -> None:
 
 
 shown = method
+result: ProjectionMap | None = None
 try:
     if method == "umap":
         job_key = (
@@ -112,7 +113,10 @@ try:
             params["sample"],
             tuple(params["include_ids"]) if params["sample"] else (),  # all tokens: the focus is drawn anyway
         )
-        job = job_board().start(job_key, lambda report: compute_map("umap", report))
+        board = job_board()
+        # PCA before the UMAP job starts, so the map shown meanwhile does not wait behind UMAP's threads.
+        pca_first = None if job_key in board.jobs else compute_map("pca")
+        job = board.start(job_key, lambda report: compute_map("umap", report))
         wait_for_jobs({"umap": job}, seconds=0.5)  # a map from the disk cache comes back at once
         if job.done and job.error is not None:
             raise job.error
@@ -121,8 +125,8 @@ try:
         else:
             with st.container(key="background-jobs"):  # the browser tests and benchmark wait for it to go
                 umap_progress(job)
-            shown = "pca"
-    if shown == "pca":
+            shown, result = "pca", pca_first
+    if result is None:
         with st.spinner(f"PCA map of {backbone.vocab_size:,} tokens…"):
             result = compute_map("pca")
     st.caption(

@@ -29,6 +29,7 @@ from embviz.bench import (
     compare_block,
     default_stages,
     evaluate_targets,
+    fit_figure,
     fresh_rank,
     measure,
     median,
@@ -159,6 +160,7 @@ def test_every_issue_target_is_evaluated() -> None:
         "pca_map_s",
         "predict_latency_s",
         "peak_rss_mb",
+        "fit_slowest_at_1_bit_s",
     }
     assert all({"name", "target", "measured", "met"} <= set(v) for v in verdicts.values())
 
@@ -483,6 +485,28 @@ def test_in_process_stages_on_a_tiny_model(tiny_causal_path: Path) -> None:
     assert result["targets"]["ae_speedup"]["met"] is None  # a 1-epoch paper recipe is no comparison
     assert result["compare"]["comparable"] is False
     assert result["details"]["latency"]["variants"] == ["original", "SVD", "AE"]
+
+
+def test_the_fits_stage_times_each_method_at_each_budget_it_meets(
+    tiny_causal_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a 400 x 32 matrix direction VQ's codebooks alone cost about 3 bits per weight: 1 bit is out of reach.
+    monkeypatch.setattr(bench, "FIT_BUDGETS", (8.0, 4.0, 1.0))
+    settings = BenchSettings(model=str(tiny_causal_path), rank=8, repeats=1, heavy_repeats=1)
+    result = run_bench(settings, ["fits"])
+    assert result["errors"] == {}
+    figures, details = result["figures"], result["details"]["fits"]
+    assert fit_figure("vq-direction", 1.0) == "fit_vq_direction_1b_s"
+    assert fit_figure("vq-direction", 0.5) == "fit_vq_direction_0p5b_s"
+    assert fit_figure("gguf-q4_0", None) == "fit_gguf_q4_0_s"
+    for name in ("fit_vq_direction_4b_s", "fit_quant_mixed_4b_s", "fit_gguf_q4_0_s", "fit_gguf_q8_0_s"):
+        assert figures[name] > 0, name
+        assert details["fitted"][name]["bits_per_weight"] > 0
+    assert details["fitted"]["fit_gguf_q4_0_s"]["bits_per_weight"] == pytest.approx(4.5)
+    assert details["fitted"]["fit_vq_direction_4b_s"]["bits_per_weight"] <= 4.0
+    assert "fit_vq_direction_1b_s" not in figures
+    assert any("vq-direction at 1 bits" in note for note in details["notes"])
+    assert result["targets"]["fit_slowest_at_1_bit_s"]["met"] is None  # nothing fitted at 1 bit
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_float_bytes_count_every_parameter_and_the_decoder_bias() -> None:
 def test_mixed_rows_get_byte_ratio_32_over_bits_within_their_reach(vocab: int, hidden: int) -> None:
     spec = get_method("quant-mixed")
     assert spec.max_byte_ratio is not None
-    least = 32 / spec.max_byte_ratio(hidden)
+    least = 32 / spec.max_byte_ratio(vocab, hidden)
     for budget in BUDGETS:
         if budget < least:
             with pytest.raises(UnreachableBudget, match="reaches budgets from"):

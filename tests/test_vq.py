@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from embviz.artifacts import compress_cached
-from embviz.compressors import RowWeights, get_method
+from embviz.compressors import RowWeights, UnreachableBudget, get_method
 from embviz.compressors.vq import DirectionVQ, decode_direction_vq, plan, stored_bytes
 from embviz.errors import BadInputError
 
@@ -87,9 +87,18 @@ def test_fits_are_deterministic_and_decoding_checks_its_inputs(
 
 def test_it_is_sized_by_bits_and_needs_row_weights() -> None:
     spec = get_method("vq-direction")
-    size = spec.size(VOCAB, HIDDEN, bits=0.5)
+    size = spec.size(49152, 576, bits=0.5)  # SmolLM2's shape
     assert size.ratio == pytest.approx(64) and size.target_bits == 0.5
     assert spec.needs_row_weights and not math.isnan(size.ratio)
+    plan(49152, 576, size.ratio)
+    # The reach is the plan's: on a small matrix the codebooks alone are most of half a bit per weight.
+    with pytest.raises(UnreachableBudget, match="8192 x 64"):
+        spec.size(VOCAB, HIDDEN, bits=0.5)
+    assert spec.max_byte_ratio is not None
+    least = 32 / spec.max_byte_ratio(VOCAB, HIDDEN)
+    plan(VOCAB, HIDDEN, spec.size(VOCAB, HIDDEN, bits=least).ratio or 0)  # the least budget builds
+    with pytest.raises(BadInputError):
+        plan(VOCAB, HIDDEN, 32 / (least * 0.99))
     with pytest.raises(BadInputError, match="row weights"):
         DirectionVQ(8.0, None)  # type: ignore[arg-type]
 

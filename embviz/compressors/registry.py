@@ -107,7 +107,7 @@ class MethodSpec:
         code_bits: the width of its quantised codes, for rank-sized methods sized by bytes.
         bytes_for_rank: stored bytes at a rank, ``(V, D, r) -> bytes`` (quantised rank-sized methods).
         fixed_bytes: stored bytes of a V x D matrix, ``(V, D) -> bytes`` (``fixed`` sizing).
-        max_byte_ratio: the largest byte ratio it reaches for D columns (``bytes`` sizing).
+        max_byte_ratio: the largest byte ratio it reaches for a V x D matrix (``bytes`` sizing), from (V, D).
         rebuild: ``(config, **overrides) -> Compressor`` where :attr:`config_keys` cannot say it (nested
             configurations, e.g. a quantised method over a base method).
         decode: how its stored quantised tensors become float ``codes`` / ``dense`` on load (a
@@ -132,7 +132,7 @@ class MethodSpec:
     code_bits: int | None = None
     bytes_for_rank: Callable[[int, int, int], int] | None = field(default=None, repr=False)
     fixed_bytes: Callable[[int, int], int] | None = field(default=None, repr=False)
-    max_byte_ratio: Callable[[int], float] | None = field(default=None, repr=False)
+    max_byte_ratio: Callable[[int, int], float] | None = field(default=None, repr=False)
     rebuild: Callable[..., Compressor] | None = field(default=None, repr=False)
     decode: Decoder | None = field(default=None, repr=False)
     description: str = ""
@@ -189,10 +189,10 @@ class MethodSpec:
             if ratio is None:
                 raise BadInputError(f"{self.id} is sized by a byte ratio: give a ratio")
             ratio = check_ratio(ratio)
-            reach = self.max_byte_ratio(hidden_size) if self.max_byte_ratio else None
+            reach = self.max_byte_ratio(vocab_size, hidden_size) if self.max_byte_ratio else None
             if reach is not None and ratio > reach:
                 raise BadInputError(
-                    f"ratio {ratio:g} is beyond what {self.id} reaches for {hidden_size} columns "
+                    f"ratio {ratio:g} is beyond what {self.id} reaches for a {vocab_size} x {hidden_size} matrix "
                     f"(at most {reach:.2f}x)"
                 )
             return Size(ratio=ratio, target_ratio=ratio)
@@ -243,11 +243,12 @@ class MethodSpec:
                 )
             return Size(target_ratio=round(32 / own, 4))
         if self.sizing == "bytes":
-            reach = self.max_byte_ratio(hidden_size) if self.max_byte_ratio else None
+            reach = self.max_byte_ratio(vocab_size, hidden_size) if self.max_byte_ratio else None
             if bits >= 32 or (reach is not None and 32 / bits > reach):
                 span = f"from {32 / reach:.3g} to just under" if reach is not None else "just under"
                 raise UnreachableBudget(
-                    f"{self.id} reaches budgets {span} 32 bits per weight for {hidden_size} columns, "
+                    f"{self.id} reaches budgets {span} 32 bits per weight for a {vocab_size} x {hidden_size} "
+                    "matrix, "
                     f"not {bits:g}"
                 )
             return Size(ratio=32 / bits, target_ratio=32 / bits, target_bits=bits)

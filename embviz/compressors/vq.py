@@ -41,7 +41,6 @@ from embviz.progress import ProgressCallback, send
 
 METHOD = "vq-direction"
 LENGTH_LEVELS = 255  # 8-bit length codes
-FIXED_ROW_BYTES = 1 + 1 / 8  # a length code and a mask bit per row
 MAX_NBITS = 8
 MIN_TRAIN_PER_CENTROID = 4
 
@@ -252,7 +251,9 @@ VQ_DIRECTION = register_method(
         needs_row_weights=True,
         options=("seed",),
         config_keys=("seed",),
-        max_byte_ratio=lambda hidden: 4 * hidden / (1 + FIXED_ROW_BYTES),
+        max_byte_ratio=lambda vocab, hidden: (
+            4 * vocab * hidden / stored_bytes(vocab, hidden, 1, _nbits(vocab), 0)
+        ),
         decode=decode_direction_vq,
         # Measured on the reference matrix: 40-42 s at 1 bit per weight, 92 s at 0.5 and 135 s at 2 (the
         # residual stage and faiss's codebook training grow with the rate); an estimate, not a bound.
