@@ -19,7 +19,7 @@ import streamlit as st
 import torch
 
 from embviz.artifacts import ArtifactResult, artifact_path, compress_cached, matrix_fingerprint
-from embviz.backbones import Backbone
+from embviz.backbones import Backbone, Mode
 from embviz.cache import cache_problem
 from embviz.compressors import (
     CompressedEmbedding,
@@ -46,6 +46,7 @@ from embviz.metrics import (
     token_classes,
     token_neighbours,
 )
+from embviz.predictions import PredictionResult, predict_blank
 from embviz.progress import Progress, ProgressCallback
 from embviz.sources import load_model
 from pages.state import Settings, settings
@@ -350,6 +351,27 @@ def focus_neighbours(variants: dict[str, Variant], token_id: int, k: int) -> dic
         indices, scores = token_neighbours(matrix, token_id, k)
         tables[name] = (indices[None, :], scores[None, :])
     return tables
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def _predictions(
+    specs: tuple[tuple[str, VariantSpec], ...],
+    sentence: str,
+    k: int,
+    mode: Mode,
+    _backbone: Backbone,
+    _matrices: dict[str, torch.Tensor],
+) -> PredictionResult:
+    return predict_blank(_backbone, sentence, {ORIGINAL: None, **_matrices}, k=k, mode=mode)
+
+
+def predictions_of(
+    backbone: Backbone, sentence: str, variants: dict[str, Variant], k: int, mode: Mode
+) -> PredictionResult:
+    """Fill-in-the-blank top-k of the original and each variant, computed once per sentence and variants on
+    this server (a page revisited, or a second session, gets them at once)."""
+    specs = tuple((name, variant.spec) for name, variant in variants.items())
+    return _predictions(specs, sentence, k, mode, backbone, reconstructions(variants))
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)

@@ -6,9 +6,9 @@ import pandas as pd
 import streamlit as st
 
 from embviz.errors import EmbvizError
-from embviz.predictions import predict_blank, prediction_table
+from embviz.predictions import prediction_table
 from embviz.vocab import visible_text
-from pages.data import current_backbone, reconstructions
+from pages.data import current_backbone, predictions_of
 from pages.routing import use_app_router
 from pages.state import settings
 from pages.widgets import downloads, explain, variants_for
@@ -60,12 +60,9 @@ for examples, label in ((EXAMPLES, "From the corpora's world"), (EVERYDAY, "Ever
             st.session_state["sentence"] = example
 sentence = st.text_input("Sentence with a blank", key="sentence", bind="query-params")
 
-matrices = reconstructions(variants)
 try:
-    with st.spinner("Predicting with three variants…"):
-        result = predict_blank(
-            backbone, sentence, {"original": None, **matrices}, k=config.k, mode=config.mode
-        )  # type: ignore[arg-type]
+    with st.spinner(f"Predicting with the original and {len(variants)} variants…"):
+        result = predictions_of(backbone, sentence, variants, config.k, config.mode)
 except EmbvizError as error:
     st.error(str(error))
     st.stop()
@@ -106,5 +103,5 @@ for column, (name, predictions) in zip(columns, result.variants.items(), strict=
     column.dataframe(frame, hide_index=True, width="stretch")
     if predictions.lost:
         column.caption("lost: " + ", ".join(visible_text(t.strip()) for t in predictions.lost))
-st.caption(f"{result.method} · {backbone.name} · mode {config.mode} · {result.seconds:.2f} s")
+st.caption(f"{result.method} · {backbone.name} · mode {config.mode} · computed in {result.seconds:.2f} s")
 downloads("predictions", table=pd.DataFrame(prediction_table(result)), payload=result.to_dict())

@@ -213,6 +213,35 @@ def test_predictions_for_three_variants_and_a_sentence_without_blank(trained: Pa
     assert not app.exception
 
 
+def test_predictions_are_computed_once_per_sentence_and_variants(
+    trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page revisited (or a second session) with the same sentence and variants gets the same tables at
+    once; a new sentence is computed."""
+    from pages import data
+
+    calls: list[str] = []
+    predict = data.predict_blank
+
+    def counting(backbone: Backbone, sentence: str, *args: object, **kwargs: object) -> object:
+        calls.append(sentence)
+        return predict(backbone, sentence, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(data, "predict_blank", counting)
+    data._predictions.clear()
+    first = run_app("predictions")
+    assert_clean(first)
+    second = run_app("predictions")  # a fresh session: nothing in its own state
+    assert_clean(second)
+    assert len(calls) == 1 and len(second.dataframe) == 3
+    assert [d.value.equals(e.value) for d, e in zip(first.dataframe, second.dataframe, strict=True)] == [
+        True
+    ] * 3
+    second.text_input(key="sentence").input("The ___ is blue.").run()
+    assert_clean(second)
+    assert calls == [calls[0], "The ___ is blue."]
+
+
 def test_perplexity_sweep_runs_on_demand_with_the_uncompressed_row(trained: Path) -> None:
     app = run_app("perplexity")
     assert_clean(app)
