@@ -745,6 +745,117 @@ def _sizes_within(
     return sizes, out_of_reach
 
 
+class SweepRunner:
+    """One sweep on one backbone: its plan (validated before any model runs) and evaluation protocol, and
+    the rows they give, one at a time: the uncompressed model's and each job's. :func:`sweep` runs them in
+    order; :mod:`embviz.cluster` runs each job in a Ray task and gets the same rows."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        methods: Sequence[str],
+        *,
+        ratios: Sequence[float] | None = None,
+        ranks: Sequence[int] | None = None,
+        text: str = DEFAULT_TEXT,
+        mode: Mode = "input",
+        k: int = DEFAULT_K,
+        max_tokens: int | None = None,
+        recipe: str = "fast",
+        by: str = "params",
+        ablation: bool = False,
+        bits: Sequence[float] | None = None,
+        weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+    ) -> None:
+        self.backbone, self.text, self.mode, self.k, self.ablation = backbone, text, mode, k, ablation
+        self.jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights)
+        self.evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
+
+    def tag(self, index: int) -> str:
+        """How progress names job ``index``: ``[2/6] svd r=64`` (``(4 bits/weight)`` for a budget)."""
+        job = self.jobs[index]
+        rank = job.compressor.get_config()["rank"]
+        tag = f"[{index + 1}/{len(self.jobs)}] {job.method}" + (f" r={rank}" if rank is not None else "")
+        return tag + (f" ({job.target_bits:g} bits/weight)" if job.target_bits is not None else "")
+
+    def uncompressed_row(self, progress: ProgressCallback | None = None) -> SweepRow:
+        """The ``uncompressed`` row: ratio 1, its own perplexity, recall 1, KL 0, agreement 1."""
+        started = time.perf_counter()
+        original = self.evaluator.perplexity(progress=progress)[REFERENCE]
+        backbone, ablation = self.backbone, self.ablation
+        vocab, hidden = backbone.vocab_size, backbone.hidden_size
+        return SweepRow(
+            method=UNCOMPRESSED,
+            label=UNCOMPRESSED,
+            target_ratio=1.0,
+            ratio=1.0,
+            rank=hidden,
+            params=vocab * hidden,
+            bytes=4 * vocab * hidden,
+            byte_ratio=1.0,
+            perplexity=original.perplexity,
+            vs_original=1.0,
+            frontier=False,
+            recall_at_k=1.0,
+            mean_angle_deg=0.0,
+            median_angle_deg=0.0,
+            mean_norm_ratio=1.0,
+            mean_cosine=1.0,
+            relative_error=0.0,
+            train_seconds=0.0,
+            seconds=round(time.perf_counter() - started, 3),
+            cached=original.cached,
+            artifact=None,
+            original_perplexity=original.perplexity,
+            text=self.text,
+            mode=self.mode,
+            k=self.k,
+            protocol=self.evaluator.protocol,
+            kl_nats=0.0,
+            top1_agreement=1.0,
+            perplexity_variant_directions=original.perplexity if ablation else None,
+            perplexity_variant_lengths=original.perplexity if ablation else None,
+            bits_per_weight=32.0,
+            bytes_vs_bf16=0.5,
+            **backbone.source_facts(32.0),
+        )
+
+    def job_row(self, index: int, progress: ProgressCallback | None = None) -> SweepRow:
+        """Compress (through the artifact cache) and evaluate job ``index``; ``progress`` gets two units."""
+        report = progress or quiet
+        started = time.perf_counter()
+        job, tag = self.jobs[index], self.tag(index)
+        report(Progress(0, 2, f"{tag}: compressing"))
+        artifact = compress_cached(
+            self.backbone.name,
+            self.backbone.embedding,
+            job.compressor,
+            progress=nested(report, 0, 1, 2, f"{tag}: "),
+        )
+        if artifact.notice:
+            logger.warning("%s: %s", tag, artifact.notice)
+        evaluation = self.evaluator.evaluate(
+            artifact.compressed, nested(report, 1, 2, 2, f"{tag}: "), ablation=self.ablation
+        )
+        return SweepRow.from_evaluation(
+            evaluation,
+            target_ratio=job.target_ratio,
+            train_seconds=round(artifact.compressed.train_seconds, 3),
+            cached=artifact.cached,
+            artifact=str(artifact.path) if artifact.path else None,
+            seconds=round(time.perf_counter() - started, 3),
+            target_bits=job.target_bits,
+        )
+
+    def result(self, rows: Iterable[SweepRow]) -> SweepResult:
+        """``rows`` (uncompressed first, then the jobs in plan order) with the Pareto frontier marked."""
+        rows = list(rows)
+        optimal = frontier([row.to_dict() for row in rows])
+        return SweepResult(
+            (replace(row, frontier=on) for row, on in zip(rows, optimal, strict=True)), self.jobs.notes
+        )
+
+
 def sweep(
     backbone: Backbone,
     methods: Sequence[str],
@@ -788,85 +899,30 @@ def sweep(
             all checked before any model runs.
     """
     report = progress or quiet
-    jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights)
-    evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
-    total = 1 + 2 * len(jobs)
-    started = time.perf_counter()
-    for note in jobs.notes:
+    runner = SweepRunner(
+        backbone,
+        methods,
+        ratios=ratios,
+        ranks=ranks,
+        text=text,
+        mode=mode,
+        k=k,
+        max_tokens=max_tokens,
+        recipe=recipe,
+        by=by,
+        ablation=ablation,
+        bits=bits,
+        weights=weights,
+    )
+    total = 1 + 2 * len(runner.jobs)
+    for note in runner.jobs.notes:
         logger.warning("%s", note)
     report(Progress(0, total, "perplexity of the uncompressed model"))
-    original = evaluator.perplexity(progress=nested(report, 0, 1, total))[REFERENCE]
-    vocab, hidden = backbone.vocab_size, backbone.hidden_size
-    rows = [
-        SweepRow(
-            method=UNCOMPRESSED,
-            label=UNCOMPRESSED,
-            target_ratio=1.0,
-            ratio=1.0,
-            rank=hidden,
-            params=vocab * hidden,
-            bytes=4 * vocab * hidden,
-            byte_ratio=1.0,
-            perplexity=original.perplexity,
-            vs_original=1.0,
-            frontier=False,
-            recall_at_k=1.0,
-            mean_angle_deg=0.0,
-            median_angle_deg=0.0,
-            mean_norm_ratio=1.0,
-            mean_cosine=1.0,
-            relative_error=0.0,
-            train_seconds=0.0,
-            seconds=round(time.perf_counter() - started, 3),
-            cached=original.cached,
-            artifact=None,
-            original_perplexity=original.perplexity,
-            text=text,
-            mode=mode,
-            k=k,
-            protocol=evaluator.protocol,
-            kl_nats=0.0,
-            top1_agreement=1.0,
-            perplexity_variant_directions=original.perplexity if ablation else None,
-            perplexity_variant_lengths=original.perplexity if ablation else None,
-            bits_per_weight=32.0,
-            bytes_vs_bf16=0.5,
-            **backbone.source_facts(32.0),
-        )
-    ]
-    for index, job in enumerate(jobs):
-        started = time.perf_counter()
+    rows = [runner.uncompressed_row(nested(report, 0, 1, total))]
+    for index in range(len(runner.jobs)):
         base = 1 + 2 * index
-        rank = job.compressor.get_config()["rank"]
-        tag = f"[{index + 1}/{len(jobs)}] {job.method}" + (f" r={rank}" if rank is not None else "")
-        tag += f" ({job.target_bits:g} bits/weight)" if job.target_bits is not None else ""
-        report(Progress(base, total, f"{tag}: compressing"))
-        artifact = compress_cached(
-            backbone.name,
-            backbone.embedding,
-            job.compressor,
-            progress=nested(report, base, base + 1, total, f"{tag}: "),
-        )
-        if artifact.notice:
-            logger.warning("%s: %s", tag, artifact.notice)
-        evaluation = evaluator.evaluate(
-            artifact.compressed, nested(report, base + 1, base + 2, total, f"{tag}: "), ablation=ablation
-        )
-        rows.append(
-            SweepRow.from_evaluation(
-                evaluation,
-                target_ratio=job.target_ratio,
-                train_seconds=round(artifact.compressed.train_seconds, 3),
-                cached=artifact.cached,
-                artifact=str(artifact.path) if artifact.path else None,
-                seconds=round(time.perf_counter() - started, 3),
-                target_bits=job.target_bits,
-            )
-        )
-    optimal = frontier([row.to_dict() for row in rows])
-    result = SweepResult(
-        (replace(row, frontier=on) for row, on in zip(rows, optimal, strict=True)), jobs.notes
-    )
+        rows.append(runner.job_row(index, nested(report, base, base + 2, total)))
+    result = runner.result(rows)
     report(Progress(total, total, "sweep done"))
     return result
 
@@ -885,6 +941,7 @@ __all__ = [
     "SweepPlan",
     "SweepResult",
     "SweepRow",
+    "SweepRunner",
     "cell_name",
     "direction_length_grids",
     "direction_length_variants",
