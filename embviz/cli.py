@@ -535,6 +535,19 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
     )
     _add_weights(parser)
     _add_evaluation_options(parser)
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run each variant as a Ray task (needs `pip install 'embviz[ray]'`): a local cluster without "
+        "ADDRESS, else that cluster's (auto, ray://host:port); EMBVIZ_HOME must be shared storage there",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="task slots of the local Ray cluster (default: every usable core, one torch thread each)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON array (one object per row)")
     output.add_argument("--csv", action="store_true", help="print CSV with a header row")
@@ -555,22 +568,42 @@ def run_sweep(args: argparse.Namespace) -> int:
         if ratios is not None:
             raise BadInputError("give --ratios or --bits, not both")
         bits = [check_bits_per_weight(value) for value in bits]
-    rows = sweep(
-        _load_backbone(args),
-        methods,
-        ratios=ratios,
-        ranks=ranks,
-        bits=bits,
-        text=args.text,
-        mode=args.mode,
-        k=args.k,
-        max_tokens=args.max_tokens,
-        recipe=args.recipe,
-        by=args.by,
-        progress=_ProgressBar(),
-        ablation=args.ablation,
-        weights=args.weights,
-    )
+    settings: dict[str, Any] = {
+        "ratios": ratios,
+        "ranks": ranks,
+        "bits": bits,
+        "text": args.text,
+        "mode": args.mode,
+        "k": args.k,
+        "max_tokens": args.max_tokens,
+        "recipe": args.recipe,
+        "by": args.by,
+        "ablation": args.ablation,
+        "weights": args.weights,
+    }
+    failed = 0
+    if args.ray is None:
+        if args.workers is not None:
+            from embviz.errors import BadInputError
+
+            raise BadInputError("--workers sizes a local Ray cluster: give it with --ray")
+        rows = sweep(_load_backbone(args), methods, progress=_ProgressBar(), **settings)
+    else:
+        from embviz.cluster import ray_sweep
+        from embviz.errors import BadInputError
+
+        if getattr(args, "trust_remote_code", False):
+            raise BadInputError(
+                "--trust-remote-code is not passed to Ray tasks: run that sweep without --ray"
+            )
+        address = None if args.ray == "local" else args.ray
+        result = ray_sweep(
+            args.model, methods, address=address, workers=args.workers, progress=_ProgressBar(), **settings
+        )
+        rows = result.rows
+        for failure in result.failures:
+            print(f"embviz: task failed: {failure.variant}: {failure.error}", file=sys.stderr)
+        failed = len(result.failures)
     records = [row.to_dict() for row in rows]
     if args.csv:
         import csv
@@ -580,7 +613,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         writer.writerows(records)
     else:
         emit(records, args.json, _render_sweep)
-    return 0
+    return 1 if failed else 0
 
 
 def _render_sweep(rows: list[dict[str, Any]]) -> str:

@@ -781,7 +781,7 @@ class SweepRunner:
     def uncompressed_row(self, progress: ProgressCallback | None = None) -> SweepRow:
         """The ``uncompressed`` row: ratio 1, its own perplexity, recall 1, KL 0, agreement 1."""
         started = time.perf_counter()
-        original = self.evaluator.perplexity(progress=progress)[REFERENCE]
+        original = self.evaluator.perplexity(progress=progress or quiet)[REFERENCE]
         backbone, ablation = self.backbone, self.ablation
         vocab, hidden = backbone.vocab_size, backbone.hidden_size
         return SweepRow(

