@@ -862,7 +862,7 @@ def fresh_rank(home: Path, rank: int, hidden_size: int | None = None) -> int:
 
 def seed_skipped(relative: Path, fresh: int | None = None) -> bool:
     """What a seeded home leaves out: lock files, every map (UMAP and PCA run cold), the original's UMAP
-    neighbour tables (``neighbours/*-k14-*``) and any artifact at rank ``fresh``."""
+    neighbour tables (``neighbours/*-k14-*``), the app's variant tables and any artifact at rank ``fresh``."""
     parts = relative.parts
     if not parts:
         return False
@@ -870,7 +870,8 @@ def seed_skipped(relative: Path, fresh: int | None = None) -> bool:
         return True
     if parts[0] == "artifacts" and fresh is not None and len(parts) > 2 and f"-r{fresh}-" in parts[2]:
         return True
-    return parts[0] == "neighbours" and f"-k{UMAP_TABLE_K}-" in parts[-1]
+    # The app's variant tables (``<model>-variant-<method>-k10-...``) stay out too: variants start fresh.
+    return parts[0] == "neighbours" and (f"-k{UMAP_TABLE_K}-" in parts[-1] or "-variant-" in parts[-1])
 
 
 @contextlib.contextmanager

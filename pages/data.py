@@ -55,6 +55,8 @@ ORIGINAL = "original"
 QUICK_SECONDS = 3.0
 """A closed-form variant expected within this many seconds is computed under a spinner, without a progress
 bar."""
+VARIANT_TABLE_TAG = "variant"
+"""Marks the app's variant neighbour tables in their cache file names (``smollm2-variant-svd-k10-...``)."""
 NeighbourTable = tuple[np.ndarray, np.ndarray]
 """Top-k neighbour ids and cosine scores, one row per token."""
 
@@ -323,7 +325,7 @@ def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, Ba
         name: board.start(
             ("neighbours", variant.spec, k),
             lambda report, spec=variant.spec, compressed=variant.compressed: neighbour_table_cached(
-                spec.model, None, compressed, k, progress=report
+                f"{spec.model}-{VARIANT_TABLE_TAG}-{spec.method}", None, compressed, k, progress=report
             ),
         )
         for name, variant in variants.items()

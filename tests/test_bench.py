@@ -431,6 +431,7 @@ def test_seeded_home_links_the_cache_without_maps_umap_tables_locks_or_the_fresh
         "artifacts/smollm2/svd-r72-b/weights": False,
         "neighbours/smollm2-k10-f.npz": True,
         "neighbours/smollm2-k14-f.npz": False,
+        "neighbours/smollm2-variant-svd-k10-g.npz": False,
         "maps/smollm2-umap-k.npz": False,
     }
     for name in files:
