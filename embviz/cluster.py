@@ -23,7 +23,7 @@ from embviz.errors import BadInputError, EmbvizError
 from embviz.evaluation import SweepResult, SweepRow, SweepRunner
 from embviz.progress import Progress, ProgressCallback, quiet
 from embviz.sources import load_model
-from embviz.threads import THREADS_ENV, usable_cores
+from embviz.threads import ALL, OTHER_RUNTIMES, THREADS_ENV, configure_threads, usable_cores
 
 UNCOMPRESSED_TASK = -1
 """The task index of the uncompressed model's row (the jobs are 0 .. n-1)."""
@@ -60,6 +60,7 @@ def _runner(model: str, settings_items: tuple[tuple[str, Any], ...]) -> SweepRun
 def run_task(model: str, settings: Mapping[str, Any], index: int) -> dict[str, Any]:
     """One task: the uncompressed row (``index`` :data:`UNCOMPRESSED_TASK`) or job ``index``'s row, as the
     dict of :meth:`SweepRow.to_dict`. Runs in a Ray worker, or anywhere (the tests call it directly)."""
+    configure_threads(ALL)  # EMBVIZ_THREADS from the driver on a local cluster; else the worker's cores
     runner = _runner(model, _frozen(settings))
     row = runner.uncompressed_row() if index == UNCOMPRESSED_TASK else runner.job_row(index)
     return row.to_dict()
@@ -113,7 +114,9 @@ def ray_sweep(
     slots = workers or usable_cores()
     env = {HOME_ENV: str(embviz_home())}
     if local:
-        env[THREADS_ENV] = os.environ.get(THREADS_ENV) or str(worker_threads(slots))
+        threads = os.environ.get(THREADS_ENV) or str(worker_threads(slots))
+        # Every runtime in a task gets the same count, whatever the driver's own environment says.
+        env.update({THREADS_ENV: threads, **dict.fromkeys(OTHER_RUNTIMES, threads)})
     ray.init(
         address=address,
         num_cpus=slots if local else None,

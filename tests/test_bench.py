@@ -517,6 +517,9 @@ def test_every_stage_on_a_tiny_model(tiny_causal_path: Path) -> None:
     )
     result = run_bench(settings)
     assert result["errors"] == {}
-    assert all(verdict["measured"] is not None for verdict in result["targets"].values())
+    # No method reaches 1 bit per weight on a 400 x 32 matrix: that target alone is reported as not measured.
+    unmeasured = {name for name, verdict in result["targets"].items() if verdict["measured"] is None}
+    assert unmeasured == {"fit_slowest_at_1_bit_s"}
+    assert result["targets"]["fit_slowest_at_1_bit_s"]["note"].startswith("not measured")
     assert result["figures"]["umap_cache_hits"] is True
     assert result["figures"]["peak_rss_mb"] > 0
