@@ -362,9 +362,11 @@ def _predictions(
     k: int,
     mode: Mode,
     _backbone: Backbone,
-    _matrices: dict[str, torch.Tensor],
+    _variants: dict[str, Variant],
 ) -> PredictionResult:
-    return predict_blank(_backbone, sentence, {ORIGINAL: None, **_matrices}, k=k, mode=mode)
+    # Reconstructed only here: a cached answer needs no V x D matrices.
+    matrices = reconstructions(_variants)
+    return predict_blank(_backbone, sentence, {ORIGINAL: None, **matrices}, k=k, mode=mode)
 
 
 def predictions_of(
@@ -373,7 +375,7 @@ def predictions_of(
     """Fill-in-the-blank top-k of the original and each variant, computed once per sentence and variants on
     this server (a page revisited, or a second session, gets them at once)."""
     specs = tuple((name, variant.spec) for name, variant in variants.items())
-    return _predictions(specs, sentence, k, mode, backbone, reconstructions(variants))
+    return _predictions(specs, sentence, k, mode, backbone, variants)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
