@@ -53,7 +53,13 @@ from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
 from embviz.frequency import DEFAULT_WEIGHT_SOURCE, WeightSource, frequency_weights
 from embviz.frontier import frontier
-from embviz.metrics import neighbour_table_cached, recall_at_k, reconstruction_angles, summary
+from embviz.metrics import (
+    NeighbourSearch,
+    neighbour_table_cached,
+    recall_at_k,
+    reconstruction_angles,
+    summary,
+)
 from embviz.perplexity import (
     DEFAULT_MAX_TOKENS,
     REFERENCE,
@@ -158,6 +164,9 @@ class Evaluation:
     source_format: str | None
     source_bits_per_weight: float | None
     bytes_vs_source: float | None
+    neighbour_search: str = "exact"
+    """How the neighbour tables behind ``recall_at_k`` were found: ``exact``, or the approximate index with its
+    measured recall against exact search (a vocabulary too large for an affordable exact search)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (``embviz evaluate --json``): fields in order, ``perplexity`` nested."""
@@ -314,12 +323,13 @@ class _Evaluator:
         )
 
     @cached_property
-    def original_neighbours(self) -> np.ndarray:
+    def original_table(self) -> NeighbourSearch:
         embedding = self.backbone.embedding
-        indices, _ = neighbour_table_cached(
-            self.backbone.name, matrix_fingerprint(embedding), embedding, self.k
-        )
-        return indices
+        return neighbour_table_cached(self.backbone.name, matrix_fingerprint(embedding), embedding, self.k)
+
+    @property
+    def original_neighbours(self) -> np.ndarray:
+        return self.original_table.indices
 
     def perplexity(
         self,
@@ -366,13 +376,18 @@ class _Evaluator:
         if variant.kl_nats is None or variant.top1_agreement is None:
             raise AssertionError("the compressed variant is always scored with its KL divergence")
         send(progress, Progress(1, stages, f"recall@{self.k} over {self.backbone.vocab_size:,} tokens"))
-        variant_table, _ = neighbour_table_cached(
+        variant_table = neighbour_table_cached(
             f"{self.backbone.name}-{compressed.method}",
             variant_key(compressed),
             compressed,  # a CompressedEmbedding is searched through its factors
             self.k,
         )
-        recall = recall_at_k(self.original_neighbours, variant_table)
+        recall = recall_at_k(self.original_neighbours, variant_table.indices)
+        searches = {"original": self.original_table.quality, "variant": variant_table.quality}
+        neighbour_search = "; ".join(
+            f"{name}: {'exact' if quality is None else quality.describe(self.k)}"
+            for name, quality in searches.items()
+        )
         send(progress, Progress(2, stages, "angles and reconstruction quality"))
         angles = reconstruction_angles(embedding, compressed)
         geometry = summary(angles.degrees, angles.norm_ratio)
@@ -412,6 +427,7 @@ class _Evaluator:
             bits_per_weight=facts["bits_per_weight"],
             bytes_vs_bf16=facts["bytes_vs_bf16"],
             **self.backbone.source_facts(compressed.bits_per_weight),
+            neighbour_search="exact" if all(q is None for q in searches.values()) else neighbour_search,
         )
 
 

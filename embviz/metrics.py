@@ -51,10 +51,19 @@ logger = logging.getLogger(__name__)
 Matrix = torch.Tensor | np.ndarray
 MatrixLike = Matrix | CompressedEmbedding
 NeighbourMethod = Literal["auto", "factors", "dense"]
+SearchKind = Literal["auto", "exact", "approximate"]
 
 SIMILARITY_BLOCK_BYTES = 256 * 2**20
 """Memory for one block of similarities (``block_rows x V`` float32); sets the default block size."""
 MAX_BLOCK_ROWS = 4096
+EXACT_SEARCH_FLOPS = 2e13
+"""Under ``search="auto"`` a neighbour search whose exact cost (``2 x queries x keys x width`` flops) is above
+this uses an approximate index: about 5 minutes at the ~70 Gflop/s faiss reaches on the 2-core reference
+machine. SmolLM2's full dense table is 2.8e12 (exact); a 128k x 2048 matrix's is 6.7e13 (approximate)."""
+SEARCH_TARGET_RECALL = 0.99
+"""The recall@k against exact search an approximate index is tuned to (on a calibration sample)."""
+SEARCH_CHECK_SAMPLE = 1024
+"""Tokens on which an approximate table's recall against exact search is measured (apart from calibration)."""
 _CACHE_VERSION = 1  # bump when a cached table's layout or meaning changes
 
 
@@ -230,10 +239,13 @@ def _factor_variant(matrix: MatrixLike, method: NeighbourMethod) -> CompressedEm
 
 
 def _dense_unit_rows(matrix: MatrixLike, block_rows: int) -> torch.Tensor:
-    vocab = _shape(matrix)[0]
-    return torch.cat(
-        [_unit_rows(_rows(matrix, s, min(s + block_rows, vocab))) for s in range(0, vocab, block_rows)]
-    )
+    """Float32 unit rows, filled block by block (one V x D copy, not a list of blocks and their concatenation)."""
+    vocab, hidden = _shape(matrix)
+    unit = torch.empty(vocab, hidden, dtype=torch.float32)
+    for start in range(0, vocab, block_rows):
+        stop = min(start + block_rows, vocab)
+        unit[start:stop] = _unit_rows(_rows(matrix, start, stop))
+    return unit
 
 
 def _exact_inner_product_topk(queries: np.ndarray, keys: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,6 +260,21 @@ def _exact_inner_product_topk(queries: np.ndarray, keys: np.ndarray, k: int) -> 
     return indices, scores
 
 
+def _drop_own_ids(
+    found: np.ndarray, similarity: np.ndarray, ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Of k+1 results per query, drop the query's own id wherever it ranks (an exact duplicate row may
+    outrank it), else the last."""
+    own = found == ids[:, None]
+    own[~own.any(axis=1), -1] = True  # not found among k+1: drop the last instead
+    keep = np.argsort(own, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(found, keep, axis=1), np.take_along_axis(similarity, keep, axis=1)
+
+
+BlockSearch = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""``search(query_rows, wanted) -> (ids, scores)``: the top ``wanted`` keys of each query row."""
+
+
 def _blocked_topk(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -257,8 +284,10 @@ def _blocked_topk(
     block_rows: int,
     query_ids: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
+    search_block: BlockSearch | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``queries @ keys.T`` row by row, ``block_rows`` queries at a time (for progress).
+    """Top-k of ``queries @ keys.T`` row by row, ``block_rows`` queries at a time (for progress): exact, or
+    through ``search_block`` (an approximate index over the same keys).
 
     With ``exclude_self`` each query's own key (query i is key ``query_ids[i]``, default i) is dropped: k+1
     are found and that key removed wherever it ranks (an exact duplicate row may outrank it), else the last.
@@ -271,18 +300,159 @@ def _blocked_topk(
     scores = np.empty((count, k), dtype=np.float32)
     for start in range(0, count, block_rows):
         stop = min(start + block_rows, count)
-        found, similarity = _exact_inner_product_topk(query_rows[start:stop], key_rows, wanted)
+        block = query_rows[start:stop]
+        if search_block is None:
+            found, similarity = _exact_inner_product_topk(block, key_rows, wanted)
+        else:
+            found, similarity = search_block(block, wanted)
+            short = (found < 0).any(axis=1)  # an index that found fewer than wanted: exact for those rows
+            if short.any():
+                found[short], similarity[short] = _exact_inner_product_topk(block[short], key_rows, wanted)
         if exclude_self:
             ids = np.arange(start, stop) if query_ids is None else query_ids[start:stop]
-            own = found == ids[:, None]
-            own[~own.any(axis=1), -1] = True  # not found among k+1: drop the last instead
-            keep = np.argsort(own, axis=1, kind="stable")[:, :k]
-            found = np.take_along_axis(found, keep, axis=1)
-            similarity = np.take_along_axis(similarity, keep, axis=1)
+            found, similarity = _drop_own_ids(found, similarity, ids, k)
         indices[start:stop] = found
         scores[start:stop] = similarity
         send(progress, Progress(stop, count, f"nearest neighbours of {stop:,} of {count:,} rows"))
     return indices, scores
+
+
+# -- approximate search ------------------------------------------------------------------------------------
+def exact_search_flops(queries: int, keys: int, width: int) -> float:
+    """Floating-point operations of an exact search: one multiply-add per query, key and dimension."""
+    return 2.0 * queries * keys * width
+
+
+def use_exact_search(queries: int, keys: int, width: int, search: SearchKind = "auto") -> bool:
+    """Whether a search runs exactly: always for ``"exact"``, never for ``"approximate"``, and for ``"auto"``
+    while its cost stays within :data:`EXACT_SEARCH_FLOPS` (exact is the default wherever it is affordable)."""
+    if search not in ("auto", "exact", "approximate"):
+        raise BadInputError(f"unknown neighbour search {search!r}; use auto, exact or approximate")
+    if search == "auto":
+        return exact_search_flops(queries, keys, width) <= EXACT_SEARCH_FLOPS
+    return search == "exact"
+
+
+class SearchQuality(NamedTuple):
+    """How an approximate neighbour table was found, and its recall@k against exact search on random tokens
+    apart from those the index was tuned on."""
+
+    index: str
+    recall: RecallEstimate
+
+    def describe(self, k: int | None = None) -> str:
+        """One line for a caption: the index and its measured recall with the 95% margin."""
+        at = f"@{k}" if k else ""
+        return (
+            f"approximate neighbours ({self.index}): recall{at} against exact search "
+            f"{self.recall.mean:.3f} ± {self.recall.margin:.3f} on {len(self.recall.ids):,} random tokens"
+        )
+
+
+class IVFSearch:
+    """A faiss inverted-file index (``IndexIVFFlat``, inner product) over unit key rows, with ``nprobe``
+    tuned on a calibration sample until recall@k against exact search reaches :data:`SEARCH_TARGET_RECALL`
+    (or a quarter of the lists are probed, beyond which exact search costs little more).
+
+    About sqrt(V) lists, trained by k-means (seeded) on 40 rows per list (faiss warns below 39); each query
+    then compares against the list centroids and the rows of the ``nprobe`` closest lists.
+    """
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        k: int,
+        *,
+        exclude_self: bool,
+        seed: int = 0,
+        calibration: int = 512,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        count, width = keys.shape
+        self.keys = keys
+        self.lists = int(2 ** round(math.log2(max(16.0, math.sqrt(count)))))
+        quantizer = faiss.IndexFlatIP(width)
+        self.index = faiss.IndexIVFFlat(quantizer, width, self.lists, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.seed = seed
+        self.index.cp.niter = 10
+        rng = np.random.default_rng(seed)
+        send(progress, Progress(0, 1, f"training an approximate index ({self.lists:,} lists)"))
+        training = keys[np.sort(rng.choice(count, size=min(count, 40 * self.lists), replace=False))]
+        self.index.train(np.ascontiguousarray(training))
+        self.index.add(keys)
+        self.quantizer = quantizer  # the index refers to it; keep it alive
+        self.calibration_ids = np.sort(rng.choice(count, size=min(count, calibration), replace=False))
+        self.nprobe = self._tune(k, exclude_self, progress)
+
+    def _tune(self, k: int, exclude_self: bool, progress: ProgressCallback | None) -> int:
+        ids = self.calibration_ids
+        queries = self.keys[ids]
+        wanted = k + 1 if exclude_self else k
+        exact, exact_scores = _exact_inner_product_topk(queries, self.keys, wanted)
+        if exclude_self:
+            exact, _ = _drop_own_ids(exact, exact_scores, ids, k)
+        nprobe, limit = 1, max(1, self.lists // 4)
+        while True:
+            self.index.nprobe = nprobe
+            found, scores = self(queries, wanted)
+            if exclude_self:
+                found, _ = _drop_own_ids(found, scores, ids, k)
+            self.calibration_recall = recall_at_k(exact, found).mean
+            send(
+                progress,
+                Progress(0, 1, f"tuning the index: nprobe {nprobe}, recall {self.calibration_recall:.3f}"),
+            )
+            if self.calibration_recall >= SEARCH_TARGET_RECALL or nprobe >= limit:
+                return nprobe
+            nprobe = min(2 * nprobe, limit)
+
+    def __call__(self, queries: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        faiss.omp_set_num_threads(torch.get_num_threads())
+        scores, found = self.index.search(np.ascontiguousarray(queries), wanted)
+        return found.astype(np.int32, copy=False), scores
+
+    @property
+    def description(self) -> str:
+        return f"faiss IVF-Flat, {self.lists:,} lists, nprobe {self.nprobe}"
+
+
+def _estimate(ids: np.ndarray, per_token: np.ndarray, vocab: int) -> RecallEstimate:
+    """A :class:`RecallEstimate` from per-token recalls on ``ids`` of ``vocab`` tokens (finite-population
+    corrected standard error)."""
+    count = len(ids)
+    spread = float(per_token.std(ddof=1)) if count > 1 else 0.0
+    correction = math.sqrt(max(0.0, (vocab - count) / max(1, vocab - 1)))
+    return RecallEstimate(ids, per_token, float(per_token.mean()), spread / math.sqrt(count) * correction)
+
+
+def _check_against_exact(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    found: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool,
+    query_ids: np.ndarray | None,
+    avoid: np.ndarray,
+    seed: int = 1,
+) -> RecallEstimate:
+    """Recall@k of an approximate table ``found`` against exact search on :data:`SEARCH_CHECK_SAMPLE` random
+    queries not among ``avoid`` (the calibration sample)."""
+    count = queries.shape[0]
+    pool = np.setdiff1d(np.arange(count), avoid) if len(avoid) < count else np.arange(count)
+    rng = np.random.default_rng(seed)
+    picked = np.sort(rng.choice(pool, size=min(len(pool), SEARCH_CHECK_SAMPLE), replace=False))
+    wanted = k + 1 if exclude_self else k
+    exact, scores = _exact_inner_product_topk(queries[picked], keys, wanted)
+    if exclude_self:
+        own = picked if query_ids is None else query_ids[picked]
+        exact, _ = _drop_own_ids(exact, scores, own, k)
+    return _estimate(picked, recall_at_k(exact, found[picked]).per_token, count)
 
 
 def _check_k(k: int, candidates: int) -> None:
@@ -291,35 +461,76 @@ def _check_k(k: int, candidates: int) -> None:
 
 
 def _check_search_memory(
-    queries: MatrixLike, keys: int, k: int, block_rows: int, factors: CompressedEmbedding | None
+    queries: MatrixLike,
+    keys: int,
+    k: int,
+    block_rows: int,
+    factors: CompressedEmbedding | None,
+    *,
+    separate_keys: bool = True,
+    index: bool = False,
+    rows: int | None = None,
 ) -> None:
     """Refuse (:class:`~embviz.errors.ResourceError`) a neighbour search that would not fit in memory;
-    ``factors`` is the variant searched through its factors, if it is."""
-    rows, width = _shape(queries)
+    ``factors`` is the variant searched through its factors, if it is; ``rows`` the queries when fewer than
+    the matrix's rows."""
+    count, width = _shape(queries)
     if factors is not None:
         width = (factors.rank or 0) + 1
-    needed = neighbour_memory(rows, width, keys, k, block_rows)
-    check_memory(f"the {k} nearest neighbours of {rows:,} tokens among {keys:,}", needed)
+    needed = neighbour_memory(
+        count,
+        width,
+        keys,
+        k,
+        block_rows,
+        separate_keys=separate_keys,
+        factors=factors is not None,
+        index=index,
+    )
+    check_memory(f"the {k} nearest neighbours of {rows or count:,} tokens among {keys:,}", needed)
 
 
-def nearest_neighbours(
+class NeighbourSearch(NamedTuple):
+    """A top-k table: ids and cosine similarities per row (int32 / float32), and, when an approximate index
+    found them, how (``quality``; None for an exact search)."""
+
+    indices: np.ndarray
+    scores: np.ndarray
+    quality: SearchQuality | None = None
+
+
+def _search_width(matrix: MatrixLike, factors: CompressedEmbedding | None) -> int:
+    return (factors.rank or 0) + 1 if factors is not None else _shape(matrix)[1]
+
+
+def full_table_is_exact(matrix: MatrixLike, search: SearchKind = "auto") -> bool:
+    """Whether the full-vocabulary table of ``matrix`` (through its factors when low-rank) is searched exactly."""
+    vocab = _shape(matrix)[0]
+    return use_exact_search(vocab, vocab, _search_width(matrix, _factor_variant(matrix, "auto")), search)
+
+
+def neighbour_search(
     matrix: MatrixLike,
     k: int = 10,
     *,
     method: NeighbourMethod = "auto",
+    search: SearchKind = "auto",
     block_rows: int | None = None,
     rows: np.ndarray | None = None,
     progress: ProgressCallback | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest neighbours of every row (or of the row ids ``rows`` only, still among the whole
+) -> NeighbourSearch:
+    """The k nearest neighbours of every row (or of the row ids ``rows`` only, still among the whole
     vocabulary) by cosine similarity, excluding the row itself.
 
     ``matrix`` is a V x D matrix or a compressed variant. ``method="factors"`` searches a low-rank variant
     through :func:`factor_embedding` (same cosines, r+1 columns); ``"dense"`` reconstructs the rows;
-    ``"auto"`` uses factors whenever they are narrower than D (and the decoder is linear). Returns
-    ``(indices, scores)``, both V x k (``len(rows)`` x k), int32 and float32, each row sorted by decreasing
-    similarity (order among exact ties is arbitrary). Zero rows have cosine 0 with everything.
-    ``progress`` counts rows done.
+    ``"auto"`` uses factors whenever they are narrower than D (and the decoder is linear).
+
+    ``search="exact"`` compares every pair; ``"approximate"`` uses an :class:`IVFSearch` index, whose
+    recall@k against exact search is measured on :data:`SEARCH_CHECK_SAMPLE` random rows and returned as
+    ``quality``; ``"auto"`` (default) is exact unless the exact cost exceeds :data:`EXACT_SEARCH_FLOPS`.
+    Each row of the result is sorted by decreasing similarity (order among exact ties is arbitrary); zero
+    rows have cosine 0 with everything. ``progress`` counts rows done. Memory is checked before any work.
     """
     vocab = _shape(matrix)[0]
     _check_k(k, vocab - 1)
@@ -329,16 +540,66 @@ def nearest_neighbours(
             raise BadInputError(f"rows must be token ids between 0 and {vocab - 1}")
     block_rows = block_rows or default_block_rows(vocab)
     factors = _factor_variant(matrix, method)
-    _check_search_memory(matrix, vocab, k, block_rows, factors)
+    queries_count = vocab if rows is None else len(rows)
+    exact = use_exact_search(queries_count, vocab, _search_width(matrix, factors), search)
+    _check_search_memory(
+        matrix, vocab, k, block_rows, factors, separate_keys=False, index=not exact, rows=queries_count
+    )
     unit = (
         _unit_rows(factor_embedding(factors)).float()
         if factors is not None
         else _dense_unit_rows(matrix, block_rows)
     )
     queries = unit if rows is None else unit[torch.from_numpy(rows)]
-    return _blocked_topk(
-        queries, unit, k, exclude_self=True, block_rows=block_rows, query_ids=rows, progress=progress
+    if exact:
+        indices, scores = _blocked_topk(
+            queries, unit, k, exclude_self=True, block_rows=block_rows, query_ids=rows, progress=progress
+        )
+        return NeighbourSearch(indices, scores)
+    key_rows = np.ascontiguousarray(unit.numpy())
+    index = IVFSearch(key_rows, k, exclude_self=True, progress=progress)
+    indices, scores = _blocked_topk(
+        queries,
+        unit,
+        k,
+        exclude_self=True,
+        block_rows=block_rows,
+        query_ids=rows,
+        progress=progress,
+        search_block=index,
     )
+    query_rows = key_rows if rows is None else np.ascontiguousarray(queries.numpy())
+    recall = _check_against_exact(
+        query_rows,
+        key_rows,
+        indices,
+        k,
+        exclude_self=True,
+        query_ids=rows,
+        avoid=index.calibration_ids if rows is None else np.empty(0, dtype=np.int64),
+    )
+    return NeighbourSearch(indices, scores, SearchQuality(index.description, recall))
+
+
+def nearest_neighbours(
+    matrix: MatrixLike,
+    k: int = 10,
+    *,
+    method: NeighbourMethod = "auto",
+    search: SearchKind = "auto",
+    block_rows: int | None = None,
+    rows: np.ndarray | None = None,
+    progress: ProgressCallback | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`neighbour_search`'s ``(indices, scores)``: V x k (``len(rows)`` x k), int32 and float32.
+
+    Exact unless ``search`` asks otherwise or (``"auto"``) the exact search is unaffordable; use
+    :func:`neighbour_search` where a figure must say how close an approximate table is to exact.
+    """
+    found = neighbour_search(
+        matrix, k, method=method, search=search, block_rows=block_rows, rows=rows, progress=progress
+    )
+    return found.indices, found.scores
 
 
 def cross_neighbours(
@@ -388,10 +649,10 @@ def token_neighbours(matrix: Matrix, token_id: int, k: int) -> tuple[np.ndarray,
     return top.indices.numpy().astype(np.int32), top.values.numpy().astype(np.float32)
 
 
-def _valid_table(vocab: int, k: int) -> Callable[[dict[str, np.ndarray]], bool]:
+def _valid_table(vocab: int, k: int, approximate: bool) -> Callable[[dict[str, np.ndarray]], bool]:
     def valid(arrays: dict[str, np.ndarray]) -> bool:
         indices, scores = arrays.get("indices"), arrays.get("scores")
-        return (
+        table_ok = (
             indices is not None
             and scores is not None
             and indices.shape == (vocab, k)
@@ -400,6 +661,19 @@ def _valid_table(vocab: int, k: int) -> Callable[[dict[str, np.ndarray]], bool]:
             and scores.dtype == np.float32
             and bool(((indices >= 0) & (indices < vocab)).all())
             and bool(np.isfinite(scores).all())
+        )
+        if not table_ok or not approximate:
+            return table_ok
+        check_ids, check_recall = arrays.get("check_ids"), arrays.get("check_recall")
+        return (
+            arrays.get("search_index") is not None
+            and check_ids is not None
+            and check_recall is not None
+            and check_ids.ndim == 1
+            and len(check_ids) > 0
+            and check_ids.shape == check_recall.shape
+            and bool(((check_ids >= 0) & (check_ids < vocab)).all())
+            and bool(((check_recall >= 0) & (check_recall <= 1)).all())
         )
 
     return valid
@@ -411,26 +685,47 @@ def neighbour_table_cached(
     embedding: MatrixLike,
     k: int = 10,
     *,
+    search: SearchKind = "auto",
     progress: ProgressCallback | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`nearest_neighbours` of the original matrix (or of a variant), computed once per matrix and k
-    (``progress`` hears from the computation, when there is one).
+) -> NeighbourSearch:
+    """:func:`neighbour_search` of the original matrix (or of a variant), computed once per matrix, k and
+    kind of search (``progress`` hears from the computation, when there is one).
 
     Stored under ``cache_dir("neighbours")`` keyed by ``fingerprint`` (a hash of ``embedding``;
-    :func:`variant_fingerprint` when None) and k; a corrupt or mismatched file is recomputed.
+    :func:`variant_fingerprint` when None) and k; an approximate table keeps its index description and its
+    measured recall against exact search beside it. A corrupt or mismatched file is recomputed.
     """
     vocab = _shape(embedding)[0]
+    exact = full_table_is_exact(embedding, search)
     fingerprint = fingerprint or variant_fingerprint(embedding)
-    key = config_key({"v": _CACHE_VERSION, "fingerprint": fingerprint, "k": k, "shape": _shape(embedding)})
+    settings: dict[str, Any] = {
+        "v": _CACHE_VERSION,
+        "fingerprint": fingerprint,
+        "k": k,
+        "shape": _shape(embedding),
+    }
+    if not exact:  # exact tables keep the keys they always had
+        settings["search"] = "approximate"
     folder = optional_cache_dir("neighbours")
-    path = folder / f"{file_safe_name(backbone_name)}-k{k}-{key}.npz" if folder else None
+    path = folder / f"{file_safe_name(backbone_name)}-k{k}-{config_key(settings)}.npz" if folder else None
 
     def compute() -> dict[str, np.ndarray]:
-        indices, scores = nearest_neighbours(embedding, k, progress=progress)
-        return {"indices": indices, "scores": scores}
+        found = neighbour_search(embedding, k, search="exact" if exact else "approximate", progress=progress)
+        arrays = {"indices": found.indices, "scores": found.scores}
+        if found.quality is not None:
+            arrays.update(
+                search_index=np.array(found.quality.index),
+                check_ids=found.quality.recall.ids.astype(np.int64),
+                check_recall=found.quality.recall.per_token.astype(np.float64),
+            )
+        return arrays
 
-    arrays = cached_arrays(path, compute, _valid_table(vocab, k))
-    return arrays["indices"], arrays["scores"]
+    arrays = cached_arrays(path, compute, _valid_table(vocab, k, approximate=not exact))
+    quality = None
+    if not exact:
+        ids, per_token = arrays["check_ids"], arrays["check_recall"]
+        quality = SearchQuality(str(arrays["search_index"]), _estimate(ids, per_token, vocab))
+    return NeighbourSearch(arrays["indices"], arrays["scores"], quality)
 
 
 def file_safe_name(name: str) -> str:
@@ -496,11 +791,9 @@ def sampled_recall(
         raise BadInputError(f"variant has {_shape(variant)[0]} rows, the original's table {vocab}")
     count = min(max(1, sample), vocab)
     ids = np.sort(np.random.default_rng(seed).choice(vocab, size=count, replace=False))
-    found, _ = nearest_neighbours(variant, k, rows=ids, progress=progress)
+    found, _ = nearest_neighbours(variant, k, search="exact", rows=ids, progress=progress)
     per_token = recall_at_k(original[ids], found).per_token
-    spread = float(per_token.std(ddof=1)) if count > 1 else 0.0
-    correction = math.sqrt(max(0.0, (vocab - count) / max(1, vocab - 1)))
-    return RecallEstimate(ids, per_token, float(per_token.mean()), spread / math.sqrt(count) * correction)
+    return _estimate(ids, per_token, vocab)
 
 
 def neighbour_comparison(
@@ -757,26 +1050,36 @@ def summary(
 
 
 __all__ = [
+    "EXACT_SEARCH_FLOPS",
     "FREQUENCY_BANDS",
     "RECALL_SAMPLE",
+    "SEARCH_CHECK_SAMPLE",
+    "SEARCH_TARGET_RECALL",
     "TOKEN_CLASSES",
     "Angles",
+    "IVFSearch",
+    "NeighbourSearch",
     "Recall",
     "RecallEstimate",
+    "SearchKind",
+    "SearchQuality",
     "as_float_matrix",
     "cached_arrays",
     "corpus_frequencies",
     "cross_neighbours",
     "default_block_rows",
     "detect_convention",
+    "exact_search_flops",
     "factor_embedding",
     "file_safe_name",
     "frequency_bands",
     "frequency_thresholds",
+    "full_table_is_exact",
     "group_means",
     "is_linear_low_rank",
     "nearest_neighbours",
     "neighbour_comparison",
+    "neighbour_search",
     "neighbour_table_cached",
     "recall_at_k",
     "reconstruction_angles",
@@ -785,6 +1088,7 @@ __all__ = [
     "token_classes",
     "token_frequencies",
     "token_neighbours",
+    "use_exact_search",
     "variant_fingerprint",
 ]
 

@@ -322,7 +322,8 @@ def projection_map(
         if method == "umap" and (settings["sample"] is None or settings["sample"] >= vocab):
             # The original's table is cached on its own: a new variant then costs only its own search.
             k = settings["n_neighbors"] - 1
-            extra["original_neighbours"] = neighbour_table_cached(backbone_name, fingerprint, original, k)
+            table = neighbour_table_cached(backbone_name, fingerprint, original, k)
+            extra["original_neighbours"] = (table.indices, table.scores)
         result = _map_function(method)(original, variants, progress=progress, **params, **extra)
         computed.append(result)
         return _to_arrays(result)

@@ -156,12 +156,34 @@ SEARCH_TILE = (4096, 1024)
 """faiss's brute-force search tile (query rows x key rows) of float32 similarities."""
 
 
-def neighbour_memory(rows: int, width: int, keys: int, k: int, block_rows: int) -> int:
-    """Bytes for an exact blocked top-k search: unit rows (and their float64 source), a float32 copy of the
-    keys, one faiss similarity tile (``min(block_rows, rows)`` queries at most) and the result (k+1 ids and
-    scores per row while the row's own id is dropped)."""
+def neighbour_memory(
+    rows: int,
+    width: int,
+    keys: int,
+    k: int,
+    block_rows: int,
+    *,
+    separate_keys: bool = True,
+    factors: bool = False,
+    index: bool = False,
+) -> int:
+    """Bytes for a blocked top-k search of ``rows`` queries among ``keys`` rows of ``width`` numbers.
+
+    Counted: the float32 unit query rows and one float64 block while they are normalised; a float32 copy of
+    the keys unless the queries are the keys (``separate_keys`` False); the float64 factor rows a low-rank
+    variant is searched through (``factors``: codes, their product and its unit rows); an approximate
+    index's own copy of the keys and their ids (``index``); one faiss similarity tile; and the result (k+1
+    ids and scores per row while the row's own id is dropped). The caller's matrix is not counted.
+    """
     tile = min(block_rows, rows, SEARCH_TILE[0]) * min(keys, SEARCH_TILE[1])
-    return 12 * rows * width + 4 * keys * width + 4 * tile + 16 * rows * (k + 1)
+    total = 4 * rows * width + 8 * min(block_rows, rows) * width + 4 * tile + 16 * rows * (k + 1)
+    if separate_keys:
+        total += 4 * keys * width
+    if factors:
+        total += 24 * rows * width
+    if index:
+        total += 4 * keys * width + 8 * keys
+    return total
 
 
 __all__ = [

@@ -37,6 +37,7 @@ from embviz.errors import BadInputError, EmbvizError
 from embviz.frequency import frequency_weights
 from embviz.metrics import (
     Angles,
+    NeighbourSearch,
     RecallEstimate,
     corpus_frequencies,
     frequency_bands,
@@ -311,7 +312,7 @@ def reconstructions(variants: dict[str, Variant]) -> dict[str, torch.Tensor]:
 
 # -- what the pages measure ------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=4)
-def original_neighbour_table(model: str, k: int) -> NeighbourTable:
+def original_neighbour_table(model: str, k: int) -> NeighbourSearch:
     """The original embedding's full-vocabulary top-k table (disk-cached)."""
     backbone = load_backbone(model)
     return neighbour_table_cached(model, backbone_fingerprint(model), backbone.embedding, k)
@@ -342,7 +343,7 @@ def _sampled_recall(
 def sampled_recall_of(variants: dict[str, Variant], k: int) -> dict[str, RecallEstimate]:
     """Each variant's recall@k on a random sample of tokens (exact for them, with its standard error): the
     first answer while the full tables run in the background."""
-    original, _ = original_neighbour_table(next(iter(variants.values())).spec.model, k)
+    original = original_neighbour_table(next(iter(variants.values())).spec.model, k).indices
     return {name: _sampled_recall(v.spec, k, original, v.compressed) for name, v in variants.items()}
 
 

@@ -163,7 +163,7 @@ st.caption(
 )
 
 # Displacement against each token's own neighbourhood: a cluster that moves together is not flagged.
-original_indices, _ = original_neighbour_table(backbone.name, config.k)
+original_indices = original_neighbour_table(backbone.name, config.k).indices
 neighbour_rows = rows_of(result.ids, original_indices[result.ids])
 original_xy = result.coords[ORIGINAL]
 moved = {

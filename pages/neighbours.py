@@ -8,7 +8,14 @@ import streamlit as st
 
 from embviz.errors import EmbvizError
 from embviz.figures import class_breakdown_bar, recall_histogram
-from embviz.metrics import FREQUENCY_BANDS, TOKEN_CLASSES, group_means, neighbour_comparison, recall_at_k
+from embviz.metrics import (
+    FREQUENCY_BANDS,
+    TOKEN_CLASSES,
+    full_table_is_exact,
+    group_means,
+    neighbour_comparison,
+    recall_at_k,
+)
 from embviz.vocab import display_token, suggest
 from pages.data import (
     ORIGINAL,
@@ -49,7 +56,8 @@ config, backbone, variants = require_variants()
 
 try:
     with st.spinner(f"Nearest neighbours of all {backbone.vocab_size:,} original tokens (cached on disk)…"):
-        original_indices, original_scores = original_neighbour_table(backbone.name, config.k)
+        original_table = original_neighbour_table(backbone.name, config.k)
+    original_indices, original_scores = original_table.indices, original_table.scores
     jobs = variant_neighbour_jobs(variants, config.k)  # each variant's table, in the background
     wait_for_jobs(jobs, seconds=1.0)
 except EmbvizError as error:  # e.g. not enough memory for the full-vocabulary search
@@ -133,11 +141,17 @@ if not all(job.done for job in jobs.values()):
         "neighbours searched exactly over the whole vocabulary); ± is the 95% interval of the mean. The exact "
         "figures for every token, the groups and the token table replace it when the background job ends."
     )
+    exact = all(full_table_is_exact(variant.compressed) for variant in variants.values())
     jobs_progress(
-        jobs, f"Nearest neighbours of all {backbone.vocab_size:,} tokens under each variant (exact)"
+        jobs,
+        f"Nearest neighbours of all {backbone.vocab_size:,} tokens under each variant "
+        f"({'exact' if exact else 'approximate index where exact is unaffordable, recall measured'})",
     )
     st.stop()
-tables = {ORIGINAL: (original_indices, original_scores)} | {name: job.result for name, job in jobs.items()}
+tables = {ORIGINAL: original_table} | {name: job.result for name, job in jobs.items()}
+approximate = {name: table.quality for name, table in tables.items() if table.quality is not None}
+for name, quality in approximate.items():  # a vocabulary too large for an affordable exact search
+    st.warning(f"**{name}**: {quality.describe(config.k)}. The recall figures below inherit this error.")
 recalls = {name: recall_at_k(original_indices, tables[name][0]) for name in variants}
 metric_columns = st.columns(len(recalls))
 for column, (name, recall) in zip(metric_columns, recalls.items(), strict=True):

@@ -604,3 +604,27 @@ def test_why_direction_plays_the_toy_and_computes_the_2x2_on_demand(trained: Pat
     assert not app.exception
     assert any("blank" in error.value for error in app.error)
     assert len(app.dataframe[-1].value) == 7
+
+
+def test_neighbours_say_when_an_approximate_index_found_them(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where an exact search is unaffordable the tables come from an index, and the page says so with the
+    recall against exact search measured on a sample."""
+    from embviz import metrics
+    from pages import data
+
+    monkeypatch.setattr(metrics, "EXACT_SEARCH_FLOPS", 1.0)
+    data.job_board.clear()
+    st.cache_resource.clear()
+    app = run_app("neighbours", tok="king", k="5")
+    for job in data.job_board().jobs.values():
+        assert job.thread is not None
+        job.thread.join(timeout=120)
+    app.run()
+    assert_clean(app)
+    warnings = [w.value for w in app.warning if "approximate neighbours (faiss IVF-Flat" in w.value]
+    assert len(warnings) == 3  # the original and both variants
+    assert all("recall@5 against exact search" in w for w in warnings)
+    data.job_board.clear()
+    st.cache_resource.clear()

@@ -91,6 +91,7 @@ EVALUATION_ORDER = [
     "perplexity_variant_directions",
     "perplexity_variant_lengths",
     *STORAGE_KEYS,
+    "neighbour_search",
 ]
 """The keys of ``embviz evaluate --json`` (after ``artifact``), in order."""
 

@@ -228,7 +228,7 @@ def test_neighbour_table_is_cached_on_disk(monkeypatch: pytest.MonkeyPatch) -> N
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("recomputed instead of loading the cache")
 
-    monkeypatch.setattr(metrics, "nearest_neighbours", fail)
+    monkeypatch.setattr(metrics, "neighbour_search", fail)
     second = neighbour_table_cached("tiny/model", None, matrix, 5)
     np.testing.assert_array_equal(first[0], second[0])
     np.testing.assert_array_equal(first[1], second[1])
@@ -239,7 +239,7 @@ def test_neighbour_table_is_cached_on_disk(monkeypatch: pytest.MonkeyPatch) -> N
 def test_variant_tables_are_cached_too() -> None:
     matrix = _random(150, 10)
     svd = _low_rank(matrix, 3, bias=True)
-    indices, _ = neighbour_table_cached("tiny-svd", None, svd, 4)
+    indices = neighbour_table_cached("tiny-svd", None, svd, 4).indices
     np.testing.assert_array_equal(indices, nearest_neighbours(svd, 4)[0])
     neighbour_table_cached("tiny-svd", None, _low_rank(matrix, 2, bias=True), 4)
     assert len(_cache_files()) == 2
@@ -442,3 +442,79 @@ def test_group_means_skip_missing_values_and_empty_groups() -> None:
         "digit": 4.0,
         "special": None,
     }
+
+
+# -- approximate search ------------------------------------------------------------------------------------
+def _clustered(rows: int, cols: int, clusters: int, seed: int = 0) -> torch.Tensor:
+    """Rows around ``clusters`` centres, as real embeddings group (random Gaussian rows have no structure
+    an index can use, and no vocabulary looks like that)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, cols))
+    rows_ = centres[rng.integers(0, clusters, rows)] + 0.6 * rng.standard_normal((rows, cols))
+    return torch.from_numpy(rows_.astype(np.float32))
+
+
+def test_auto_search_is_exact_while_affordable_and_approximate_beyond() -> None:
+    assert metrics.use_exact_search(49_152, 49_152, 576)  # SmolLM2's dense table: 2.8e12 flops
+    assert not metrics.use_exact_search(128_000, 128_000, 2048)  # 6.7e13
+    assert metrics.use_exact_search(128_000, 128_000, 2048, "exact")
+    assert not metrics.use_exact_search(10, 10, 2, "approximate")
+    assert metrics.use_exact_search(2048, 256_000, 4096)  # a sampled check stays exact at any size
+    with pytest.raises(BadInputError, match="unknown neighbour search 'fast'"):
+        metrics.use_exact_search(10, 10, 2, "fast")  # type: ignore[arg-type]
+
+
+def test_an_approximate_table_reports_its_recall_against_exact_search() -> None:
+    matrix = _clustered(6000, 24, 60)
+    exact = metrics.neighbour_search(matrix, 10, search="exact")
+    approximate = metrics.neighbour_search(matrix, 10, search="approximate")
+    assert exact.quality is None and approximate.quality is not None
+    assert approximate.indices.shape == (6000, 10) and approximate.indices.dtype == np.int32
+    assert approximate.scores.dtype == np.float32
+    assert not (approximate.indices == np.arange(6000)[:, None]).any()  # a row is never its own neighbour
+    assert (np.diff(approximate.scores, axis=1) <= 1e-6).all()  # sorted by decreasing similarity
+    true_recall = recall_at_k(exact.indices, approximate.indices).mean
+    assert true_recall >= metrics.SEARCH_TARGET_RECALL - 0.02
+    measured = approximate.quality.recall
+    assert len(measured.ids) == metrics.SEARCH_CHECK_SAMPLE
+    # The check sample's estimate covers the truth (three margins: float near-ties at rank k count too).
+    assert abs(measured.mean - true_recall) <= 3 * measured.margin + 1e-3
+    assert "IVF" in approximate.quality.index and "nprobe" in approximate.quality.index
+    assert "recall@10 against exact search" in approximate.quality.describe(10)
+
+
+def test_the_index_probes_more_lists_until_it_reaches_the_target_recall() -> None:
+    matrix = metrics._unit_rows(_clustered(4000, 32, 40, seed=3)).numpy()
+    index = metrics.IVFSearch(np.ascontiguousarray(matrix), 10, exclude_self=True)
+    assert index.calibration_recall >= metrics.SEARCH_TARGET_RECALL or index.nprobe == index.lists // 4
+    if index.nprobe > 1:  # one list fewer would have missed the target
+        index.index.nprobe = index.nprobe // 2
+        exact = metrics.neighbour_search(
+            torch.from_numpy(matrix), 10, search="exact", rows=index.calibration_ids
+        )
+        found, scores = index(matrix[index.calibration_ids], 11)
+        fewer, _ = metrics._drop_own_ids(found, scores, index.calibration_ids, 10)
+        assert recall_at_k(exact.indices, fewer).mean < metrics.SEARCH_TARGET_RECALL
+
+
+def test_an_approximate_table_is_cached_with_its_measured_recall(monkeypatch: pytest.MonkeyPatch) -> None:
+    matrix = _clustered(3000, 16, 30)
+    affordable, search = metrics.EXACT_SEARCH_FLOPS, metrics.neighbour_search
+    monkeypatch.setattr(metrics, "EXACT_SEARCH_FLOPS", 1.0)  # nothing is affordable: auto goes approximate
+    first = neighbour_table_cached("big", "fp", matrix, 5)
+    assert first.quality is not None
+    monkeypatch.setattr(metrics, "neighbour_search", lambda *a, **k: pytest.fail("recomputed"))
+    again = neighbour_table_cached("big", "fp", matrix, 5)
+    np.testing.assert_array_equal(first.indices, again.indices)
+    assert first.quality is not None and again.quality is not None
+    assert again.quality.index == first.quality.index
+    np.testing.assert_array_equal(again.quality.recall.ids, first.quality.recall.ids)
+    assert again.quality.recall.mean == pytest.approx(first.quality.recall.mean)
+    assert again.quality.recall.margin == pytest.approx(first.quality.recall.margin)
+    files = list(cache_dir("neighbours").glob("big-k5-*.npz"))
+    assert len(files) == 1
+    monkeypatch.setattr(metrics, "EXACT_SEARCH_FLOPS", affordable)
+    monkeypatch.setattr(metrics, "neighbour_search", search)
+    exact = neighbour_table_cached("big", "fp", matrix, 5)  # exact and approximate are different entries
+    assert exact.quality is None
+    assert len(list(cache_dir("neighbours").glob("big-k5-*.npz"))) == 2

@@ -356,7 +356,7 @@ def test_every_cache_degrades_to_computing_without_it(
     assert "not usable" in cache_problem() or "read-only" in cache_problem()
     with caplog.at_level(logging.WARNING, logger="embviz.cache"):
         table = neighbour_table_cached("m", None, matrix, 4)
-        assert _digest(table) == _digest(nearest_neighbours(matrix, 4))
+        assert _digest((table.indices, table.scores)) == _digest(nearest_neighbours(matrix, 4))
         assert not projection_map("pca", matrix, {"half": matrix * 0.5}).from_cache
         half = {"half": tiny_causal.embedding * 0.5}
         report = evaluate_perplexity(tiny_causal, TEXTS, half, max_tokens=200, variant_keys={"half": "h"})
@@ -598,8 +598,11 @@ def test_a_smollm2_conversion_that_does_not_fit_is_refused(
 def test_a_neighbour_search_that_does_not_fit_is_refused(little_memory: Callable[[int], None]) -> None:
     matrix = _matrix()
     compressed = SVDCompressor(3).fit(matrix)
-    needed = resources.neighbour_memory(120, 12, 120, 4, 4096)
-    little_memory(needed - 1)
+    # The queries are the keys in a table of the matrix's own neighbours; a cross search holds both.
+    own = resources.neighbour_memory(120, 12, 120, 4, 4096, separate_keys=False)
+    cross = resources.neighbour_memory(120, 12, 120, 4, 4096)
+    assert cross > own
+    little_memory(own - 1)
     for search in (
         lambda: nearest_neighbours(matrix, 4),
         lambda: cross_neighbours(compressed, matrix, 4, method="dense"),
@@ -608,5 +611,10 @@ def test_a_neighbour_search_that_does_not_fit_is_refused(little_memory: Callable
         with pytest.raises(ResourceError, match="nearest neighbours of 120 tokens"):
             search()
     assert list(embviz_home().rglob("*.npz")) == []
-    little_memory(needed)
+    little_memory(own)
     assert nearest_neighbours(matrix, 4)[0].shape == (120, 4)
+    with pytest.raises(ResourceError, match="nearest neighbours of 120 tokens"):
+        cross_neighbours(compressed, matrix, 4, method="dense")
+    # An approximate index holds its own copy of the keys: refused where the exact search fits.
+    with pytest.raises(ResourceError, match="nearest neighbours of 120 tokens"):
+        nearest_neighbours(matrix, 4, search="approximate")
