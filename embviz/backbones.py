@@ -193,6 +193,17 @@ def input_embedding_weight(model: PreTrainedModel) -> torch.Tensor:
     return cast(torch.Tensor, model.get_input_embeddings().weight)
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as tensors there report it: ``cuda`` becomes the current CUDA device (``cuda:0``), ``cpu:0``
+    the one CPU device (``cpu``)."""
+    target = torch.device(device)
+    if target.type == "cpu":
+        return torch.device("cpu")
+    if target.type == "cuda" and target.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return target
+
+
 def _output_override_hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     weight = _OUTPUT_WEIGHT.get()
     if weight is None:
@@ -377,6 +388,34 @@ class Backbone:
         }
 
     # -- running with a variant ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (the CPU, as loaded; see :meth:`placed_on`)."""
+        return self.embedding.device
+
+    @contextlib.contextmanager
+    def placed_on(self, device: str | torch.device) -> Iterator[torch.device]:
+        """Run the model on ``device`` (e.g. ``cuda``) for one block, then move it back where it was.
+
+        Yields the device; inputs and replacement embeddings go there (:meth:`forward` does not move them).
+        The weights are copied there and back unchanged, so what the model computes does not depend on
+        where it ran beyond float rounding; nothing keyed on the backbone (names, fingerprints) changes.
+        While the block runs the shared model and :attr:`embedding` live on ``device``: do not use a
+        backbone other threads are running at the same time (the CLI runs one command at a time; the app
+        never asks for another device). Already there: nothing moves. ``device`` must be valid
+        (:func:`embviz.compressors.check_device`).
+        """
+        target = resolve_device(device)
+        home = self.device
+        if target == home:
+            yield target
+            return
+        try:
+            self.model.to(target)
+            yield target
+        finally:  # also after a move that failed halfway (e.g. out of device memory)
+            self.model.to(home)
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -139,6 +139,24 @@ def _add_json(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
 
+def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--device``: where ``what`` runs (a torch device name; default cpu)."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help=f"{what}: a torch device such as cuda or cuda:1 (default cpu); results match the CPU's within "
+        "float tolerance and are cached under the same keys",
+    )
+
+
+def _device(args: argparse.Namespace) -> str:
+    """``--device``, checked before any model loads: a name torch does not know, or ``cuda`` without a CUDA
+    device, is one :class:`~embviz.errors.BadInputError`."""
+    from embviz.compressors import check_device
+
+    return check_device(args.device)
+
+
 _WEIGHT_SOURCES = ("wordfreq", "corpora")  # embviz.frequency.WEIGHT_SOURCES, without importing torch here
 
 
@@ -303,7 +321,11 @@ def _compress_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipe", choices=list(RECIPES), help="AE training recipe (default fast)")
     parser.add_argument("--epochs", type=int, help="AE epochs (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
-    parser.add_argument("--device", default="cpu", help="AE training device, e.g. cuda (default cpu)")
+    _add_device(
+        parser,
+        "where the fit computes (AEs, exact SVDs, direction VQ's assignment; quantisers and the randomised "
+        "SVD always fit on the CPU)",
+    )
     _add_weights(parser)
     _add_json(parser)
 
@@ -312,6 +334,7 @@ def _compress_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """The method spec and its options from ``compress``'s flags, checked before any model loads."""
     from embviz.compressors import get_method
     from embviz.compressors.budget import check_bits_per_weight, check_ratio
+    from embviz.compressors.registry import DEVICE_OPTION
     from embviz.errors import BadInputError
 
     spec = get_method(f"ae-{args.loss or 'paper'}" if args.method == "ae" else args.method)
@@ -335,11 +358,13 @@ def _compress_request(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         check_bits_per_weight(args.bits)
     if args.rank is not None and args.rank < 1:
         raise BadInputError(f"rank must be at least 1, got {args.rank}")
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {DEVICE_OPTION: _device(args)}  # the registry drops it for CPU-only methods
     if trains:
-        options.update(recipe=args.recipe or "fast", epochs=args.epochs, device=args.device)
+        options.update(recipe=args.recipe or "fast", epochs=args.epochs)
     if "seed" in spec.options:
         options["seed"] = args.seed
+    if not spec.takes_device and args.device.split(":")[0] != "cpu":
+        print(f"embviz: {spec.id} fits on the CPU; --device {args.device} is not used", file=sys.stderr)
     return spec, options
 
 
@@ -418,6 +443,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_false",
         help="skip the direction / length ablation (two perplexity passes of the five a cold run makes)",
     )
+    _add_device(parser, "where the perplexity passes run (neighbours and angles stay on the CPU)")
     _add_json(parser)
 
 
@@ -425,6 +451,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def run_evaluate(args: argparse.Namespace) -> int:
     from embviz.evaluation import evaluate_variant, load_variant
 
+    device = _device(args)
     backbone = _load_backbone(args)
     compressed = load_variant(backbone, args.artifact)
     result = evaluate_variant(
@@ -436,6 +463,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         progress=_ProgressBar(),
         ablation=args.ablation,
+        device=device,
     )
     emit({"artifact": args.artifact, **result.to_dict()}, args.json, _render_evaluation)
     return 0
@@ -548,6 +576,10 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="task slots of the local Ray cluster (default: every usable core, one torch thread each)",
     )
+    _add_device(
+        parser,
+        "where fits that can use one and the perplexity passes run (not with --ray, whose tasks ask for CPUs)",
+    )
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_true", help="print one JSON array (one object per row)")
     output.add_argument("--csv", action="store_true", help="print CSV with a header row")
@@ -557,6 +589,13 @@ def _sweep_arguments(parser: argparse.ArgumentParser) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     from embviz.evaluation import sweep
 
+    device = _device(args)
+    if args.ray is not None and device.split(":")[0] != "cpu":
+        from embviz.errors import BadInputError
+
+        raise BadInputError(
+            f"--device {device} is not passed to Ray tasks (they ask for CPUs only): drop --ray"
+        )
     methods = _parse_list(args.methods, str, "--methods", "method ids")
     ratios = _parse_list(args.ratios, float, "--ratios", "numbers") if args.ratios else None
     ranks = _parse_list(args.ranks, int, "--ranks", "integers") if args.ranks else None
@@ -580,6 +619,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         "by": args.by,
         "ablation": args.ablation,
         "weights": args.weights,
+        "device": device,
     }
     failed = 0
     if args.ray is None:
@@ -795,6 +835,7 @@ def run_fit_mlm_head(args: argparse.Namespace) -> int:
     from embviz.mlm_head import DEFAULT_SOURCE, HeadConfig, fit_mlm_head, native_bf16, package_head
     from embviz.sources import builtin, builtin_names, load_model
 
+    _device(args)
     if args.steps < 1:
         raise BadInputError(f"--steps must be at least 1, got {args.steps}")
     if args.seed < 0:

@@ -14,6 +14,11 @@ This is the one place that strings the modules together, for the CLI (``evaluate
 
 Everything is deterministic and cached (artifacts, perplexities, neighbour tables), so a repeated call is
 fast and returns the same numbers.
+
+``device`` (e.g. ``cuda``; default: where the backbone's model is, the CPU) says where the fits of methods
+that take one (:data:`~embviz.compressors.registry.DEVICE_OPTION`) and the perplexity passes run; neighbour
+tables and geometry stay on the CPU. It changes where, not what: no cache key includes it, and the figures
+equal the CPU's within float tolerance.
 """
 
 from __future__ import annotations
@@ -45,10 +50,11 @@ from embviz.compressors import (
     Size,
     UnreachableBudget,
     check_bits_per_weight,
+    check_device,
     get_method,
     reconstruction_quality,
 )
-from embviz.compressors.registry import RATIO_BASES
+from embviz.compressors.registry import DEVICE_OPTION, RATIO_BASES
 from embviz.corpora import resolve_texts
 from embviz.errors import BadInputError
 from embviz.frequency import DEFAULT_WEIGHT_SOURCE, WeightSource, frequency_weights
@@ -290,8 +296,17 @@ class _Evaluator:
     """One evaluation protocol on one backbone (text, masks, mode, k), shared by every variant scored."""
 
     def __init__(
-        self, backbone: Backbone, *, text: str, mode: Mode, k: int, max_tokens: int | None, seed: int
+        self,
+        backbone: Backbone,
+        *,
+        text: str,
+        mode: Mode,
+        k: int,
+        max_tokens: int | None,
+        seed: int,
+        device: str | None = None,
     ) -> None:
+        self.device = None if device is None else check_device(device)
         if mode not in MODES:
             raise BadInputError(f"unknown substitution mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "tied" and not backbone.tied:
@@ -360,6 +375,7 @@ class _Evaluator:
             variant_keys=keys,
             progress=progress,
             divergence={_VARIANT},
+            device=self.device,
         )
         return dict(report.results)
 
@@ -442,6 +458,7 @@ def evaluate_variant(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     ablation: bool = True,
+    device: str | None = None,
 ) -> Evaluation:
     """Perplexity, neighbour recall and reconstruction geometry of one compressed embedding.
 
@@ -462,12 +479,16 @@ def evaluate_variant(
     the KL divergence) and the ablation adds one pass each, so a cold evaluation makes five passes over the
     text instead of three (the original's own perplexity is one); ``ablation=False`` leaves both None.
     ``progress`` counts three stages (perplexity, recall, geometry). Perplexities (with the KL divergence)
-    and neighbour tables are cached on disk, so a repeated call is fast.
+    and neighbour tables are cached on disk, so a repeated call is fast. ``device`` (e.g. ``cuda``) is where
+    the perplexity passes run (see the module docstring).
 
     Raises:
-        BadInputError: unknown corpus / split / file, bad mode or k, text too short for the protocol.
+        BadInputError: unknown corpus / split / file, bad mode or k, text too short for the protocol, or a
+            device this machine cannot compute on (checked first).
     """
-    evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed)
+    evaluator = _Evaluator(
+        backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed, device=device
+    )
     return evaluator.evaluate(compressed, progress or quiet, ablation=ablation)
 
 
@@ -599,19 +620,23 @@ def direction_length_grids(
     max_tokens: int | None = None,
     seed: int = 0,
     progress: ProgressCallback | None = None,
+    device: str | None = None,
 ) -> DirectionLengthReport:
     """The direction / length ablation of each variant as a :class:`DirectionLengthGrid`, by display name.
 
     The same perplexities as :func:`evaluate_variant` with ``ablation`` (same protocol, same disk cache
     entries, so either fills the cache for the other): the uncompressed model, each variant (with its KL
-    divergence, as everywhere), and each variant's two swaps. ``progress`` counts variants.
+    divergence, as everywhere), and each variant's two swaps. ``progress`` counts variants; ``device`` is
+    where the passes run.
 
     Raises:
         BadInputError: unknown corpus / split / file, bad mode, text too short for the protocol.
     """
     started = time.perf_counter()
     k = min(DEFAULT_K, backbone.vocab_size - 1)  # recall is not measured here; any valid k will do
-    evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed)
+    evaluator = _Evaluator(
+        backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=seed, device=device
+    )
     grids: dict[str, DirectionLengthGrid] = {}
     for index, (name, compressed) in enumerate(variants.items()):
         report = nested(progress or quiet, index, index + 1, len(variants), f"{name}: ")
@@ -673,6 +698,7 @@ def plan_sweep(
     by: str = "params",
     bits: Sequence[float] | None = None,
     weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+    device: str | None = None,
 ) -> SweepPlan:
     """Every (method, size) pair, sized by each method's registered rule and validated before anything runs.
 
@@ -690,10 +716,16 @@ def plan_sweep(
     as a reference. A budget a method cannot meet (below rank 1, beyond what mixed rows reach) is skipped
     for that method with a line in the plan's ``notes``.
 
+    ``device`` goes to every method as the registry's ``device`` option: the methods that take one fit
+    there, the others on the CPU.
+
     Raises:
         BadInputError: an unknown method, a bad ratio, rank or budget (a budget must be a number above 0),
-            ratios and bits together, or bits no method can meet; all before any fit.
+            ratios and bits together, bits no method can meet, or a device this machine cannot compute on;
+            all before any fit.
     """
+    if device is not None:
+        check_device(device)
     if not methods:
         raise BadInputError("no method to sweep; name at least one")
     if by not in SIZINGS:
@@ -713,6 +745,8 @@ def plan_sweep(
     notes: list[str] = []
     for spec in specs:
         options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
+        if device is not None:
+            options[DEVICE_OPTION] = device
         if spec.needs_row_weights:
             options["row_weights"] = row_weights
         within, out_of_reach = _sizes_within(spec, vocab, hidden, budgets or ())
@@ -782,10 +816,17 @@ class SweepRunner:
         ablation: bool = False,
         bits: Sequence[float] | None = None,
         weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+        device: str | None = None,
     ) -> None:
         self.backbone, self.text, self.mode, self.k, self.ablation = backbone, text, mode, k, ablation
-        self.jobs = plan_sweep(backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights)
-        self.evaluator = _Evaluator(backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0)
+        if device is not None:
+            check_device(device)  # before the plan computes any row weights
+        self.jobs = plan_sweep(
+            backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights, device=device
+        )
+        self.evaluator = _Evaluator(
+            backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0, device=device
+        )
 
     def tag(self, index: int) -> str:
         """How progress names job ``index``: ``[2/6] svd r=64`` (``(4 bits/weight)`` for a budget)."""
@@ -888,6 +929,7 @@ def sweep(
     ablation: bool = False,
     bits: Sequence[float] | None = None,
     weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
+    device: str | None = None,
 ) -> SweepResult:
     """Compress with every method at every ratio or budget in bits per weight (and rank), evaluate each,
     plus the uncompressed model.
@@ -909,10 +951,12 @@ def sweep(
     each budget in bits per weight (rows carry ``target_bits``); budgets a method cannot meet are skipped
     with a note (logged as a warning and kept in the result's ``notes``).
     ``weights`` (``wordfreq`` or ``corpora``) is the source of frequency-aware methods' row weights.
+    ``device`` (e.g. ``cuda``) is where fits that take one and the perplexity passes run (see the module
+    docstring); the rows are the same within float tolerance.
 
     Raises:
-        BadInputError: unknown method, ratio <= 1, budget <= 0, rank out of range, or a bad text / mode / k;
-            all checked before any model runs.
+        BadInputError: unknown method, ratio <= 1, budget <= 0, rank out of range, a bad text / mode / k, or
+            a device this machine cannot compute on; all checked before any model runs.
     """
     report = progress or quiet
     runner = SweepRunner(
@@ -929,6 +973,7 @@ def sweep(
         ablation=ablation,
         bits=bits,
         weights=weights,
+        device=device,
     )
     total = 1 + 2 * len(runner.jobs)
     for note in runner.jobs.notes:

@@ -24,10 +24,16 @@ most likely token is the original's). This runs the original model on every batc
 scoring a variant costs two forward passes instead of one; batches are sized so that both logits tensors
 together fit :data:`LOGITS_BUDGET_BYTES`. :func:`direction_length_ablation` builds the two matrices of the
 direction / length ablation (a variant's row directions with the original lengths, and the reverse).
+
+With ``device`` (e.g. ``cuda``) the model runs there (:meth:`~embviz.backbones.Backbone.placed_on`: moved
+there for the scoring, back afterwards; batches and the variant's matrix go with it) and only the summed
+figures come back to the CPU. They equal the CPU's within float tolerance; the device is not part of any
+cache key, since it changes where a perplexity is computed, not what it is.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -40,8 +46,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from embviz.backbones import Backbone, Kind, Mode
+from embviz.backbones import Backbone, Kind, Mode, resolve_device
 from embviz.cache import config_key, optional_cache_dir, write_if_possible
+from embviz.compressors.base import check_device
 from embviz.errors import BadInputError
 from embviz.masking import IGNORE_INDEX, MASK_RATE, EvalBatch, mask_line, pad_batches, word_groups
 from embviz.progress import Progress, ProgressCallback, nested, send
@@ -337,6 +344,7 @@ def score_variant(
     mode: Mode = "input",
     progress: ProgressCallback | None = None,
     divergence: bool = True,
+    device: str | None = None,
 ) -> VariantPerplexity:
     """Perplexity of ``backbone`` with ``embedding`` substituted (None: the original) on ``eval_set``.
 
@@ -344,18 +352,25 @@ def score_variant(
     the mean KL divergence KL(original || variant) over the full vocabulary at every scored position (nats
     per token) and the top-1 agreement; this doubles the cost. The original itself gets 0.0 and 1.0 without
     any extra work; ``divergence=False`` leaves both None for a variant. ``progress`` hears after every
-    batch (``done`` batches of ``total``).
+    batch (``done`` batches of ``total``). ``device`` (default: where the model is) is where the model
+    runs (see the module docstring).
+
+    Raises:
+        BadInputError: a device this machine cannot compute on.
     """
     start = time.perf_counter()
+    target: str | torch.device = backbone.device if device is None else check_device(device)
     compare = divergence and embedding is not None
     total_nll = total_kl = 0.0
     count = agreed = 0
-    with torch.inference_mode():
+    with backbone.placed_on(target) as where, torch.inference_mode():
+        variant = None if embedding is None else embedding.to(where)
         for index, batch in enumerate(eval_set.batches):
-            logits = backbone.logits(batch.input_ids, batch.attention_mask, embedding=embedding, mode=mode)
-            reference = backbone.logits(batch.input_ids, batch.attention_mask) if compare else None
+            ids, mask = batch.input_ids.to(where), batch.attention_mask.to(where)
+            logits = backbone.logits(ids, mask, embedding=variant, mode=mode)
+            reference = backbone.logits(ids, mask) if compare else None
             # One row at a time, scored positions only: the log-softmax copies stay a fraction of the logits.
-            for row, labels in enumerate(batch.labels):
+            for row, labels in enumerate(batch.labels.to(where)):
                 scored = labels != IGNORE_INDEX
                 if not scored.any():
                     continue
@@ -437,6 +452,7 @@ def evaluate_perplexity(
     progress: ProgressCallback | None = None,
     variant_keys: Mapping[str, str] | None = None,
     divergence: bool | Collection[str] = True,
+    device: str | None = None,
 ) -> PerplexityReport:
     """Zero-shot perplexity of each variant (V x D replacement embedding; None = uncompressed).
 
@@ -447,9 +463,17 @@ def evaluate_perplexity(
     is cached. ``progress`` counts variants (one unit each, fractional by batch); its message names the
     variant: ``"perplexity (original) · batch 3/8"``. ``divergence`` says which variants also get the KL
     divergence from the original and the top-1 agreement (see :func:`score_variant`; it doubles a variant's
-    cost): all (True), none (False) or the named ones.
+    cost): all (True), none (False) or the named ones. ``device`` (default: where the model is) is where
+    the model runs; it moves there once, when the first variant not in the cache is scored, and back at the
+    end. Cache keys do not include it.
+
+    Raises:
+        BadInputError: a device this machine cannot compute on (checked before anything runs), or a text
+            that does not make an evaluation set.
     """
     started = time.perf_counter()
+    if device is not None:
+        check_device(device)
     named = with_reference(variants)
     reference = next(iter(named))
     eval_set = (
@@ -460,36 +484,27 @@ def evaluate_perplexity(
         )
     )
     results: dict[str, VariantPerplexity] = {}
-    for index, (name, embedding) in enumerate(named.items()):
-        report = nested(progress, index, index + 1, len(named), f"perplexity ({name}) · ")
+    placement = contextlib.ExitStack()
 
-        compare = divergence if isinstance(divergence, bool) else name in divergence
+    def place() -> None:
+        """Move the model to ``device`` before the first variant that is scored (cached ones need none)."""
+        if device is not None and backbone.device != resolve_device(device):
+            placement.enter_context(backbone.placed_on(device))
 
-        def compute(
-            embedding: torch.Tensor | None = embedding,
-            report: ProgressCallback = report,
-            compare: bool = compare,
-        ) -> VariantPerplexity:
-            return score_variant(
-                backbone, eval_set, embedding, mode=mode, progress=report, divergence=compare
-            )
-
-        key = None
-        if variant_keys is not None:
-            key = "uncompressed" if embedding is None else variant_keys.get(name)
-        if key is None:
-            results[name] = compute()
-        else:
-            config = perplexity_cache_config(
+    with placement:
+        for index, (name, embedding) in enumerate(named.items()):
+            results[name] = _variant_result(
                 backbone,
                 eval_set,
-                key,
-                "any" if embedding is None else mode,
-                divergence=compare or embedding is None,
+                name,
+                embedding,
+                mode=mode,
+                progress=nested(progress, index, index + 1, len(named), f"perplexity ({name}) · "),
+                compare=divergence if isinstance(divergence, bool) else name in divergence,
+                variant_keys=variant_keys,
+                place=place,
+                device=device,
             )
-            results[name] = cached_perplexity(config, compute)
-            if results[name].cached:
-                report(Progress(1, 1, "cached"))
     return PerplexityReport(
         backbone=backbone.name,
         kind=backbone.kind,
@@ -500,6 +515,42 @@ def evaluate_perplexity(
         reference=reference,
         seconds=time.perf_counter() - started,
     )
+
+
+def _variant_result(
+    backbone: Backbone,
+    eval_set: EvalSet,
+    name: str,
+    embedding: torch.Tensor | None,
+    *,
+    mode: Mode,
+    progress: ProgressCallback,
+    compare: bool,
+    variant_keys: Mapping[str, str] | None,
+    place: Callable[[], None],
+    device: str | None,
+) -> VariantPerplexity:
+    """One variant's result for :func:`evaluate_perplexity`: from the disk cache when keyed, else scored
+    (after ``place()`` has put the model on ``device``)."""
+
+    def compute() -> VariantPerplexity:
+        place()
+        return score_variant(
+            backbone, eval_set, embedding, mode=mode, progress=progress, divergence=compare, device=device
+        )
+
+    key = None
+    if variant_keys is not None:
+        key = "uncompressed" if embedding is None else variant_keys.get(name)
+    if key is None:
+        return compute()
+    config = perplexity_cache_config(
+        backbone, eval_set, key, "any" if embedding is None else mode, divergence=compare or embedding is None
+    )
+    result = cached_perplexity(config, compute)
+    if result.cached:
+        progress(Progress(1, 1, "cached"))
+    return result
 
 
 def with_reference(variants: Mapping[str, torch.Tensor | None] | None) -> dict[str, torch.Tensor | None]:

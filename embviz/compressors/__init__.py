@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from embviz.compressors.autoencoder import RECIPES, SIMPLE_LOSSES, AECompressor
-from embviz.compressors.base import CompressedEmbedding, Compressor, TrainingCancelled
+from embviz.compressors.base import CompressedEmbedding, Compressor, TrainingCancelled, check_device
 from embviz.compressors.budget import (
     UnreachableBudget,
     check_bits_per_weight,
@@ -57,7 +57,9 @@ def make_compressor(
     """The compressor for ``method_id`` at latent size ``rank`` (``ratio`` for byte-sized methods).
 
     ``options`` go to the method's constructor and must be among its spec's ``options`` (e.g. ``seed``;
-    ``recipe``, ``epochs``, ``lr``, ``device`` for the AE). A fixed-size method ignores ``rank``;
+    ``recipe``, ``epochs``, ``lr`` for the AE), except ``device``, which every method accepts: the exact
+    SVDs, the AEs and the direction VQ fit there, the others on the CPU (see
+    :data:`~embviz.compressors.registry.DEVICE_OPTION`). A fixed-size method ignores ``rank``;
     frequency-aware methods need ``row_weights``. To turn a ratio into a rank, use
     ``get_method(id).size(V, D, ratio=...)`` first.
 
@@ -107,6 +109,7 @@ __all__ = [
     "VariantRequest",
     "all_methods",
     "check_bits_per_weight",
+    "check_device",
     "check_rank",
     "compressor_from_config",
     "find_method",

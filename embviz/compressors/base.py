@@ -30,9 +30,34 @@ def check_seed(seed: int) -> int:
 
 
 def check_device(device: str) -> str:
-    """Validate a torch device name (``cpu``, ``cuda``, ``cuda:1``, ...) that this machine can compute on."""
+    """Validate a torch device name (``cpu``, ``cuda``, ``cuda:1``, ...) that this machine can compute on.
+
+    Cheap enough to call before any expensive work (it allocates one number there); returns ``device``.
+
+    Raises:
+        BadInputError: not a device name, ``cuda`` while ``torch.cuda.is_available()`` is False, a CUDA
+            index beyond the devices present, or a device that cannot compute and hand results back.
+    """
     try:
-        probe = torch.ones(1, device=device)
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise BadInputError(
+            f"device {device!r} cannot be used here: not a torch device name (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError(
+                f"device {device!r} cannot be used here: torch.cuda.is_available() is False "
+                f"(no CUDA device, or a CPU-only torch build: torch {torch.__version__})"
+            )
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise BadInputError(
+                f"device {device!r} cannot be used here: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
+    try:
+        probe = torch.ones(1, device=parsed)
         probe.cpu()  # a device without data (``meta``) cannot hand results back
     except (RuntimeError, AssertionError, NotImplementedError, ValueError, TypeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -123,7 +123,9 @@ def dequantize_matrix(blocks: torch.Tensor, name: str) -> torch.Tensor:
 
 
 class GGUFQuantizer:
-    """Every row of E stored in a llama.cpp GGUF block format (``gguf-q8_0`` ... ``gguf-q4_0``); no rank."""
+    """Every row of E stored in a llama.cpp GGUF block format (``gguf-q8_0`` ... ``gguf-q4_0``); no rank.
+    It fits on the CPU (the gguf package's numpy quantisers): its spec does not take ``device``, which the
+    registry drops."""
 
     def __init__(self, qtype: str = "Q4_0") -> None:
         self.qtype = check_type(qtype)

@@ -164,7 +164,8 @@ def _report(progress: ProgressCallback | None, elapsed: float) -> None:
 
 # -- compressors ---------------------------------------------------------------------------------------
 class RowQuantizer:
-    """Dense per-row scalar quantisation of E (``quant-int8`` / ``quant-int4``); it has no rank."""
+    """Dense per-row scalar quantisation of E (``quant-int8`` / ``quant-int4``); it has no rank. It fits on
+    the CPU (one pass of rounding): its spec does not take ``device``, so the registry drops one."""
 
     def __init__(self, bits: int = 8, seed: int = 1) -> None:
         self.bits = check_bits(bits)
@@ -212,7 +213,8 @@ class QuantizedLowRank:
     """A low-rank compressor whose codes are quantised per row and whose decoder is stored in float16.
 
     ``base`` is any low-rank compressor (:class:`SVDCompressor`, frequency-weighted or not, or an
-    :class:`~embviz.compressors.autoencoder.AECompressor`); it is fitted first, then its output quantised.
+    :class:`~embviz.compressors.autoencoder.AECompressor`); it is fitted first (on its own ``device``, which
+    its registered spec passes on), then its output quantised on the CPU.
     """
 
     def __init__(self, base: Compressor, bits: int = 8) -> None:
@@ -364,7 +366,8 @@ class MixedPrecisionRows:
     """Frequency-aware mixed precision (``quant-mixed``): 8, 4 or 2 bits per row within a byte budget.
 
     ``ratio`` is the byte ratio against float32 E; ``row_weights`` (token frequencies from a train slice)
-    say how much each row's error counts. Deterministic: no randomness is involved.
+    say how much each row's error counts. Deterministic: no randomness is involved. It fits on the CPU (its
+    spec does not take ``device``, which the registry drops).
     """
 
     method = "quant-mixed"

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from embviz.compressors.base import Compressor
+from embviz.compressors.base import Compressor, check_device
 from embviz.compressors.budget import (
     UnreachableBudget,
     check_bits_per_weight,
@@ -57,6 +57,11 @@ REFERENCE_WEIGHTS = 49_152 * 576
 """The weights of the matrix fit times are measured on (SmolLM2-135M's token embedding)."""
 QUICK_FIT_SECONDS = 2.0
 """Expected fit time of a closed-form method on the reference matrix when its spec does not say."""
+DEVICE_OPTION = "device"
+"""The option every method accepts in :meth:`MethodSpec.build`: the torch device a fit computes on (``cpu``,
+``cuda``, ``cuda:1``). A method that lists it among its :attr:`~MethodSpec.options` fits there (results back
+on the CPU); the others fit on the CPU and ignore it. It changes where, not what: it is never part of a
+configuration, so never of a cache key."""
 
 
 def matrix_scale(vocab_size: int, hidden_size: int) -> float:
@@ -101,7 +106,8 @@ class MethodSpec:
         stores: the tensors its artifacts hold (names of :class:`CompressedEmbedding` fields).
         trains: whether fitting is iterative training (the app shows progress and may ask first).
         needs_row_weights: whether it needs token frequencies (:class:`RowWeights`).
-        options: the constructor options it accepts (``seed``, ``recipe``, ``epochs``, ...).
+        options: the constructor options it accepts (``seed``, ``recipe``, ``epochs``, ...); ``device``
+            among them means it fits on the device it is given (see :data:`DEVICE_OPTION`).
         config_keys: the keys of its ``get_config()`` that rebuild it (:meth:`from_config`).
         decoder_bias: whether its decoder has a bias, which the parameter budget counts.
         code_bits: the width of its quantised codes, for rank-sized methods sized by bytes.
@@ -277,12 +283,27 @@ class MethodSpec:
         return QUICK_FIT_SECONDS * matrix_scale(vocab_size, hidden_size)
 
     # -- building ----------------------------------------------------------------------------------------
+    @property
+    def takes_device(self) -> bool:
+        """Whether fitting runs on the device it is given (:data:`DEVICE_OPTION` is among its options);
+        a method that does not fits on the CPU whatever the device."""
+        return DEVICE_OPTION in self.options
+
     def build(self, size: Size, *, row_weights: RowWeights | None = None, **options: Any) -> Compressor:
         """The compressor at ``size`` (from :meth:`size`), with ``options`` among :attr:`options`.
 
+        ``device`` is accepted by every method (:data:`DEVICE_OPTION`): it is validated, then passed on to a
+        method that :attr:`takes_device` and dropped for the others, which fit on the CPU.
+
         Raises:
-            BadInputError: missing or unexpected row weights, or an option the method does not take.
+            BadInputError: missing or unexpected row weights, an option the method does not take, or a
+                device this machine cannot compute on.
         """
+        device = options.pop(DEVICE_OPTION, None)
+        if device is not None:
+            device = check_device(device)
+            if self.takes_device:
+                options[DEVICE_OPTION] = device
         if self.needs_row_weights and row_weights is None:
             raise BadInputError(f"method {self.id!r} is frequency-aware: it needs row weights (token counts)")
         if not self.needs_row_weights and row_weights is not None:

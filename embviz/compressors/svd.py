@@ -9,6 +9,13 @@ D <= 1024, memory bounded by accumulating it over row blocks). The randomised va
 original code's weaker baseline (``torch.svd_lowrank`` with ``n_iter`` power iterations), labelled as such.
 Components are sorted by descending singular value and signed so that the largest-magnitude entry of every
 right singular vector is positive, which makes results deterministic.
+
+The exact variants run on the ``device`` they are given (Gram matrix, ``eigh`` and projection; e.g.
+``cuda``) and hand back CPU tensors equal to the CPU fit's within float tolerance (float64 throughout, so
+about 1e-6 relative in the codes for a well-separated spectrum). The randomised baseline always fits on the
+CPU: its random test matrix comes from the CPU generator there, so a device would change its numbers under
+the same configuration; it ignores ``device`` (its spec does not list it, see
+:data:`~embviz.compressors.registry.DEVICE_OPTION`).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, check_seed, closed_form_progress
+from embviz.compressors.base import CompressedEmbedding, check_device, check_seed, closed_form_progress
 from embviz.compressors.registry import MethodSpec, matrix_scale, register_method
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
@@ -39,7 +46,7 @@ def _check_matrix(embedding: torch.Tensor, rank: int) -> None:
 def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     """Flip each column so that its largest-magnitude entry is positive."""
     pivots = vectors.abs().argmax(dim=0)
-    signs = torch.sign(vectors[pivots, torch.arange(vectors.shape[1])])
+    signs = torch.sign(vectors[pivots, torch.arange(vectors.shape[1], device=vectors.device)])
     signs[signs == 0] = 1
     return vectors * signs
 
@@ -88,7 +95,11 @@ def project(embedding: torch.Tensor, basis: torch.Tensor, center: torch.Tensor |
 
 
 class SVDCompressor:
-    """Truncated SVD: exact (default), frequency-weighted (``row_weights``), or the original randomised one."""
+    """Truncated SVD: exact (default), frequency-weighted (``row_weights``), or the original randomised one.
+
+    ``device`` is where the exact variants compute (the randomised one fits on the CPU whatever it says); it
+    is not part of :meth:`get_config`, so it changes where the fit runs, not what it computes or its cache key.
+    """
 
     def __init__(
         self,
@@ -97,9 +108,11 @@ class SVDCompressor:
         n_iter: int = 5,
         seed: int = 1,
         row_weights: RowWeights | None = None,
+        device: str = "cpu",
     ) -> None:
         if randomized and row_weights is not None:
             raise BadInputError("the randomised SVD baseline does not take row weights")
+        self.device = check_device(device)
         self.rank = rank
         self.randomized = randomized
         self.n_iter = n_iter
@@ -130,6 +143,7 @@ class SVDCompressor:
     def _basis(self, embedding: torch.Tensor) -> torch.Tensor:
         if not self.randomized:
             weights = None if self.row_weights is None else self.row_weights.check(embedding.shape[0])
+            weights = None if weights is None else weights.to(embedding.device)
             return top_right_singular_vectors(embedding, self.rank, weights=weights)[0]
         _check_matrix(embedding, self.rank)
         columns = min(self.rank + RANDOMIZED_OVERSAMPLES, *embedding.shape)
@@ -139,12 +153,13 @@ class SVDCompressor:
         return _sign_fix(right[:, order])
 
     def fit(self, embedding: torch.Tensor, progress: ProgressCallback | None = None) -> CompressedEmbedding:
-        """Factorise ``embedding`` (V x D) into codes ``E V_r`` (V x r) and decoder ``V_r^T`` (r x D)."""
+        """Factorise ``embedding`` (V x D) into codes ``E V_r`` (V x r) and decoder ``V_r^T`` (r x D), computed
+        on :attr:`device` and returned on the CPU."""
         started = time.perf_counter()
-        embedding = embedding.detach()
+        embedding = embedding.detach().to("cpu" if self.randomized else self.device)
         basis = self._basis(embedding)
-        codes = project(embedding, basis)
-        decoder = basis.T.to(torch.float32).contiguous()
+        codes = project(embedding, basis).cpu()
+        decoder = basis.T.to(torch.float32).cpu().contiguous()
         elapsed = time.perf_counter() - started
         send(progress, closed_form_progress(elapsed))
         return CompressedEmbedding(
@@ -153,8 +168,8 @@ class SVDCompressor:
 
 
 # -- registration ------------------------------------------------------------------------------------------
-def _exact(rank: int, ratio: float | None, row_weights: RowWeights | None) -> SVDCompressor:
-    return SVDCompressor(rank, row_weights=row_weights)
+def _exact(rank: int, ratio: float | None, row_weights: RowWeights | None, **options: Any) -> SVDCompressor:
+    return SVDCompressor(rank, row_weights=row_weights, **options)
 
 
 def _randomized(
@@ -171,6 +186,7 @@ SVD = register_method(
         sizing="rank",
         factory=_exact,
         stores=("codes", "decoder"),
+        options=("device",),
         description="Truncated SVD, not mean-centred: the Euclidean optimum at each rank (the paper's baseline).",
     )
 )
@@ -196,6 +212,7 @@ SVD_FREQ = register_method(
         factory=_exact,
         stores=("codes", "decoder"),
         needs_row_weights=True,
+        options=("device",),
         description="SVD of the rows weighted by token frequency: the basis favours the tokens text uses.",
         fit_seconds=lambda vocab, hidden, size, options: (
             6.0 * matrix_scale(vocab, hidden)

@@ -17,6 +17,13 @@ model (the direction/length ablation in :mod:`embviz.perplexity`), so the bits g
 * **Decoding**: ``e_i ~ len_i * d_i / |d_i|`` with ``d_i`` the sum of the stages' centroids: only the
   direction's error remains, and the length is kept to 8-bit precision.
 
+**Device**: with ``device`` (e.g. ``cuda``) the nearest-centroid assignment of every row (:func:`assign`,
+the plain-torch part of the fit) runs there, in chunks, codes back on the CPU. Training
+the codebooks stays on the CPU (faiss's CPU ``ProductQuantizer``; embviz does not use faiss-gpu), and so do
+lengths, packing and decoding. Distances on another device round differently in their last bits, so a row
+whose two nearest centroids are practically tied may pick the other one: the reconstruction agrees with the
+CPU fit's within float tolerance, not bit for bit.
+
 M is the largest divisor of D whose stage-1 codes fit the budget; everything else (stage-2 rows) is filled
 up to it. Every stored byte is counted: codes, length codes, the mask, both codebooks (float16) and the
 length range. Stored tensors: ``qcodes`` (one flat uint8 buffer: stage-1 codes V x M, length codes V, the
@@ -32,7 +39,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from embviz.compressors.base import CompressedEmbedding, check_seed, closed_form_progress, float_matrix
+from embviz.compressors.base import (
+    CompressedEmbedding,
+    check_device,
+    check_seed,
+    closed_form_progress,
+    float_matrix,
+)
 from embviz.compressors.budget import check_ratio
 from embviz.compressors.registry import MethodSpec, matrix_scale, register_method
 from embviz.compressors.weights import RowWeights
@@ -92,16 +105,19 @@ def plan(vocab: int, hidden: int, ratio: float) -> tuple[int, int, int]:
 
 
 class DirectionVQ:
-    """``vq-direction``: see the module docstring. ``ratio`` is the byte ratio against float32 E."""
+    """``vq-direction``: see the module docstring. ``ratio`` is the byte ratio against float32 E; ``device``
+    is where rows are assigned to centroids (codebooks are trained by faiss on the CPU); it is not part of
+    :meth:`get_config`."""
 
     method = METHOD
 
-    def __init__(self, ratio: float, row_weights: RowWeights, seed: int = 0) -> None:
+    def __init__(self, ratio: float, row_weights: RowWeights, seed: int = 0, device: str = "cpu") -> None:
         self.ratio = check_ratio(ratio)
         if not isinstance(row_weights, RowWeights):
             raise BadInputError(f"{METHOD} needs row weights (token frequencies)")
         self.row_weights = row_weights
         self.seed = check_seed(seed)
+        self.device = check_device(device)
 
     @property
     def label(self) -> str:
@@ -136,7 +152,7 @@ class DirectionVQ:
         size = min(2 * vocab, 256 * 2**nbits)  # faiss trains k-means on at most 256 points per centroid
         sample = units.numpy()[rng.choice(vocab, size=size, p=share / share.sum())]
         book1 = _train(faiss, hidden, m, nbits, sample, self.seed)
-        codes1 = assign(book1.float(), units)
+        codes1 = assign(book1.float(), units, device=self.device)
         send(progress, closed_form_progress(time.perf_counter() - started))
         heavy = torch.argsort(weights, descending=True, stable=True)[:stage2].sort().values
         mask = torch.zeros(vocab, dtype=torch.bool)
@@ -146,7 +162,7 @@ class DirectionVQ:
         if stage2:
             residual = units[heavy] - _lookup(book1.float(), codes1[heavy].long())
             book2 = _train(faiss, hidden, m, nbits, residual.numpy(), self.seed + 1)
-            codes2 = assign(book2.float(), residual)
+            codes2 = assign(book2.float(), residual, device=self.device)
             books.append(book2)
         packed_mask = torch.from_numpy(np.packbits(mask.numpy(), bitorder="little"))
         qcodes = torch.cat([codes1.flatten(), length_codes, packed_mask, codes2.flatten()])
@@ -184,15 +200,23 @@ def _train(faiss: Any, hidden: int, m: int, nbits: int, data: np.ndarray, seed: 
     return torch.from_numpy(rounded.reshape(m, 2**nbits, hidden // m))
 
 
-def assign(centroids: torch.Tensor, data: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def assign(
+    centroids: torch.Tensor, data: torch.Tensor, chunk: int = 4096, *, device: str | None = None
+) -> torch.Tensor:
     """Each sub-vector's nearest centroid: ``centroids`` M x K x d, ``data`` N x (M d) -> N x M uint8 codes
-    (computed against the stored float16 centroids, so they are what a loader decodes with)."""
+    (computed against the stored float16 centroids, so they are what a loader decodes with).
+
+    ``device`` (default: where ``data`` is) is where the distances are computed, one chunk of rows at a time;
+    the codes come back on the CPU.
+    """
     m, _, sub = centroids.shape
+    target = data.device if device is None else torch.device(device)
+    centroids = centroids.to(target)
     codes = torch.empty(data.shape[0], m, dtype=torch.uint8)
     for start in range(0, data.shape[0], chunk):
-        parts = data[start : start + chunk].reshape(-1, m, sub).transpose(0, 1)  # M x n x d
+        parts = data[start : start + chunk].to(target).reshape(-1, m, sub).transpose(0, 1)  # M x n x d
         distances = torch.cdist(parts, centroids)  # M x n x K
-        codes[start : start + chunk] = distances.argmin(dim=2).transpose(0, 1).to(torch.uint8)
+        codes[start : start + chunk] = distances.argmin(dim=2).transpose(0, 1).to(torch.uint8).cpu()
     return codes
 
 
@@ -249,7 +273,7 @@ VQ_DIRECTION = register_method(
         factory=_build,
         stores=("qcodes", "qscales"),
         needs_row_weights=True,
-        options=("seed",),
+        options=("seed", "device"),
         config_keys=("seed",),
         max_byte_ratio=lambda vocab, hidden: (
             4 * vocab * hidden / stored_bytes(vocab, hidden, 1, _nbits(vocab), 0)
