@@ -337,26 +337,32 @@ class SearchQuality(NamedTuple):
     """How an approximate neighbour table was found, and its recall@k against exact search on random tokens
     apart from those the index was tuned on."""
 
-    index: str
+    method: str
     recall: RecallEstimate
 
     def describe(self, k: int | None = None) -> str:
         """One line for a caption: the index and its measured recall with the 95% margin."""
         at = f"@{k}" if k else ""
         return (
-            f"approximate neighbours ({self.index}): recall{at} against exact search "
+            f"approximate neighbours ({self.method}): recall{at} against exact search "
             f"{self.recall.mean:.3f} ± {self.recall.margin:.3f} on {len(self.recall.ids):,} random tokens"
         )
 
 
-class IVFSearch:
-    """A faiss inverted-file index (``IndexIVFFlat``, inner product) over unit key rows, with ``nprobe``
-    tuned on a calibration sample until recall@k against exact search reaches :data:`SEARCH_TARGET_RECALL`
-    (or a quarter of the lists are probed, beyond which exact search costs little more).
+class ReducedSearch:
+    """A faiss index that searches the keys' top principal directions exactly (BLAS products, like the exact
+    search but over ``dims`` instead of D columns), then re-ranks ``k_factor x wanted`` candidates per query
+    by their exact full-width similarity (``index_factory("PCA<dims>,Flat,RFlat")``, inner product).
 
-    About sqrt(V) lists, trained by k-means (seeded) on 40 rows per list (faiss warns below 39); each query
-    then compares against the list centroids and the rows of the ``nprobe`` closest lists.
+    ``dims`` and ``k_factor`` are tuned on a calibration sample of queries until recall@k against exact
+    search reaches :data:`SEARCH_TARGET_RECALL`: from D/8 directions and 4x candidates, more candidates
+    first (cheap), then more directions, up to D/2 (beyond which exact search costs little more). Measured
+    on a 64,000 x 2,048 synthetic matrix: 256 directions and 8x candidates gave recall 0.995 in about 24 s
+    where the exact table takes about 95 s; an inverted-file index (IVF-Flat) tuned to the same recall was
+    slower than exact search (its per-list scans do not use BLAS).
     """
+
+    K_FACTORS = (4, 8, 16)
 
     def __init__(
         self,
@@ -368,57 +374,61 @@ class IVFSearch:
         calibration: int = 512,
         progress: ProgressCallback | None = None,
     ) -> None:
+        count, width = keys.shape
+        self.keys = keys
+        self.width = width
+        rng = np.random.default_rng(seed)
+        self.training_ids = np.sort(rng.choice(count, size=min(count, 20_000), replace=False))
+        self.calibration_ids = np.sort(rng.choice(count, size=min(count, calibration), replace=False))
+        wanted = k + 1 if exclude_self else k
+        queries = keys[self.calibration_ids]
+        exact, exact_scores = _exact_inner_product_topk(queries, keys, wanted)
+        if exclude_self:
+            exact, _ = _drop_own_ids(exact, exact_scores, self.calibration_ids, k)
+        self.calibration_recall = 0.0
+        dims = max(8, width // 8)
+        while True:
+            self._build(dims, progress)
+            for k_factor in self.K_FACTORS:
+                self.k_factor = k_factor
+                found, scores = self(queries, wanted)
+                if exclude_self:
+                    found, _ = _drop_own_ids(found, scores, self.calibration_ids, k)
+                self.calibration_recall = recall_at_k(exact, found).mean
+                send(
+                    progress,
+                    Progress(0, 1, f"tuning the index: {dims} directions, {k_factor}x candidates, "
+                             f"recall {self.calibration_recall:.3f}"),
+                )  # fmt: skip
+                if self.calibration_recall >= SEARCH_TARGET_RECALL:
+                    return
+            if 2 * dims > width // 2:
+                return
+            dims *= 2
+
+    def _build(self, dims: int, progress: ProgressCallback | None) -> None:
         import faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())
-        count, width = keys.shape
-        self.keys = keys
-        self.lists = int(2 ** round(math.log2(max(16.0, math.sqrt(count)))))
-        quantizer = faiss.IndexFlatIP(width)
-        self.index = faiss.IndexIVFFlat(quantizer, width, self.lists, faiss.METRIC_INNER_PRODUCT)
-        self.index.cp.seed = seed
-        self.index.cp.niter = 10
-        rng = np.random.default_rng(seed)
-        send(progress, Progress(0, 1, f"training an approximate index ({self.lists:,} lists)"))
-        training = keys[np.sort(rng.choice(count, size=min(count, 40 * self.lists), replace=False))]
-        self.index.train(np.ascontiguousarray(training))
-        self.index.add(keys)
-        self.quantizer = quantizer  # the index refers to it; keep it alive
-        self.calibration_ids = np.sort(rng.choice(count, size=min(count, calibration), replace=False))
-        self.nprobe = self._tune(k, exclude_self, progress)
-
-    def _tune(self, k: int, exclude_self: bool, progress: ProgressCallback | None) -> int:
-        ids = self.calibration_ids
-        queries = self.keys[ids]
-        wanted = k + 1 if exclude_self else k
-        exact, exact_scores = _exact_inner_product_topk(queries, self.keys, wanted)
-        if exclude_self:
-            exact, _ = _drop_own_ids(exact, exact_scores, ids, k)
-        nprobe, limit = 1, max(1, self.lists // 4)
-        while True:
-            self.index.nprobe = nprobe
-            found, scores = self(queries, wanted)
-            if exclude_self:
-                found, _ = _drop_own_ids(found, scores, ids, k)
-            self.calibration_recall = recall_at_k(exact, found).mean
-            send(
-                progress,
-                Progress(0, 1, f"tuning the index: nprobe {nprobe}, recall {self.calibration_recall:.3f}"),
-            )
-            if self.calibration_recall >= SEARCH_TARGET_RECALL or nprobe >= limit:
-                return nprobe
-            nprobe = min(2 * nprobe, limit)
+        send(progress, Progress(0, 1, f"building an approximate index ({dims} principal directions)"))
+        self.dims = dims
+        # An IndexRefineFlat (full-width re-rank) around IndexPreTransform(PCA, IndexFlatIP); its k_factor
+        # sets the candidates re-ranked per result.
+        self.index: Any = faiss.index_factory(self.width, f"PCA{dims},Flat,RFlat", faiss.METRIC_INNER_PRODUCT)
+        self.index.train(np.ascontiguousarray(self.keys[self.training_ids]))
+        self.index.add(self.keys)
 
     def __call__(self, queries: np.ndarray, wanted: int) -> tuple[np.ndarray, np.ndarray]:
         import faiss
 
         faiss.omp_set_num_threads(torch.get_num_threads())
+        self.index.k_factor = float(self.k_factor)
         scores, found = self.index.search(np.ascontiguousarray(queries), wanted)
         return found.astype(np.int32, copy=False), scores
 
     @property
     def description(self) -> str:
-        return f"faiss IVF-Flat, {self.lists:,} lists, nprobe {self.nprobe}"
+        return f"faiss PCA{self.dims} + exact re-rank of {self.k_factor}x candidates"
 
 
 def _estimate(ids: np.ndarray, per_token: np.ndarray, vocab: int) -> RecallEstimate:
@@ -526,7 +536,7 @@ def neighbour_search(
     through :func:`factor_embedding` (same cosines, r+1 columns); ``"dense"`` reconstructs the rows;
     ``"auto"`` uses factors whenever they are narrower than D (and the decoder is linear).
 
-    ``search="exact"`` compares every pair; ``"approximate"`` uses an :class:`IVFSearch` index, whose
+    ``search="exact"`` compares every pair; ``"approximate"`` uses a :class:`ReducedSearch` index, whose
     recall@k against exact search is measured on :data:`SEARCH_CHECK_SAMPLE` random rows and returned as
     ``quality``; ``"auto"`` (default) is exact unless the exact cost exceeds :data:`EXACT_SEARCH_FLOPS`.
     Each row of the result is sorted by decreasing similarity (order among exact ties is arbitrary); zero
@@ -557,7 +567,7 @@ def neighbour_search(
         )
         return NeighbourSearch(indices, scores)
     key_rows = np.ascontiguousarray(unit.numpy())
-    index = IVFSearch(key_rows, k, exclude_self=True, progress=progress)
+    index = ReducedSearch(key_rows, k, exclude_self=True, progress=progress)
     indices, scores = _blocked_topk(
         queries,
         unit,
@@ -714,7 +724,7 @@ def neighbour_table_cached(
         arrays = {"indices": found.indices, "scores": found.scores}
         if found.quality is not None:
             arrays.update(
-                search_index=np.array(found.quality.index),
+                search_index=np.array(found.quality.method),
                 check_ids=found.quality.recall.ids.astype(np.int64),
                 check_recall=found.quality.recall.per_token.astype(np.float64),
             )
@@ -1057,10 +1067,10 @@ __all__ = [
     "SEARCH_TARGET_RECALL",
     "TOKEN_CLASSES",
     "Angles",
-    "IVFSearch",
     "NeighbourSearch",
     "Recall",
     "RecallEstimate",
+    "ReducedSearch",
     "SearchKind",
     "SearchQuality",
     "as_float_matrix",

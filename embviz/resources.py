@@ -172,8 +172,9 @@ def neighbour_memory(
     Counted: the float32 unit query rows and one float64 block while they are normalised; a float32 copy of
     the keys unless the queries are the keys (``separate_keys`` False); the float64 factor rows a low-rank
     variant is searched through (``factors``: codes, their product and its unit rows); an approximate
-    index's own copy of the keys and their ids (``index``); one faiss similarity tile; and the result (k+1
-    ids and scores per row while the row's own id is dropped). The caller's matrix is not counted.
+    index's own copy of the keys, their ids and their reduced rows (``index``); one faiss similarity tile;
+    and the result (k+1 ids and scores per row while the row's own id is dropped). The caller's matrix is
+    not counted.
     """
     tile = min(block_rows, rows, SEARCH_TILE[0]) * min(keys, SEARCH_TILE[1])
     total = 4 * rows * width + 8 * min(block_rows, rows) * width + 4 * tile + 16 * rows * (k + 1)
@@ -181,8 +182,8 @@ def neighbour_memory(
         total += 4 * keys * width
     if factors:
         total += 24 * rows * width
-    if index:
-        total += 4 * keys * width + 8 * keys
+    if index:  # the re-rank copy of the keys, their ids, and their reduced rows (at most D/2 wide)
+        total += 4 * keys * width + 8 * keys + 4 * keys * (width // 2)
     return total
 
 

@@ -623,7 +623,7 @@ def test_neighbours_say_when_an_approximate_index_found_them(
         job.thread.join(timeout=120)
     app.run()
     assert_clean(app)
-    warnings = [w.value for w in app.warning if "approximate neighbours (faiss IVF-Flat" in w.value]
+    warnings = [w.value for w in app.warning if "approximate neighbours (faiss PCA" in w.value]
     assert len(warnings) == 3  # the original and both variants
     assert all("recall@5 against exact search" in w for w in warnings)
     data.job_board.clear()

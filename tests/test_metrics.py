@@ -465,7 +465,7 @@ def test_auto_search_is_exact_while_affordable_and_approximate_beyond() -> None:
 
 
 def test_an_approximate_table_reports_its_recall_against_exact_search() -> None:
-    matrix = _clustered(6000, 24, 60)
+    matrix = _clustered(6000, 64, 60)
     exact = metrics.neighbour_search(matrix, 10, search="exact")
     approximate = metrics.neighbour_search(matrix, 10, search="approximate")
     assert exact.quality is None and approximate.quality is not None
@@ -479,19 +479,20 @@ def test_an_approximate_table_reports_its_recall_against_exact_search() -> None:
     assert len(measured.ids) == metrics.SEARCH_CHECK_SAMPLE
     # The check sample's estimate covers the truth (three margins: float near-ties at rank k count too).
     assert abs(measured.mean - true_recall) <= 3 * measured.margin + 1e-3
-    assert "IVF" in approximate.quality.index and "nprobe" in approximate.quality.index
+    assert "PCA" in approximate.quality.method and "re-rank" in approximate.quality.method
     assert "recall@10 against exact search" in approximate.quality.describe(10)
 
 
-def test_the_index_probes_more_lists_until_it_reaches_the_target_recall() -> None:
-    matrix = metrics._unit_rows(_clustered(4000, 32, 40, seed=3)).numpy()
-    index = metrics.IVFSearch(np.ascontiguousarray(matrix), 10, exclude_self=True)
-    assert index.calibration_recall >= metrics.SEARCH_TARGET_RECALL or index.nprobe == index.lists // 4
-    if index.nprobe > 1:  # one list fewer would have missed the target
-        index.index.nprobe = index.nprobe // 2
-        exact = metrics.neighbour_search(
-            torch.from_numpy(matrix), 10, search="exact", rows=index.calibration_ids
-        )
+def test_the_index_takes_more_candidates_then_more_directions_until_it_reaches_the_target() -> None:
+    matrix = np.ascontiguousarray(metrics._unit_rows(_clustered(4000, 64, 40, seed=3)).numpy())
+    index = metrics.ReducedSearch(matrix, 10, exclude_self=True)
+    reached = index.calibration_recall >= metrics.SEARCH_TARGET_RECALL
+    assert reached or (index.dims * 2 > 64 // 2 and index.k_factor == metrics.ReducedSearch.K_FACTORS[-1])
+    exact = metrics.neighbour_search(torch.from_numpy(matrix), 10, search="exact", rows=index.calibration_ids)
+    chosen = index.k_factor
+    smaller = [k for k in metrics.ReducedSearch.K_FACTORS if k < chosen]
+    if reached and smaller:  # the candidate count before it missed the target with these directions
+        index.k_factor = smaller[-1]
         found, scores = index(matrix[index.calibration_ids], 11)
         fewer, _ = metrics._drop_own_ids(found, scores, index.calibration_ids, 10)
         assert recall_at_k(exact.indices, fewer).mean < metrics.SEARCH_TARGET_RECALL
@@ -507,7 +508,7 @@ def test_an_approximate_table_is_cached_with_its_measured_recall(monkeypatch: py
     again = neighbour_table_cached("big", "fp", matrix, 5)
     np.testing.assert_array_equal(first.indices, again.indices)
     assert first.quality is not None and again.quality is not None
-    assert again.quality.index == first.quality.index
+    assert again.quality.method == first.quality.method
     np.testing.assert_array_equal(again.quality.recall.ids, first.quality.recall.ids)
     assert again.quality.recall.mean == pytest.approx(first.quality.recall.mean)
     assert again.quality.recall.margin == pytest.approx(first.quality.recall.margin)
