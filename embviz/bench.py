@@ -244,10 +244,11 @@ def app_page_target(page: str) -> Target:
 
 def targets_for(figures: Mapping[str, Any], stages: Sequence[str]) -> tuple[Target, ...]:
     """The engine targets, plus the browser targets when the ``app`` stage ran (one per page it timed)."""
+    chosen = TARGETS + (SCALE_TARGETS if "scale" in stages else ())
     if "app" not in stages:
-        return TARGETS
+        return chosen
     pages = [name[len("app_warm_") : -len("_s")] for name in figures if name.startswith("app_warm_")]
-    return TARGETS + APP_TARGETS + tuple(app_page_target(page) for page in pages)
+    return chosen + APP_TARGETS + tuple(app_page_target(page) for page in pages)
 
 
 def evaluate_targets(
@@ -415,6 +416,10 @@ class BenchSettings:
     paper_epochs: int | None = None  # None: the recipe's own 30
     umap_sample: int | None = None  # None: the full vocabulary
     python: str = sys.executable
+    scale_vocabs: tuple[int, ...] = (30_000, 64_000, 128_000, 256_000)
+    scale_hiddens: tuple[int, ...] = (576, 2048, 4096)
+    scale_stages: tuple[str, ...] = ("svd", "ae", "vq", "neighbours", "recall", "pca", "umap")
+    scale_limit_s: float = 600.0  # a stage predicted (or found) to take longer at a shape is skipped there
 
     @classmethod
     def for_mode(
@@ -1196,6 +1201,225 @@ def stage_app(context: BenchContext, report: Report) -> None:
         raise RuntimeError("; ".join(samples.failures))
 
 
+# -- scale: synthetic matrices of today's shapes -----------------------------------------------------------
+SCALE_CHILD = (
+    "import json, resource, sys, time\n"
+    "from pathlib import Path\n"
+    "import numpy as np, torch\n"
+    "from embviz.scaling import run_stage\n"
+    "from embviz.threads import configure_threads\n"
+    "configure_threads('all')\n"
+    "def _rss():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            return int(line.split()[1]) / 1024\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024\n"
+    "_before = _rss()\n"
+    "matrix = torch.from_numpy(np.load(sys.argv[2]))\n"
+    "_loaded = _rss()\n"
+    "found = run_stage(sys.argv[1], matrix, Path(sys.argv[3]))\n"
+    "print(json.dumps({**found, 'baseline_rss_mb': _before, 'loaded_rss_mb': _loaded, 'peak_rss_mb': _rss()}))\n"
+)
+"""Child script: load the matrix (``argv[2]``), run one scale stage, print its result and the process's
+peak resident set size before loading, after loading and at the end (``VmHWM``, this process's own
+high-water mark: ``ru_maxrss`` would carry the parent's over ``fork``/``exec``)."""
+
+SCALE_TARGET_SHAPE = (128_000, 2048)
+SCALE_BOUNDED_SHAPE = (256_000, 4096)
+
+
+def scale_figure(stage: str, vocab: int, hidden: int, what: str = "s") -> str:
+    """``scale_svd_128000x2048_s`` (or ``_peak_mb``)."""
+    return f"scale_{stage}_{vocab}x{hidden}_{what}"
+
+
+def _recall_vs_limit(point: Mapping[str, Any]) -> float:
+    """The recall stage's time over its limit: 120 s exact, 30 s approximate at recall >= 0.99 (inf below)."""
+    seconds = float(point["seconds"])
+    if point.get("search") == "exact":
+        return seconds / 120.0
+    return seconds / 30.0 if float(point.get("search_recall", 0.0)) >= 0.99 else math.inf
+
+
+SCALE_TARGETS: tuple[Target, ...] = (
+    Target("128k x 2048: exact SVD", scale_figure("svd", *SCALE_TARGET_SHAPE), "<=", 60.0),
+    Target("128k x 2048: fast AE", scale_figure("ae", *SCALE_TARGET_SHAPE), "<=", 300.0),
+    Target(
+        "128k x 2048: recall@10 of one variant (exact <= 120 s, or approximate <= 30 s at recall >= 0.99)",
+        "scale_recall_128000x2048_vs_limit",
+        "<=",
+        1.0,
+        unit="x of its limit",
+    ),
+    Target(
+        "256k x 4096: every stage within 16 GB peak or refused up front",
+        "scale_256000x4096_bounded",
+        ">=",
+        1.0,
+        unit="",
+    ),
+)
+
+
+def _scale_run(settings: BenchSettings, stage: str, matrix_path: Path, work: Path) -> dict[str, Any]:
+    """One scale stage in a fresh interpreter, killed after twice the limit (plus a minute)."""
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [settings.python, "-c", SCALE_CHILD, stage, str(matrix_path), str(work)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=2 * settings.scale_limit_s + 60,
+        )
+    except subprocess.TimeoutExpired:
+        return {"status": "timed out", "reason": f"killed after {2 * settings.scale_limit_s + 60:.0f} s"}
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": "failed", "reason": f"exit {done.returncode}: {tail}"}
+    return {"status": "measured", "process_s": elapsed, **json.loads(done.stdout.strip().splitlines()[-1])}
+
+
+def _scale_unreachable(stage: str, vocab: int, hidden: int) -> str | None:
+    """Why a stage cannot run at this shape at all (direction VQ's 1-bit budget on a small matrix), or None."""
+    if stage != "vq":
+        return None
+    from embviz.compressors import UnreachableBudget, get_method
+    from embviz.scaling import VQ_BITS
+
+    try:
+        get_method("vq-direction").size(vocab, hidden, bits=VQ_BITS)
+    except UnreachableBudget as exc:
+        return str(exc)
+    return None
+
+
+def stage_scale(context: BenchContext, report: Report) -> None:
+    """Time and peak memory of each scale stage on synthetic matrices of each shape (V ascending per D), each
+    in its own process; a stage predicted to exceed the memory budget is refused, one predicted (from its
+    measured growth at smaller V) or found to exceed the time limit is skipped, both with the reason."""
+    import numpy as np
+
+    from embviz.resources import available_memory, format_bytes
+    from embviz.scaling import (
+        MEMORY_BUDGET,
+        SpectrumProfile,
+        growth_exponents,
+        predict_seconds,
+        stage_memory,
+        synthetic_embedding,
+    )
+    from embviz.threads import choose_threads
+
+    settings = context.settings
+    profile = SpectrumProfile.from_matrix(context.backbone.embedding, settings.model)
+    threads = choose_threads("all")  # what each stage's process sets (configure_threads("all"))
+    points: list[dict[str, Any]] = []
+    budget = MEMORY_BUDGET
+    available = available_memory()
+    root = Path(tempfile.mkdtemp(prefix="embviz-scale-"))
+    try:
+        for hidden in sorted(settings.scale_hiddens):
+            for vocab in sorted(settings.scale_vocabs):
+                shape = f"{vocab:,} x {hidden:,}"
+                matrix_bytes = 4 * vocab * hidden
+                baseline = 2**30  # python, torch, faiss and umap imported: measured 990 MiB
+                work = root / f"{vocab}x{hidden}"
+                work.mkdir()
+                matrix_path = work / "matrix.npy"
+                generated = False
+                for stage in settings.scale_stages:
+                    point: dict[str, Any] = {"stage": stage, "vocab": vocab, "hidden": hidden}
+                    predicted = baseline + matrix_bytes + stage_memory(stage, vocab, hidden)
+                    point["predicted_peak_mb"] = round(predicted / 2**20)
+                    needs = {"recall": ("svd_codes.npy", "original_neighbours.npy"), "pca": ("svd_codes.npy",),
+                             "umap": ("original_neighbours.npy",)}.get(stage, ())  # fmt: skip
+                    missing = [name for name in needs if not (work / name).exists()]
+                    expected = predict_seconds(points, stage, vocab, hidden)
+                    if predicted > budget or (available is not None and predicted > available):
+                        limit = (
+                            "the 16 GB budget"
+                            if predicted > budget
+                            else f"{format_bytes(available or 0)} free"
+                        )
+                        point.update(
+                            status="refused", reason=f"needs about {format_bytes(predicted)}, over {limit}"
+                        )
+                    elif (unreachable := _scale_unreachable(stage, vocab, hidden)) is not None:
+                        point.update(status="skipped", reason=unreachable)
+                    elif missing:
+                        point.update(
+                            status="skipped", reason=f"needs the earlier stages' {', '.join(missing)}"
+                        )
+                    elif expected is not None and expected > settings.scale_limit_s:
+                        point.update(
+                            status="skipped",
+                            reason=f"predicted {expected:,.0f} s from its growth at smaller V, over the "
+                            f"{settings.scale_limit_s:g} s limit",
+                            predicted_s=round(expected),
+                        )
+                    else:
+                        if not generated:
+                            context.say(f"scale {shape}: generating the synthetic matrix")
+                            np.save(matrix_path, synthetic_embedding(vocab, hidden, profile).numpy())
+                            generated = True
+                        context.say(f"scale {shape}: {stage} (predicted peak {format_bytes(predicted)})")
+                        point.update(_scale_run(settings, stage, matrix_path, work))
+                        if point["status"] == "measured" and point["seconds"] > settings.scale_limit_s:
+                            point["over_limit"] = True
+                    context.say(
+                        f"scale {shape}: {stage} {point['status']}"
+                        + (f" in {point['seconds']:.1f} s, peak {point['peak_rss_mb']:.0f} MiB"
+                           if point["status"] == "measured" else f" ({point.get('reason')})")
+                    )  # fmt: skip
+                    points.append(point)
+                    if point["status"] == "measured":
+                        report.set(scale_figure(stage, vocab, hidden), point["seconds"])
+                        report.set(
+                            scale_figure(stage, vocab, hidden, "peak_mb"), point["peak_rss_mb"], digits=0
+                        )
+                        if (vocab, hidden) == SCALE_TARGET_SHAPE and stage == "recall":
+                            report.set("scale_recall_128000x2048_vs_limit", _recall_vs_limit(point))
+                shutil.rmtree(work, ignore_errors=True)
+                at_shape = [p for p in points if (p["vocab"], p["hidden"]) == (vocab, hidden)]
+                if (vocab, hidden) == SCALE_BOUNDED_SHAPE:
+                    report.set(
+                        "scale_256000x4096_bounded",
+                        all(
+                            p["status"] == "refused"
+                            or (p["status"] == "measured" and p["peak_rss_mb"] * 2**20 <= budget)
+                            for p in at_shape
+                        ),
+                    )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report.detail(
+        "scale",
+        points=points,
+        growth=growth_exponents(points),
+        profile=profile.describe(),
+        memory_budget_bytes=budget,
+        available_memory_bytes=available,
+        limit_s=settings.scale_limit_s,
+        threads=threads,
+        stages={
+            "svd": "exact truncated SVD (float64 Gram matrix, eigh) at rank D/8",
+            "ae": "the paper-loss AE, fast recipe (6 epochs from the SVD warm start), rank D/8",
+            "vq": "direction VQ sized to 1 bit per weight, uniform row weights",
+            "neighbours": "the original's full-vocabulary top-14 table (recall@10 and UMAP read it; exact where "
+            "affordable, else faiss PCA + exact re-rank with its recall against exact measured on 1,024 tokens)",
+            "recall": "recall@10 of the SVD variant: its table through its D/8+1 factor columns, against the "
+            "original's (from the neighbours stage, as the app caches it)",
+            "pca": "PCA map of the original and the SVD variant",
+            "umap": "full-vocabulary UMAP of the original rows on the neighbours stage's table",
+        },
+        synthetic="rows z diag(s) R: Gaussian z, the packaged matrix's singular values interpolated to D, a "
+        "random orthogonal rotation, row norms resampled from the packaged matrix (embviz.scaling)",
+        peak="VmHWM of the stage's own process (its peak resident set): imports, the matrix and the stage",
+    )
+
+
 Stage = Callable[[BenchContext, Report], None]
 STAGES: dict[str, Stage] = {
     "load": stage_load,
@@ -1206,10 +1430,13 @@ STAGES: dict[str, Stage] = {
     "latency": stage_latency,
     "memory": stage_memory,
     "app": stage_app,
+    "scale": stage_scale,
 }
-OPT_IN_STAGES: tuple[str, ...] = ("app",)
+OPT_IN_STAGES: tuple[str, ...] = ("app", "scale")
 """Stages run only when named: ``app`` needs Chromium and takes minutes per run (``--stages app``,
-``make bench-app``); ``embviz bench`` / ``make bench`` without ``--stages`` run every engine stage."""
+``make bench-app``); ``scale`` takes hours at every shape (``--stages scale``, narrowed with
+``--scale-vocabs`` / ``--scale-hiddens``); ``embviz bench`` / ``make bench`` without ``--stages`` run every
+engine stage."""
 
 
 def default_stages() -> list[str]:

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -934,13 +935,55 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2", help="backbone to measure (default smollm2)")
     parser.add_argument(
         "--stages",
-        help="comma-separated subset of: load, ae, knn, maps, latency, memory (the default: all of them), "
-        "app (the app in headless Chromium; minutes per run, only when named)",
+        help="comma-separated subset of: load, ae, fits, knn, maps, latency, memory (the default: all of them), "
+        "app (the app in headless Chromium; minutes per run, only when named), scale (synthetic matrices of "
+        "today's shapes; hours for the whole grid, only when named)",
     )
     parser.add_argument(
         "--repeats", type=int, help="runs per figure (default: 5 cheap / 3 costly; quick 3 / 1)"
     )
+    parser.add_argument(
+        "--scale-vocabs", help="scale stage: vocabulary sizes (default 30000,64000,128000,256000)"
+    )
+    parser.add_argument("--scale-hiddens", help="scale stage: widths (default 576,2048,4096)")
+    parser.add_argument(
+        "--scale-stages",
+        help="scale stage: which of svd, ae, vq, neighbours, recall, pca, umap (default all)",
+    )
+    parser.add_argument(
+        "--scale-limit",
+        type=float,
+        help="scale stage: seconds a stage may take at one shape; one predicted above it is skipped (default 600)",
+    )
     _add_json(parser)
+
+
+def _scale_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The scale stage's settings from ``--scale-*`` (validated before anything runs)."""
+    from embviz.errors import BadInputError
+    from embviz.scaling import SCALE_STAGES
+
+    chosen: dict[str, Any] = {}
+    for flag, field_name in (("scale_vocabs", "scale_vocabs"), ("scale_hiddens", "scale_hiddens")):
+        text = getattr(args, flag)
+        if text:
+            values = tuple(_parse_list(text, int, "--" + flag.replace("_", "-"), "whole numbers"))
+            if any(value < 2 for value in values):
+                raise BadInputError(f"--{flag.replace('_', '-')} takes sizes of at least 2, got {text}")
+            chosen[field_name] = values
+    if args.scale_stages:
+        stages = tuple(_parse_list(args.scale_stages, str, "--scale-stages", "stage names"))
+        unknown = [stage for stage in stages if stage not in SCALE_STAGES]
+        if unknown:
+            raise BadInputError(
+                f"unknown scale stage {', '.join(unknown)}; choose from {', '.join(SCALE_STAGES)}"
+            )
+        chosen["scale_stages"] = stages
+    if args.scale_limit is not None:
+        if not args.scale_limit > 0:
+            raise BadInputError(f"--scale-limit must be above 0 seconds, got {args.scale_limit:g}")
+        chosen["scale_limit_s"] = args.scale_limit
+    return chosen
 
 
 @_bench_arguments.runs
@@ -953,6 +996,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise BadInputError(f"--repeats must be at least 1, got {args.repeats}")
     stages = _parse_list(args.stages, str, "--stages", "stage names") if args.stages else None
     settings = BenchSettings.for_mode(quick=args.quick, model=args.model, repeats=args.repeats)
+    settings = replace(settings, **_scale_settings(args))
     command_line = "embviz " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else "embviz bench"
 
     result = bench(settings, stages, command=command_line, progress=_ProgressBar(log_prefix="embviz bench: "))

@@ -318,9 +318,51 @@ def _focus_trace(xy: np.ndarray, token: str, token_id: int) -> go.Scattergl:
     )
 
 
+# -- cost curves (``embviz bench --stages scale``) ----------------------------------------------------------
+def cost_curves(
+    points: Sequence[Mapping[str, Any]], growth: Mapping[str, Mapping[str, Any]], provenance: str
+) -> go.Figure:
+    """Log-log time against vocabulary size, one panel per width D, one line per stage (measured points
+    only), each stage's fitted exponent in the legend."""
+    measured = [p for p in points if p.get("status") == "measured" and p.get("seconds")]
+    hiddens = sorted({int(p["hidden"]) for p in measured})
+    stages = list(dict.fromkeys(str(p["stage"]) for p in measured))
+    colours = dict(zip(stages, PALETTE * (1 + len(stages) // len(PALETTE)), strict=False))
+    fig = make_subplots(
+        rows=1, cols=max(1, len(hiddens)), subplot_titles=[f"D = {d:,}" for d in hiddens], shared_yaxes=True
+    )
+    for column, hidden in enumerate(hiddens, start=1):
+        for stage in stages:
+            chosen = sorted((p for p in measured if p["stage"] == stage and p["hidden"] == hidden),
+                            key=lambda p: p["vocab"])  # fmt: skip
+            if not chosen:
+                continue
+            fitted = growth.get(stage, {})
+            exponent = fitted.get("vocab_exponent")
+            name = f"{stage} (V^{exponent:g})" if exponent is not None else stage
+            fig.add_trace(
+                go.Scatter(
+                    x=[p["vocab"] for p in chosen],
+                    y=[p["seconds"] for p in chosen],
+                    mode="lines+markers",
+                    name=name,
+                    legendgroup=stage,
+                    showlegend=column == 1,
+                    line={"color": colours[stage]},
+                    hovertemplate=f"{stage}<br>V=%{{x:,}}<br>%{{y:.1f}} s<extra>D={hidden:,}</extra>",
+                ),
+                row=1,
+                col=column,
+            )
+        fig.update_xaxes(type="log", title_text="vocabulary rows V", row=1, col=column)
+    fig.update_yaxes(type="log", title_text="seconds (2 CPU cores)", row=1, col=1)
+    return _finish(fig, provenance, title="How each stage's time grows with V (log-log)", height=460)
+
+
 __all__ = [
     "angle_histogram",
     "class_breakdown_bar",
+    "cost_curves",
     "norm_ratio_histogram",
     "perplexity_curve",
     "projection_panels",

@@ -121,10 +121,18 @@ def principal_axes(rows: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tens
     Eigen-decomposition of the D x D covariance; each axis' sign is fixed (largest entry positive) so the
     same matrix always gives the same picture.
     """
-    rows = rows.double()
-    mean = rows.mean(dim=0)
-    centred = rows - mean
-    _, eigenvectors = torch.linalg.eigh(centred.T @ centred)
+    # Blocked in float64 (two passes: the mean, then the centred scatter) so memory stays at one block and a
+    # D x D matrix, not two float64 copies of every row.
+    vocab, hidden = rows.shape
+    total = torch.zeros(hidden, dtype=torch.float64)
+    for start in range(0, vocab, _BLOCK_ROWS):
+        total += rows[start : start + _BLOCK_ROWS].double().sum(dim=0)
+    mean = total / max(vocab, 1)
+    scatter = torch.zeros(hidden, hidden, dtype=torch.float64)
+    for start in range(0, vocab, _BLOCK_ROWS):
+        block = rows[start : start + _BLOCK_ROWS].double() - mean
+        scatter.addmm_(block.T, block)
+    _, eigenvectors = torch.linalg.eigh(scatter)
     axes = eigenvectors[:, -n:].flip(1)
     signs = torch.sign(axes.gather(0, axes.abs().argmax(dim=0, keepdim=True)))
     return mean, axes * signs

@@ -73,6 +73,7 @@ def test_evaluate_json(
         "source_format",
         "source_bits_per_weight",
         "bytes_vs_source",
+        "neighbour_search",
     ]
     assert result["bits_per_weight"] == pytest.approx(8 * result["bytes"] / tiny_causal.embedding.numel())
     assert (result["source_format"], result["source_bits_per_weight"]) == ("float32", 32.0)

@@ -43,6 +43,7 @@ from embviz.compressors import (
     SVDCompressor,
     TrainingCancelled,
     check_rank,
+    get_method,
     make_compressor,
     rank_for_ratio,
     ratio_for_rank,
@@ -593,6 +594,24 @@ def test_a_smollm2_conversion_that_does_not_fit_is_refused(
     with pytest.raises(ResourceError, match=r"converting model\.gguf"):
         sources._convert_gguf(gguf, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fit_that_does_not_fit_in_memory_is_refused_before_any_work(
+    little_memory: Callable[[int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    matrix = _matrix()
+    compressor = SVDCompressor(3)
+    needed = get_method("svd").memory_to_fit(120, 12, 3)
+    assert needed > 0
+    fitted: list[bool] = []
+    fit = SVDCompressor.fit
+    monkeypatch.setattr(SVDCompressor, "fit", lambda self, *a, **k: fitted.append(True) or fit(self, *a, **k))
+    little_memory(needed - 1)
+    with pytest.raises(ResourceError, match=r"fitting SVD \(exact\) on a 120 x 12 matrix needs about"):
+        compress_cached("m", matrix, compressor)
+    assert not fitted and not list(embviz_home().rglob("manifest.json"))  # nothing ran, nothing written
+    little_memory(needed)
+    assert compress_cached("m", matrix, compressor).compressed.rank == 3 and fitted
 
 
 def test_a_neighbour_search_that_does_not_fit_is_refused(little_memory: Callable[[int], None]) -> None:

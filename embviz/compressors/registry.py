@@ -122,6 +122,8 @@ class MethodSpec:
         fit_seconds: expected seconds to fit, ``(V, D, size, options) -> seconds`` on one core of the
             reference machine (the app trains by itself below a threshold and asks first above it); None:
             :data:`QUICK_FIT_SECONDS` scaled by the matrix size.
+        fit_memory: bytes a fit holds beyond the V x D matrix, ``(V, D, rank) -> bytes`` (checked before
+            fitting); None: :meth:`memory_to_fit`'s default of two more float32 copies of the matrix.
     """
 
     id: str
@@ -143,6 +145,7 @@ class MethodSpec:
     decode: Decoder | None = field(default=None, repr=False)
     description: str = ""
     fit_seconds: Callable[[int, int, Size, Mapping[str, Any]], float] | None = field(default=None, repr=False)
+    fit_memory: Callable[[int, int, int | None], int] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if not self.id or self.id != self.id.strip() or "," in self.id:
@@ -274,6 +277,13 @@ class MethodSpec:
         return rank_for_byte_ratio(
             vocab_size, hidden_size, ratio, lambda rank: bytes_for_rank(vocab_size, hidden_size, rank)
         )
+
+    def memory_to_fit(self, vocab_size: int, hidden_size: int, rank: int | None = None) -> int:
+        """Bytes fitting this method holds beyond the V x D float32 matrix itself (:attr:`fit_memory`; by
+        default two more float32 copies of it: working rows and the result)."""
+        if self.fit_memory is not None:
+            return int(self.fit_memory(vocab_size, hidden_size, rank))
+        return 2 * 4 * vocab_size * hidden_size
 
     def expected_seconds(self, vocab_size: int, hidden_size: int, size: Size, **options: Any) -> float:
         """About how long fitting this method at ``size`` takes (one core of the reference machine: an
