@@ -195,8 +195,8 @@ def _save_variant(folder: Path, compressed: CompressedEmbedding) -> None:
 
 
 def _load_variant(folder: Path) -> CompressedEmbedding:
-    codes = torch.from_numpy(np.load(folder / "svd_codes.npy"))
-    decoder = torch.from_numpy(np.load(folder / "svd_decoder.npy"))
+    codes = torch.from_numpy(np.load(folder / "svd_codes.npy", allow_pickle=False))
+    decoder = torch.from_numpy(np.load(folder / "svd_decoder.npy", allow_pickle=False))
     return CompressedEmbedding(
         method="svd", config={"method": "svd", "label": "SVD (exact)", "rank": codes.shape[1]},
         codes=codes, decoder=decoder,
@@ -233,7 +233,8 @@ def run_stage(stage: str, matrix: torch.Tensor, work: Path) -> dict[str, Any]:
         facts.update(_search_facts(found.quality, vocab, hidden))
     elif stage == "recall":
         variant = _load_variant(work)
-        original = np.load(work / "original_neighbours.npy")[:, :K]  # rows sorted: the top-10 lead
+        # rows sorted: the top-10 lead
+        original = np.load(work / "original_neighbours.npy", allow_pickle=False)[:, :K]
         started = time.perf_counter()  # the original's table is the neighbours stage's (cached, as the app's)
         found = neighbour_search(variant, K)
         recall = recall_at_k(original, found.indices).mean
@@ -246,7 +247,7 @@ def run_stage(stage: str, matrix: torch.Tensor, work: Path) -> dict[str, Any]:
         pca_map(matrix, {"SVD": variant})
         seconds = time.perf_counter() - started
     elif stage == "umap":
-        original = np.load(work / "original_neighbours.npy")
+        original = np.load(work / "original_neighbours.npy", allow_pickle=False)
         similarities = _table_scores(matrix, original[:, : UMAP_NEIGHBOURS - 1])
         warm = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
         umap_map(warm, {})  # numba compiles umap's kernels once per process (the app's server: once)

@@ -352,8 +352,9 @@ def _app_report() -> Report:
 
 def test_the_app_stage_is_registered_but_only_run_when_named() -> None:
     assert "app" in STAGES and "app" in OPT_IN_STAGES
-    assert "app" not in default_stages()
-    assert default_stages() == [name for name in STAGES if name != "app"]
+    assert "scale" in STAGES and "scale" in OPT_IN_STAGES
+    assert "app" not in default_stages() and "scale" not in default_stages()
+    assert default_stages() == [name for name in STAGES if name not in ("app", "scale")]
 
 
 def test_app_targets_only_when_the_app_stage_ran_with_one_per_timed_page() -> None:

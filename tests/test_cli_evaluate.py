@@ -63,7 +63,7 @@ def test_evaluate_json(
     assert set(result["perplexity"]) == {"original", "compressed"}
     assert result["rank"] == 8 and result["artifact"] == artifact and 0 <= result["recall_at_k"] <= 1
     assert "evaluated" in err  # progress goes to stderr
-    assert list(result)[-9:] == [
+    assert list(result)[-10:] == [
         "kl_nats",
         "top1_agreement",
         "perplexity_variant_directions",
