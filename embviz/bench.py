@@ -23,6 +23,11 @@ Stages (each can be run alone with ``--stages``):
   per run): ``streamlit run app.py`` on a cache seeded from this one, every page's time to a finished page
   (first visit and warm), a new sentence on Predictions, a new rank from the sidebar to a finished
   Neighbours page, and a cold full-vocabulary UMAP (with whether a map was shown while it ran).
+* ``scale`` -- every expensive stage on synthetic matrices of today's vocabulary shapes (not a default stage:
+  hours), each in its own process with its peak memory.
+* ``cluster`` -- a 12-variant sweep (:class:`ClusterSweep`) on a local Ray cluster of 2 workers against the
+  serial sweep (not a default stage: it needs Ray and runs three cold sweeps of minutes each), each in a
+  fresh process with a cold cache: the speed-up and whether the rows are identical.
 
 Every figure is the median of several runs (``runs`` gives the count, ``samples`` every run); ratios are
 taken within one run on one machine (``machine`` describes it, load average included). ``targets`` says
@@ -243,8 +248,10 @@ def app_page_target(page: str) -> Target:
 
 
 def targets_for(figures: Mapping[str, Any], stages: Sequence[str]) -> tuple[Target, ...]:
-    """The engine targets, plus the browser targets when the ``app`` stage ran (one per page it timed)."""
+    """The engine targets, plus those of the opt-in stages that ran: ``scale``, ``cluster`` and ``app`` (the
+    browser targets, one per page it timed)."""
     chosen = TARGETS + (SCALE_TARGETS if "scale" in stages else ())
+    chosen += CLUSTER_TARGETS if "cluster" in stages else ()
     if "app" not in stages:
         return chosen
     pages = [name[len("app_warm_") : -len("_s")] for name in figures if name.startswith("app_warm_")]
@@ -405,6 +412,43 @@ def machine_facts() -> dict[str, Any]:
 
 # -- settings and shared state -------------------------------------------------------------------------
 @dataclass(frozen=True)
+class ClusterSweep:
+    """The sweep the ``cluster`` stage times serially and on a local Ray cluster of ``workers`` slots.
+
+    The default is 12 jobs of the kind a user compares: SVD, the paper-loss AE (the sweep's fast recipe) and
+    frequency-weighted SVD at 4x, 8x and 16x, plus the int8 and int4 row quantisers and llama.cpp's Q4_0 (each
+    once, at its own size); perplexity on 512 tokens of ``bible:test``, recall@10 as every sweep.
+    """
+
+    methods: tuple[str, ...] = ("svd", "ae-paper", "svd-freq", "quant-int8", "quant-int4", "gguf-q4_0")
+    ratios: tuple[float, ...] = (4.0, 8.0, 16.0)
+    text: str = EVAL_TEXT
+    max_tokens: int = 512
+    k: int = K
+    recipe: str = "fast"
+    workers: int = 2
+
+    def sweep_settings(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`embviz.evaluation.sweep` (and ``ray_sweep``) but the methods."""
+        return {
+            "ratios": list(self.ratios),
+            "text": self.text,
+            "max_tokens": self.max_tokens,
+            "k": self.k,
+            "recipe": self.recipe,
+        }
+
+    def command(self, model: str, ray: bool) -> str:
+        """The same sweep as an ``embviz sweep`` command line."""
+        line = (
+            f"embviz sweep {model} --methods {','.join(self.methods)} --ratios "
+            f"{','.join(f'{r:g}' for r in self.ratios)} --text {self.text} --max-tokens {self.max_tokens} "
+            f"--k {self.k} --recipe {self.recipe}"
+        )
+        return line + (f" --ray --workers {self.workers}" if ray else "")
+
+
+@dataclass(frozen=True)
 class BenchSettings:
     """What to measure and how often: ``repeats`` for cheap figures, ``heavy_repeats`` for costly ones."""
 
@@ -420,18 +464,23 @@ class BenchSettings:
     scale_hiddens: tuple[int, ...] = (576, 2048, 4096)
     scale_stages: tuple[str, ...] = ("svd", "ae", "vq", "neighbours", "recall", "pca", "umap")
     scale_limit_s: float = 600.0  # a stage predicted (or found) to take longer at a shape is skipped there
+    cluster_repeats: int = 1  # each run of the cluster stage is three cold sweeps (minutes each)
+    cluster_sweep: ClusterSweep = ClusterSweep()
 
     @classmethod
     def for_mode(
         cls, *, quick: bool, model: str = DEFAULT_MODEL, repeats: int | None = None
     ) -> BenchSettings:
-        """Full mode, or ``--quick``: fewer repeats, a 3-epoch paper recipe and a sampled UMAP."""
+        """Full mode, or ``--quick``: fewer repeats, a 3-epoch paper recipe and a sampled UMAP. ``repeats``
+        sets every count (the ``cluster`` stage's too, which is otherwise 1)."""
         base = (
             cls(model=model, quick=True, repeats=3, heavy_repeats=1, paper_epochs=QUICK_PAPER_EPOCHS,
                 umap_sample=QUICK_UMAP_SAMPLE)
             if quick else cls(model=model)
         )  # fmt: skip
-        return replace(base, repeats=repeats, heavy_repeats=repeats) if repeats else base
+        if not repeats:
+            return base
+        return replace(base, repeats=repeats, heavy_repeats=repeats, cluster_repeats=repeats)
 
 
 class BenchContext:
@@ -880,17 +929,26 @@ def seed_skipped(relative: Path, fresh: int | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def seeded_home(source: Path, fresh: int | None = None) -> Iterator[Path]:
+def seeded_home(
+    source: Path,
+    fresh: int | None = None,
+    *,
+    folders: Sequence[str] | None = None,
+    prefix: str = "embviz-bench-app-",
+) -> Iterator[Path]:
     """A new ``EMBVIZ_HOME`` beside ``source`` holding hard links to its entries (copies across disks),
-    less :func:`seed_skipped`'s (``fresh``: the rank kept uncached); deleted afterwards. The app's writes are atomic renames: the source is
-    never changed through a link."""
+    less :func:`seed_skipped`'s (``fresh``: the rank kept uncached), and only those under the top-level
+    ``folders`` when given (e.g. ``("backbones",)``: a cold cache but for the converted backbone); deleted
+    afterwards. The app's writes are atomic renames: the source is never changed through a link."""
     parent = source.parent if os.access(source.parent, os.W_OK) else None
-    folder = Path(tempfile.mkdtemp(prefix="embviz-bench-app-", dir=parent))
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     try:
         if source.is_dir():
             for path in sorted(source.rglob("*")):
                 relative = path.relative_to(source)
-                if seed_skipped(relative, fresh):
+                if seed_skipped(relative, fresh) or (
+                    folders is not None and relative.parts[0] not in folders
+                ):
                     continue
                 target = folder / relative
                 if path.is_dir():
@@ -1420,6 +1478,263 @@ def stage_scale(context: BenchContext, report: Report) -> None:
     )
 
 
+# -- cluster: a sweep on local Ray against the serial sweep ----------------------------------------------
+CLUSTER_CHILD = (
+    "import json, sys, time\n"
+    "from embviz.evaluation import sweep\n"
+    "from embviz.sources import load_model\n"
+    "from embviz.threads import configure_threads\n"
+    "mode, model, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])\n"
+    "methods, settings = json.loads(sys.argv[4]), json.loads(sys.argv[5])\n"
+    "threads = configure_threads('all')\n"
+    "cluster, failures = None, []\n"
+    "started = time.perf_counter()\n"
+    "if mode == 'ray':\n"
+    "    from embviz.cluster import ray_sweep\n"
+    "    result = ray_sweep(model, methods, workers=workers, **settings)\n"
+    "    rows, cluster = result.rows, result.cluster\n"
+    "    failures = [failure.to_dict() for failure in result.failures]\n"
+    "else:\n"
+    "    rows = sweep(load_model(model), methods, **settings)\n"
+    "seconds = time.perf_counter() - started\n"
+    "print(json.dumps({'seconds': seconds, 'threads': threads, 'cluster': cluster, 'failures': failures,\n"
+    "                  'rows': [row.to_dict() for row in rows]}))\n"
+)
+"""Child script: one sweep (``argv[1]``: ``serial``, or ``ray`` for ``ray_sweep`` on a local cluster of
+``argv[3]`` slots), timed from before the backbone loads (serial) or before ``ray_sweep`` is called (Ray:
+importing Ray, the driver's load, the cluster's start, every task and the shutdown) to the last row; prints
+the seconds, the driver's torch threads, the cluster's facts, any failed tasks and the rows."""
+
+CLUSTER_TIMEOUT_S = 3 * 3600
+CLUSTER_VARYING = ("seconds", "train_seconds", "cached", "artifact")
+"""Row columns that differ between equal sweeps: timings, whether the shared cache already held an entry
+(Ray tasks share one) and where an artifact was written (each run has its own cache)."""
+
+
+def _cluster_unassessable(figures: Mapping[str, Any]) -> str | None:
+    jobs, workers = figures.get("cluster_jobs"), figures.get("cluster_workers")
+    if jobs is not None and workers is not None and (jobs, workers) != (12, 2):
+        return f"the sweep had {jobs} jobs on {workers} workers, not the target's 12 on 2"
+    return None
+
+
+CLUSTER_TARGETS: tuple[Target, ...] = (
+    Target(
+        "12-variant sweep on local Ray, 2 workers: faster than serial, identical rows",
+        "cluster_speedup",
+        ">=",
+        1.7,
+        unit="x",
+        requires=("cluster_rows_identical",),
+        unassessable=_cluster_unassessable,
+    ),
+)
+"""The Ray target (stage ``cluster``): serial seconds over Ray seconds, both cold, with the Ray rows equal
+to the serial sweep's at the tasks' thread count."""
+
+
+def _same(left: Any, right: Any) -> bool:
+    """Equal, NaN equal to NaN."""
+    if isinstance(left, float) and isinstance(right, float) and math.isnan(left) and math.isnan(right):
+        return True
+    return bool(left == right)
+
+
+def _relative_difference(left: float, right: float) -> float:
+    """``|left - right|`` over the larger magnitude (0 when equal, inf against a NaN)."""
+    if _same(left, right):
+        return 0.0
+    if math.isnan(left) or math.isnan(right):
+        return math.inf
+    return abs(left - right) / max(abs(left), abs(right))
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare_rows(
+    left: Sequence[Mapping[str, Any]],
+    right: Sequence[Mapping[str, Any]],
+    ignore: Sequence[str] = CLUSTER_VARYING,
+) -> dict[str, Any]:
+    """Whether two sweeps gave the same rows (every column but ``ignore``, in order), and where not: the
+    largest relative difference of each numeric column that differs and the other columns that differ."""
+    differences: dict[str, float] = {}
+    other: set[str] = set()
+    for a, b in zip(left, right, strict=False):
+        for column in dict.fromkeys([*a, *b]):
+            if column in ignore or _same(a.get(column), b.get(column)):
+                continue
+            if _numeric(a.get(column)) and _numeric(b.get(column)):
+                gap = _relative_difference(float(a[column]), float(b[column]))
+                differences[column] = max(differences.get(column, 0.0), gap)
+            else:
+                other.add(column)
+    return {
+        "identical": len(left) == len(right) and not differences and not other,
+        "rows": [len(left), len(right)],
+        "max_relative_difference": {column: float(f"{gap:.3g}") for column, gap in differences.items()},
+        "other_differing_columns": sorted(other),
+        "ignored_columns": list(ignore),
+    }
+
+
+def _variant_name(job: Any) -> str:
+    """``svd r=142 (4x)``; a fixed-size method: ``quant-int4 (7.94x, its own size)``."""
+    rank = job.compressor.get_config().get("rank")
+    if rank is not None:
+        return f"{job.method} r={rank} ({job.target_ratio:g}x)"
+    return f"{job.method} ({job.target_ratio:.3g}x, its own size)"
+
+
+def _cluster_run(settings: BenchSettings, mode: str, home: Path, threads: int | None) -> dict[str, Any]:
+    """One sweep of ``settings.cluster_sweep`` in a fresh interpreter on ``home``; ``threads`` sets its torch
+    (and faiss / numba) threads, None leaves them to ``configure_threads`` and ``ray_sweep`` (the driver
+    every usable core, each task its share)."""
+    from embviz.cache import HOME_ENV
+    from embviz.threads import OTHER_RUNTIMES, THREADS_ENV
+
+    spec = settings.cluster_sweep
+    env = {**os.environ, HOME_ENV: str(home)}
+    for variable in (THREADS_ENV, *OTHER_RUNTIMES):
+        env.pop(variable, None)
+        if threads is not None:
+            env[variable] = str(threads)
+    args = [
+        mode,
+        settings.model,
+        str(spec.workers),
+        json.dumps(list(spec.methods)),
+        json.dumps(spec.sweep_settings()),
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(
+        [settings.python, "-c", CLUSTER_CHILD, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=CLUSTER_TIMEOUT_S,
+    )
+    elapsed = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"the {mode} sweep failed ({done.returncode}): {tail}")
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"the {mode} sweep printed no result: {done.stdout.strip()[-300:]!r}")
+    return {**json.loads(lines[-1]), "process_s": elapsed}
+
+
+def stage_cluster(context: BenchContext, report: Report) -> None:
+    """The same sweep three ways, each cold in its own process: serially at every usable core, serially at
+    the Ray tasks' thread count, and on a local Ray cluster; the speed-up and whether the rows are equal."""
+    from embviz.cache import embviz_home
+    from embviz.evaluation import plan_sweep
+    from embviz.threads import usable_cores, worker_threads
+
+    settings, spec = context.settings, context.settings.cluster_sweep
+    if _version("ray") is None:
+        raise RuntimeError("the cluster stage needs Ray: pip install 'embviz[ray]'")
+    # The parent's load converts the backbone into the user's cache once (each cold home links to it) and
+    # puts its files in the page cache, so no run pays for the first read from disk.
+    plan = plan_sweep(context.backbone, spec.methods, spec.ratios, None, spec.recipe)
+    variants = [_variant_name(job) for job in plan]
+    cores = usable_cores()
+    serial_threads, task_threads = cores, worker_threads(spec.workers, cores)
+    kinds: list[tuple[str, str, int | None]] = [("serial", "serial", serial_threads)]
+    if task_threads != serial_threads:
+        kinds.append(("serial_equal_threads", "serial", task_threads))
+    kinds.append(("ray", "ray", None))
+    source = embviz_home()
+    found: dict[str, list[dict[str, Any]]] = {kind: [] for kind, _, _ in kinds}
+    runs: list[dict[str, Any]] = []
+    for repeat in range(settings.cluster_repeats):
+        for kind, mode, threads in kinds:
+            context.say(
+                f"cluster run {repeat + 1}/{settings.cluster_repeats}: {kind} sweep of {len(plan)} variants "
+                f"(cold cache, load average {load_average()})"
+            )
+            load_before = load_average()
+            with seeded_home(source, folders=("backbones",), prefix="embviz-bench-cluster-") as home:
+                result = _cluster_run(settings, mode, home, threads)
+            found[kind].append(result)
+            runs.append(
+                {
+                    "run": repeat + 1,
+                    "kind": kind,
+                    "seconds": rounded(result["seconds"]),
+                    "process_s": rounded(result["process_s"]),
+                    "torch_threads": result["threads"] if mode == "serial" else None,
+                    "load_average_before": load_before,
+                    "load_average_after": load_average(),
+                }
+            )
+            context.say(f"cluster {kind}: {result['seconds']:.1f} s")
+    if "serial_equal_threads" not in found:  # one thread count for both: the serial run is the fair one
+        found["serial_equal_threads"] = found["serial"]
+    for kind, results in found.items():
+        report.record(f"cluster_{kind}_s", [r["seconds"] for r in results])
+        report.record(f"cluster_{kind}_process_s", [r["process_s"] for r in results])
+    ray_s = report.figures["cluster_ray_s"]
+    report.set("cluster_speedup", report.figures["cluster_serial_s"] / ray_s)
+    report.set("cluster_speedup_equal_threads", report.figures["cluster_serial_equal_threads_s"] / ray_s)
+    equal = [
+        compare_rows(s["rows"], r["rows"])
+        for s, r in zip(found["serial_equal_threads"], found["ray"], strict=True)
+    ]
+    all_cores = [
+        compare_rows(s["rows"], r["rows"]) for s, r in zip(found["serial"], found["ray"], strict=True)
+    ]
+    failures = [failure for r in found["ray"] for failure in r["failures"]]
+    report.set("cluster_rows_identical", not failures and all(c["identical"] for c in equal))
+    report.set("cluster_rows_identical_all_cores", not failures and all(c["identical"] for c in all_cores))
+    report.set("cluster_jobs", len(plan))
+    report.set("cluster_workers", spec.workers)
+    report.detail(
+        "cluster",
+        model=settings.model,
+        variants=variants,
+        jobs=len(plan),
+        rows="the uncompressed row and one per variant, each with perplexity, KL divergence and top-1 agreement "
+        f"on {spec.max_tokens} tokens of {spec.text!r}, recall@{spec.k} over the full vocabulary, angles",
+        serial_command=spec.command(settings.model, ray=False),
+        ray_command=spec.command(settings.model, ray=True),
+        repeats=settings.cluster_repeats,
+        workers=spec.workers,
+        serial_torch_threads=serial_threads,
+        task_torch_threads=task_threads,
+        cluster=found["ray"][-1]["cluster"],
+        runs=runs,
+        failures=failures,
+        rows_vs_serial_equal_threads=equal[-1],
+        rows_vs_serial_all_cores=all_cores[-1],
+        cold_cache="every run in a fresh temporary EMBVIZ_HOME holding only hard links to the converted backbone "
+        "(no artifact, neighbour table, perplexity or row weights cached); Ray's tasks share that run's home",
+        serial="embviz.evaluation.sweep in a fresh process at every usable core (EMBVIZ_THREADS, OMP and numba "
+        "threads set for it), timed from before load_model to the last row",
+        serial_equal_threads="the same serial sweep at the Ray tasks' torch thread count: the fair comparison "
+        "for identical rows (floating-point sums differ between thread counts); when that count is every "
+        "usable core, the serial run itself",
+        ray=f"embviz.cluster.ray_sweep(..., workers={spec.workers}) in a fresh process: a local Ray cluster of "
+        f"{spec.workers} slots at {task_threads} torch thread(s) per task (the driver at every usable core); "
+        "timed from the call, so importing Ray, the driver's backbone load and plan, the cluster's start, "
+        "each worker's backbone load and the shutdown are all included",
+        process="wall time of each subprocess measured from outside (interpreter start and imports included)",
+        speedup="cluster_serial_s / cluster_ray_s (medians); cluster_speedup_equal_threads uses the serial run "
+        "at the tasks' thread count",
+        identical=f"cluster_rows_identical: the Ray rows equal the equal-thread serial rows in every column but "
+        f"{', '.join(CLUSTER_VARYING)}, in plan order, and no task failed; cluster_rows_identical_all_cores: "
+        "the same against the serial run at every usable core (max relative differences per column in "
+        "rows_vs_serial_*)",
+    )
+    if failures:
+        raise RuntimeError(
+            "Ray tasks failed: " + "; ".join(f"{f['variant']}: {f['error']}" for f in failures)
+        )
+
+
 Stage = Callable[[BenchContext, Report], None]
 STAGES: dict[str, Stage] = {
     "load": stage_load,
@@ -1431,12 +1746,13 @@ STAGES: dict[str, Stage] = {
     "memory": stage_memory,
     "app": stage_app,
     "scale": stage_scale,
+    "cluster": stage_cluster,
 }
-OPT_IN_STAGES: tuple[str, ...] = ("app", "scale")
+OPT_IN_STAGES: tuple[str, ...] = ("app", "scale", "cluster")
 """Stages run only when named: ``app`` needs Chromium and takes minutes per run (``--stages app``,
 ``make bench-app``); ``scale`` takes hours at every shape (``--stages scale``, narrowed with
-``--scale-vocabs`` / ``--scale-hiddens``); ``embviz bench`` / ``make bench`` without ``--stages`` run every
-engine stage."""
+``--scale-vocabs`` / ``--scale-hiddens``); ``cluster`` needs Ray and runs three cold sweeps of 12 variants
+(``--stages cluster``); ``embviz bench`` / ``make bench`` without ``--stages`` run every engine stage."""
 
 
 def default_stages() -> list[str]:

@@ -937,10 +937,13 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--stages",
         help="comma-separated subset of: load, ae, fits, knn, maps, latency, memory (the default: all of them), "
         "app (the app in headless Chromium; minutes per run, only when named), scale (synthetic matrices of "
-        "today's shapes; hours for the whole grid, only when named)",
+        "today's shapes; hours for the whole grid, only when named), cluster (a 12-variant sweep on local "
+        "Ray with 2 workers against the serial sweep, cold caches; needs embviz[ray], only when named)",
     )
     parser.add_argument(
-        "--repeats", type=int, help="runs per figure (default: 5 cheap / 3 costly; quick 3 / 1)"
+        "--repeats",
+        type=int,
+        help="runs per figure (default: 5 cheap / 3 costly; quick 3 / 1; the cluster stage 1)",
     )
     parser.add_argument(
         "--scale-vocabs", help="scale stage: vocabulary sizes (default 30000,64000,128000,256000)"

@@ -23,7 +23,14 @@ from embviz.errors import BadInputError, EmbvizError
 from embviz.evaluation import SweepResult, SweepRow, SweepRunner
 from embviz.progress import Progress, ProgressCallback, quiet
 from embviz.sources import load_model
-from embviz.threads import ALL, OTHER_RUNTIMES, THREADS_ENV, configure_threads, usable_cores
+from embviz.threads import (
+    ALL,
+    OTHER_RUNTIMES,
+    THREADS_ENV,
+    configure_threads,
+    usable_cores,
+    worker_threads,
+)
 
 UNCOMPRESSED_TASK = -1
 """The task index of the uncompressed model's row (the jobs are 0 .. n-1)."""
@@ -79,11 +86,6 @@ def _import_ray() -> Any:
     except ImportError:
         raise BadInputError("sweeps on Ray need the optional extra: pip install 'embviz[ray]'") from None
     return ray
-
-
-def worker_threads(workers: int, cores: int | None = None) -> int:
-    """Torch threads per task on a local cluster: the usable cores shared out, at least one."""
-    return max(1, (cores or usable_cores()) // max(1, workers))
 
 
 def ray_sweep(

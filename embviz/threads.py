@@ -57,6 +57,12 @@ OTHER_RUNTIMES = ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")
 OpenMP (and the BLAS it bundles), and numba's (UMAP). A value the user set is kept."""
 
 
+def worker_threads(workers: int, cores: int | None = None) -> int:
+    """Torch threads per task when ``workers`` tasks share ``cores`` usable cores (default: this process's):
+    the cores shared out, at least one (a local Ray cluster's tasks, :mod:`embviz.cluster`)."""
+    return max(1, (cores or usable_cores()) // max(1, workers))
+
+
 def configure_threads(policy: Policy) -> int:
     """Set torch's intra-op threads for this process once (later calls keep the first choice), and the same
     default for faiss's and numba's runtimes that load later (:data:`OTHER_RUNTIMES`); returns it."""

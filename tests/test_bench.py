@@ -17,16 +17,19 @@ import pytest
 from embviz import bench
 from embviz.bench import (
     APP_TARGETS,
+    CLUSTER_TARGETS,
     OPT_IN_STAGES,
     STAGES,
     TARGETS,
     BenchContext,
     BenchSettings,
+    ClusterSweep,
     Report,
     Target,
     app_page_target,
     app_scenarios,
     compare_block,
+    compare_rows,
     default_stages,
     evaluate_targets,
     fit_figure,
@@ -256,6 +259,7 @@ def test_quick_settings_say_what_they_shrink() -> None:
     assert full.repeats > 1 and full.heavy_repeats > 1
     forced = BenchSettings.for_mode(quick=False, repeats=2)
     assert (forced.repeats, forced.heavy_repeats) == (2, 2)
+    assert full.cluster_repeats == quick.cluster_repeats == 1 and forced.cluster_repeats == 2
 
 
 # -- the report's shape, with monkeypatched stages -----------------------------------------------------
@@ -351,10 +355,10 @@ def _app_report() -> Report:
 
 
 def test_the_app_stage_is_registered_but_only_run_when_named() -> None:
-    assert "app" in STAGES and "app" in OPT_IN_STAGES
-    assert "scale" in STAGES and "scale" in OPT_IN_STAGES
-    assert "app" not in default_stages() and "scale" not in default_stages()
-    assert default_stages() == [name for name in STAGES if name not in ("app", "scale")]
+    opt_in = ("app", "scale", "cluster")
+    assert set(OPT_IN_STAGES) == set(opt_in)
+    assert all(name in STAGES and name not in default_stages() for name in opt_in)
+    assert default_stages() == [name for name in STAGES if name not in opt_in]
 
 
 def test_app_targets_only_when_the_app_stage_ran_with_one_per_timed_page() -> None:
@@ -447,6 +451,11 @@ def test_seeded_home_links_the_cache_without_maps_umap_tables_locks_or_the_fresh
         assert linked.stat().st_ino == (source / "backbones/smollm2-x/model.safetensors").stat().st_ino
     assert not home.exists()
     assert all((source / name).exists() for name in files)
+    with seeded_home(source, folders=("backbones",), prefix="embviz-bench-cluster-") as cold:
+        assert cold.name.startswith("embviz-bench-cluster-")
+        assert [p.relative_to(cold).as_posix() for p in sorted(cold.rglob("*")) if p.is_file()] == [
+            "backbones/smollm2-x/model.safetensors"
+        ]
 
 
 # -- subprocesses --------------------------------------------------------------------------------------
@@ -524,3 +533,97 @@ def test_every_stage_on_a_tiny_model(tiny_causal_path: Path) -> None:
     assert result["targets"]["fit_slowest_at_1_bit_s"]["note"].startswith("not measured")
     assert result["figures"]["umap_cache_hits"] is True
     assert result["figures"]["peak_rss_mb"] > 0
+
+
+# -- the cluster stage ---------------------------------------------------------------------------------
+def _rows(*perplexities: float) -> list[dict[str, Any]]:
+    return [
+        {
+            "method": "svd",
+            "perplexity": value,
+            "recall_at_k": 0.5,
+            "frontier": True,
+            "seconds": value,
+            "artifact": f"/{value}",
+        }
+        for value in perplexities
+    ]
+
+
+def test_compare_rows_ignores_timings_and_measures_what_differs() -> None:
+    same = compare_rows(
+        _rows(10.0, 20.0), [{**row, "seconds": 99.0, "artifact": "/elsewhere"} for row in _rows(10.0, 20.0)]
+    )
+    assert same["identical"] is True and same["max_relative_difference"] == {}
+    nan = compare_rows(_rows(math.nan), _rows(math.nan))
+    assert nan["identical"] is True
+    close = compare_rows(_rows(10.0, 20.0), _rows(10.0, 20.000002))
+    assert close["identical"] is False
+    assert close["max_relative_difference"] == {"perplexity": pytest.approx(1e-7, rel=1e-2)}
+    flipped = compare_rows(_rows(10.0), [{**_rows(10.0)[0], "frontier": False}])
+    assert flipped["identical"] is False and flipped["other_differing_columns"] == ["frontier"]
+    shorter = compare_rows(_rows(10.0, 20.0), _rows(10.0))
+    assert shorter["identical"] is False and shorter["rows"] == [2, 1]
+
+
+def test_cluster_target_needs_identical_rows_and_the_twelve_variants_on_two_workers() -> None:
+    assert targets_for({}, ["knn"]) == TARGETS
+    assert targets_for({}, ["cluster"]) == TARGETS + CLUSTER_TARGETS
+    figures: dict[str, Any] = {
+        "cluster_speedup": 1.8,
+        "cluster_rows_identical": True,
+        "cluster_jobs": 12,
+        "cluster_workers": 2,
+    }
+    assert evaluate_targets(figures, CLUSTER_TARGETS)["cluster_speedup"]["met"] is True
+    assert (
+        evaluate_targets({**figures, "cluster_speedup": 1.5}, CLUSTER_TARGETS)["cluster_speedup"]["met"]
+        is False
+    )
+    assert (
+        evaluate_targets({**figures, "cluster_rows_identical": False}, CLUSTER_TARGETS)["cluster_speedup"][
+            "met"
+        ]
+        is False
+    )
+    small = evaluate_targets({**figures, "cluster_jobs": 3}, CLUSTER_TARGETS)["cluster_speedup"]
+    assert small["met"] is None and "3 jobs on 2 workers" in small["note"]
+    assert ClusterSweep().command("smollm2", ray=True).endswith("--ray --workers 2")
+
+
+def test_the_cluster_stage_times_a_cold_sweep_serially_and_on_ray(tiny_causal_path: Path) -> None:
+    pytest.importorskip("ray", reason="the optional extra embviz[ray] is not installed")
+    spec = ClusterSweep(methods=("svd", "quant-int8"), ratios=(2.0, 4.0), max_tokens=128)
+    result = run_bench(BenchSettings(model=str(tiny_causal_path), cluster_sweep=spec), ["cluster"])
+    assert result["errors"] == {}
+    figures, details = result["figures"], result["details"]["cluster"]
+    for name in (
+        "cluster_serial_s",
+        "cluster_serial_equal_threads_s",
+        "cluster_ray_s",
+        "cluster_serial_process_s",
+        "cluster_ray_process_s",
+        "cluster_speedup",
+        "cluster_speedup_equal_threads",
+    ):
+        assert figures[name] > 0, name
+    assert result["runs"]["cluster_serial_s"] == result["runs"]["cluster_ray_s"] == 1
+    assert figures["cluster_speedup"] == pytest.approx(
+        figures["cluster_serial_s"] / figures["cluster_ray_s"], rel=1e-2
+    )
+    assert figures["cluster_rows_identical"] is True  # bit for bit at the tasks' thread count
+    assert isinstance(figures["cluster_rows_identical_all_cores"], bool)
+    assert (figures["cluster_jobs"], figures["cluster_workers"]) == (3, 2)
+    assert [name.split(" r=")[0].split(" (")[0] for name in details["variants"]] == [
+        "svd",
+        "svd",
+        "quant-int8",
+    ]
+    assert details["cluster"]["slots"] == 2 and details["failures"] == []
+    assert details["rows_vs_serial_equal_threads"]["rows"] == [4, 4]
+    assert {run["kind"] for run in details["runs"]} >= {"serial", "ray"}
+    assert details["ray_command"].endswith("--ray --workers 2")
+    verdict = result["targets"]["cluster_speedup"]
+    assert verdict["measured"] == figures["cluster_speedup"]
+    assert verdict["met"] is None and "3 jobs on 2 workers" in verdict["note"]  # not the 12-variant sweep
+    json.dumps(result)
