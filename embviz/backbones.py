@@ -300,7 +300,12 @@ class Backbone:
                 # Weights come only from safetensors files (never a pickle, which can run code).
                 with seeded(0):
                     model = auto.from_pretrained(
-                        location, config=config, dtype=torch.float32, use_safetensors=True, **options
+                        location,
+                        config=config,
+                        dtype=torch.float32,
+                        use_safetensors=True,
+                        trust_remote_code=trust_remote_code,
+                        local_files_only=options["local_files_only"],
                     )
                 tokenizer = AutoTokenizer.from_pretrained(location, **options)
         except EmbvizError:

@@ -390,7 +390,8 @@ def _load_model(folder: Path, manifest: dict[str, Any]) -> tuple[PreTrainedModel
                     dtype=torch.float32,
                     use_safetensors=True,
                     output_loading_info=True,
-                    **options,
+                    trust_remote_code=False,
+                    local_files_only=True,
                 )
             # with output_loading_info, from_pretrained returns (model, info); it is typed as the model alone
             model, info = cast("tuple[PreTrainedModel, dict[str, Any]]", loaded)
