@@ -465,6 +465,25 @@ class Backbone:
         options = {"use_cache": False} if self.kind == "causal" else {}
         return self.forward(input_ids, attention_mask, embedding=embedding, mode=mode, **options).logits
 
+    def input_gradients(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """The gradient of the summed cross-entropy at the scored positions (``labels`` other than -100, aligned
+        with the logits as :mod:`embviz.perplexity` builds them) with respect to every position's input
+        embedding row: batch x seq x D, float32, zero where ``attention_mask`` is 0.
+
+        The original embedding, the weights untouched (they do not require gradients); used to measure
+        which directions of an embedding row the model is sensitive to (:mod:`embviz.sensitivity`).
+        """
+        embeds = F.embedding(input_ids, self.embedding).clone().requires_grad_(True)
+        options = {"use_cache": False} if self.kind == "causal" else {}
+        with torch.enable_grad():
+            logits = self.model(inputs_embeds=embeds, attention_mask=attention_mask, **options).logits
+            # cross_entropy's default ignore_index (-100) is the label of unscored positions
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, embeds)
+        return gradient.detach() * attention_mask[..., None].to(gradient.dtype)
+
     def _check_variant(self, embedding: torch.Tensor, mode: Mode) -> None:
         if tuple(embedding.shape) != (self.vocab_size, self.hidden_size):
             raise BadInputError(

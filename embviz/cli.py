@@ -158,7 +158,11 @@ def _device(args: argparse.Namespace) -> str:
     return check_device(args.device)
 
 
-_WEIGHT_SOURCES = ("wordfreq", "corpora")  # embviz.frequency.WEIGHT_SOURCES, without importing torch here
+_WEIGHT_SOURCES = (
+    "general",
+    "wordfreq",
+    "corpora",
+)  # embviz.frequency.WEIGHT_SOURCES, without importing torch here
 
 
 def _add_weights(parser: argparse.ArgumentParser) -> None:
@@ -166,9 +170,11 @@ def _add_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weights",
         choices=_WEIGHT_SOURCES,
-        default="wordfreq",
-        help="row weights of frequency-aware methods: wordfreq (default: general English word frequencies, "
-        "never the scored text) or corpora (token counts in the bundled corpora's train slices)",
+        default="general",
+        help="row weights of frequency-aware methods: general (default: general English word frequencies "
+        "plus the token counts of model-generated text, for punctuation and line breaks; never the scored "
+        "text), wordfreq (the word frequencies alone) or corpora (token counts in the bundled corpora's "
+        "train slices)",
     )
 
 
@@ -212,7 +218,7 @@ def run_methods(args: argparse.Namespace) -> int:
                 "family": row["family"],
                 "sizing": row["sizing"],
                 "trains": "yes" if row["trains"] else "no",
-                "row weights": "yes" if row["needs_row_weights"] else "no",
+                "needs": model_inputs(row),
                 "stores": "+".join(row["stores"]),
             }
             for row in payload
@@ -223,10 +229,25 @@ def run_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def model_inputs(row: dict[str, Any]) -> str:
+    """What a method needs from the model to fit (``embviz methods``'s column): ``row weights`` (token
+    frequencies), ``direction metric`` (the model's sensitivity, :mod:`embviz.sensitivity`), or ``-``."""
+    needs = [
+        name
+        for name, needed in (
+            ("row weights", row["needs_row_weights"]),
+            ("direction metric", row["needs_direction_metric"]),
+        )
+        if needed
+    ]
+    return ", ".join(needs) or "-"
+
+
 def methods_markdown(rows: list[dict[str, Any]]) -> str:
-    """The README's method table: id, label, family, sizing, trains, row weights, stores, description."""
+    """The README's method table: id, label, family, sizing, trains, what it needs from the model, stores,
+    description."""
     lines = [
-        "| id | method | family | sized by | trains | row weights | stores | what it does |",
+        "| id | method | family | sized by | trains | needs from the model | stores | what it does |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -236,7 +257,7 @@ def methods_markdown(rows: list[dict[str, Any]]) -> str:
             row["family"],
             row["sizing"],
             "yes" if row["trains"] else "no",
-            "yes" if row["needs_row_weights"] else "no",
+            model_inputs(row),
             ", ".join(row["stores"]),
             row["description"],
         ]
@@ -383,11 +404,9 @@ def run_compress(args: argparse.Namespace) -> int:
     unsized = args.rank is None and args.ratio is None and args.bits is None
     rank = 64 if unsized and spec.sizing == "rank" else args.rank
     size = spec.size(vocab, hidden, rank=rank, ratio=args.ratio, by=args.by, bits=args.bits)
-    if spec.needs_row_weights:
-        from embviz.frequency import frequency_weights
+    from embviz.sensitivity import method_inputs
 
-        options["row_weights"] = frequency_weights(backbone, source=args.weights)
-    compressor = spec.build(size, **options)
+    compressor = spec.build(size, **options, **method_inputs(backbone, spec, weights=args.weights))
     result = compress_cached(backbone.name, backbone.embedding, compressor, progress=_ProgressBar())
     if result.notice:
         print(f"embviz: {result.notice}", file=sys.stderr)

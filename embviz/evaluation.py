@@ -75,6 +75,7 @@ from embviz.perplexity import (
     evaluate_perplexity,
 )
 from embviz.progress import Progress, ProgressCallback, nested, quiet, send
+from embviz.sensitivity import method_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -747,8 +748,7 @@ def plan_sweep(
         options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
         if device is not None:
             options[DEVICE_OPTION] = device
-        if spec.needs_row_weights:
-            options["row_weights"] = row_weights
+        options.update(method_inputs(backbone, spec, weights=weights, row_weights=row_weights))
         within, out_of_reach = _sizes_within(spec, vocab, hidden, budgets or ())
         if spec.sizing == "fixed":
             sizes = [spec.size(vocab, hidden)]

@@ -1,10 +1,15 @@
 """Row weights for frequency-aware compressors: how often text uses each token of the vocabulary.
 
 Perplexity is dominated by frequent tokens, so a compressor that spends its budget where the text is gets
-far more out of it (weighted SVD, a frequency-weighted AE loss, mixed-precision rows). Two sources, neither
-of which ever sees a slice that is scored (SPEC §2, held-out domains):
+far more out of it (weighted SVD, a frequency-weighted AE loss, mixed-precision rows, direction VQ). Three
+sources, none of which ever sees a slice that is scored (SPEC §2, held-out domains):
 
-- ``wordfreq`` (the default): general English word frequencies from the ``wordfreq`` package, mapped to
+- ``general`` (the default): ``wordfreq``'s counts plus the token counts of the backbone-generated everyday
+  text (the ``smollm`` corpus's ``train`` slice, :func:`generated_counts`), each per million. wordfreq lists
+  words only, so line breaks, quotes, brackets, colons and the like (among the most frequent tokens of any
+  text: 10-20% of the tokens of Python's documentation) sit at its add-one floor; the generated text
+  counts them. Neither source has seen a scored text.
+- ``wordfreq``: general English word frequencies from the ``wordfreq`` package, mapped to
   token ids with the backbone's own tokenizer (:func:`wordfreq_counts`). It has seen none of the bundled
   corpora, so in-domain and out-of-domain scores are equally fair.
 - ``corpora``: token counts in the ``train`` slices of the bundled fitting corpora (:func:`train_counts`,
@@ -29,9 +34,9 @@ from embviz.errors import BadInputError
 from embviz.metrics import cached_arrays, corpus_frequencies
 from embviz.vocab import WORD_START_MARKERS
 
-WeightSource = Literal["wordfreq", "corpora"]
-WEIGHT_SOURCES: tuple[WeightSource, ...] = ("wordfreq", "corpora")
-DEFAULT_WEIGHT_SOURCE: WeightSource = "wordfreq"
+WeightSource = Literal["general", "wordfreq", "corpora"]
+WEIGHT_SOURCES: tuple[WeightSource, ...] = ("general", "wordfreq", "corpora")
+DEFAULT_WEIGHT_SOURCE: WeightSource = "general"
 """Weights that never saw any scored text (published tables use these)."""
 WEIGHT_CORPORA: tuple[str, ...] = FITTING_CORPORA
 """Corpora whose ``train`` slices are counted by the ``corpora`` source (all but the held-out domains)."""
@@ -63,6 +68,17 @@ def train_counts(backbone: Backbone, corpora: Sequence[str] = WEIGHT_CORPORA) ->
             : backbone.vocab_size
         ]
     return counts
+
+
+GENERATED_CORPUS = "smollm"
+"""The backbone-generated everyday text (:mod:`embviz.textgen`) whose ``train`` slice the ``general`` source
+counts; its ``test`` slice is scored only in the BERT track, by methods that take no row weights."""
+
+
+def generated_counts(backbone: Backbone) -> np.ndarray:
+    """How often each token occurs per million tokens of the generated everyday text's ``train`` slice."""
+    counts = train_counts(backbone, (GENERATED_CORPUS,)).astype(np.float64)
+    return counts * (1e6 / max(1.0, float(counts.sum())))
 
 
 def _wordfreq_version() -> str:
@@ -172,11 +188,17 @@ def frequency_weights(
 ) -> RowWeights:
     """Row weights ``(count + 1) ** power`` (add-one, so rows no text uses still count) from ``source``.
 
-    ``wordfreq``: count = :func:`wordfreq_counts` (per million words of general English; ``corpora`` is
+    ``general``: count = :func:`wordfreq_counts` + :func:`generated_counts`. ``wordfreq``: count = :func:`wordfreq_counts` (per million words of general English; ``corpora`` is
     unused). ``corpora``: count = :func:`train_counts` of ``corpora``. The weights' ``source`` names which,
     and goes into artifact configurations and cache keys.
     """
-    if source == "wordfreq":
+    if source == "general":
+        counts = torch.from_numpy(wordfreq_counts(backbone) + generated_counts(backbone))
+        label = (
+            f"general English word frequencies (wordfreq {_wordfreq_version()}, top {WORDFREQ_TOP_N} words "
+            f"tokenised) plus token counts of {GENERATED_CORPUS}:train (model-generated text), each per million"
+        )
+    elif source == "wordfreq":
         counts = torch.from_numpy(wordfreq_counts(backbone))
         label = (
             f"general English word frequencies (wordfreq {_wordfreq_version()}, top {WORDFREQ_TOP_N} words "

@@ -27,7 +27,7 @@ import torch
 
 from embviz.compressors import get_method, make_compressor
 from embviz.compressors.base import CompressedEmbedding
-from embviz.compressors.weights import RowWeights
+from embviz.compressors.weights import DirectionMetric, RowWeights
 from embviz.errors import BadInputError
 from embviz.metrics import (
     EXACT_SEARCH_FLOPS,
@@ -149,12 +149,15 @@ def stage_memory(stage: str, vocab: int, hidden: int) -> int:
     block = 8 * 8192 * hidden
     if stage == "svd":  # float64 Gram + eigh workspace, one float64 block, float32 codes
         return 4 * gram + 2 * block + 4 * vocab * rank
-    # The AE and VQ factors are calibrated on the measured peaks (``embviz bench --stages scale``: 2.3x and
-    # 4.9x the matrix at 128k x 2048), not derived: they hold several transient V x D copies.
+    # The AE factor is calibrated on the measured peak (``embviz bench --stages scale``: 2.3x the matrix at
+    # 128k x 2048), not derived: it holds several transient V x D copies.
     if stage == "ae":  # train/validation copies, reconstructions for the quality figures, warm start, codes
         return int(2.5 * matrix) + 4 * gram + 2 * block + 3 * 4 * vocab * rank + 64 * 2**20
-    if stage == "vq":  # unit rows, their training sample, the decoded rows and the decoder's temporaries
-        return 5 * matrix + 64 * 2**20
+    if (
+        stage == "vq"
+    ):  # the unit rows in the metric (then the decoded rows), the training sample and faiss's copy
+        sample = 4 * min(2 * vocab, 2**16) * hidden  # faiss trains on at most 256 rows per centroid
+        return matrix + 2 * sample + 64 * 2**20
     if stage == "neighbours":
         exact = use_exact_search(vocab, vocab, hidden)
         return neighbour_memory(
@@ -223,7 +226,8 @@ def run_stage(stage: str, matrix: torch.Tensor, work: Path) -> dict[str, Any]:
         uniform = RowWeights(torch.ones(vocab, dtype=torch.float64), source="uniform")
         spec = get_method("vq-direction")
         size = spec.size(vocab, hidden, bits=VQ_BITS)
-        fitted = spec.build(size, row_weights=uniform).fit(matrix)
+        metric = DirectionMetric.euclidean(hidden)  # a synthetic matrix has no model to measure a metric on
+        fitted = spec.build(size, row_weights=uniform, direction_metric=metric).fit(matrix)
         seconds = time.perf_counter() - started
         facts.update(bits_per_weight=round(fitted.bits_per_weight, 4))
     elif stage == "neighbours":

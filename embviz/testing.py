@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from embviz.compressors import Compressor, MethodSpec, RowWeights
+from embviz.compressors import Compressor, DirectionMetric, MethodSpec, RowWeights
 
 if TYPE_CHECKING:  # transformers is imported where it is used: its import takes seconds
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
@@ -154,11 +154,29 @@ def example_compressor(
     else:
         size = spec.size(vocab_size, hidden_size)
     options: dict[str, Any] = {"epochs": 1, "batch_size": 64} if "epochs" in spec.options else {}
+    return spec.build(size, **options, **example_inputs(spec, vocab_size, hidden_size))
+
+
+def example_inputs(spec: MethodSpec, vocab_size: int, hidden_size: int) -> dict[str, Any]:
+    """What ``spec`` needs from a model to fit, synthetic and deterministic (:func:`example_row_weights`,
+    :func:`example_direction_metric`): the keyword arguments of :meth:`MethodSpec.build`."""
+    inputs: dict[str, Any] = {}
     if spec.needs_row_weights:
-        options["row_weights"] = example_row_weights(vocab_size)
-    return spec.build(size, **options)
+        inputs["row_weights"] = example_row_weights(vocab_size)
+    if spec.needs_direction_metric:
+        inputs["direction_metric"] = example_direction_metric(hidden_size)
+    return inputs
 
 
 def example_row_weights(vocab_size: int) -> RowWeights:
     """Deterministic synthetic token frequencies (a ramp from 0.1 to 3), for frequency-aware examples."""
     return RowWeights(torch.linspace(0.1, 3.0, vocab_size), source="example ramp")
+
+
+def example_direction_metric(hidden_size: int) -> DirectionMetric:
+    """A deterministic synthetic direction metric: a few costly directions (the first coordinates, 50x to
+    2x the rest), as a model's Fisher has."""
+    diagonal = torch.ones(hidden_size, dtype=torch.float64)
+    leading = max(1, hidden_size // 8)
+    diagonal[:leading] = torch.linspace(50.0, 2.0, leading, dtype=torch.float64)
+    return DirectionMetric(torch.diag(diagonal), source="example: leading coordinates costly")

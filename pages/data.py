@@ -49,6 +49,7 @@ from embviz.metrics import (
 )
 from embviz.predictions import PredictionResult, predict_blank
 from embviz.progress import Progress, ProgressCallback
+from embviz.sensitivity import method_inputs
 from embviz.sources import load_model
 from pages.state import Settings, settings
 
@@ -122,10 +123,6 @@ class VariantSpec:
     def trains(self) -> bool:
         return get_method(self.method).trains
 
-    @property
-    def needs_row_weights(self) -> bool:
-        return get_method(self.method).needs_row_weights
-
     def options(self) -> dict[str, Any]:
         return {"recipe": self.recipe} if self.recipe else {}
 
@@ -133,11 +130,9 @@ class VariantSpec:
         """About how long fitting it takes on a V x D matrix (the method's own estimate)."""
         return get_method(self.method).expected_seconds(*shape, Size(self.rank, self.ratio), **self.options())
 
-    def compressor(self, row_weights: RowWeights | None = None) -> Compressor:
-        """The compressor; frequency-aware methods need ``row_weights`` (:func:`row_weights_of`)."""
-        return make_compressor(
-            self.method, self.rank, ratio=self.ratio, row_weights=row_weights, **self.options()
-        )
+    def compressor(self, **inputs: Any) -> Compressor:
+        """The compressor; ``inputs`` are what its method needs from the model (:func:`inputs_of`)."""
+        return make_compressor(self.method, self.rank, ratio=self.ratio, **inputs, **self.options())
 
 
 @dataclass(frozen=True)
@@ -242,6 +237,14 @@ def row_weights_of(model: str) -> RowWeights:
     return frequency_weights(load_backbone(model))
 
 
+def inputs_of(backbone: Backbone, method: str) -> dict[str, Any]:
+    """What ``method`` needs from the model to fit (row weights, the direction metric; both computed once
+    per server and cached on disk)."""
+    spec = get_method(method)
+    weights = row_weights_of(backbone.name) if spec.needs_row_weights else None
+    return method_inputs(backbone, spec, row_weights=weights)
+
+
 def show_notice(result: ArtifactResult) -> None:
     """The artifact's notice (e.g. a cache entry rebuilt), unless :func:`pages.widgets.cache_warning`
     already says that the cache is unusable."""
@@ -277,8 +280,8 @@ def shape_of(backbone: Backbone) -> tuple[int, int]:
 
 
 def spec_compressor(backbone: Backbone, spec: VariantSpec) -> Compressor:
-    """The spec's compressor, with the backbone's row weights when the method is frequency-aware."""
-    return spec.compressor(row_weights_of(backbone.name) if spec.needs_row_weights else None)
+    """The spec's compressor, with what its method needs from the model (:func:`inputs_of`)."""
+    return spec.compressor(**inputs_of(backbone, spec.method))
 
 
 def fit_variant(

@@ -73,13 +73,14 @@ def test_compress_weights_source_keys_the_artifact(
         for source in WEIGHT_SOURCES
     }
     default = _compress(capsys, str(tiny_causal_path), "--method", "svd-freq", "--rank", "6")
-    assert runs["wordfreq"]["artifact"] != runs["corpora"]["artifact"]
-    assert default["artifact"] == runs["wordfreq"]["artifact"] and default["cached"] is True
+    assert len({run["artifact"] for run in runs.values()}) == len(WEIGHT_SOURCES)
+    assert default["artifact"] == runs["general"]["artifact"] and default["cached"] is True
     sources = {
         source: load_artifact(Path(run["artifact"])).config["row_weights"]["source"]
         for source, run in runs.items()
     }
     assert "wordfreq" in sources["wordfreq"] and "train slices" in sources["corpora"]
+    assert "wordfreq" in sources["general"] and "model-generated text" in sources["general"]
 
 
 @pytest.mark.parametrize(

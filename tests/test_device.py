@@ -41,6 +41,8 @@ from embviz.testing import (
     EXAMPLE_RATIO,
     SENTENCES,
     example_compressor,
+    example_direction_metric,
+    example_inputs,
     example_row_weights,
 )
 
@@ -147,8 +149,7 @@ def test_every_method_accepts_a_device_and_keeps_it_out_of_its_configuration(
     vocab, hidden = tiny_causal.vocab_size, tiny_causal.hidden_size
     size = _example_size(spec, vocab, hidden)
     options: dict[str, Any] = {"epochs": 1, "batch_size": 64} if "epochs" in spec.options else {}
-    if spec.needs_row_weights:
-        options["row_weights"] = example_row_weights(vocab)
+    options.update(example_inputs(spec, vocab, hidden))
     plain = example_compressor(spec, vocab, hidden)
     on_cpu = spec.build(size, device="cpu", **options)
     config = plain.get_config()
@@ -272,8 +273,9 @@ def test_direction_vq_on_cuda_matches_the_cpu(tiny_causal: Backbone) -> None:
     """Codebooks are trained by faiss on the CPU either way; only the assignment moves. Distances rounded
     differently may flip a practically tied row, so compare the codes by share and the rows within 1e-3."""
     weights = example_row_weights(tiny_causal.vocab_size)
-    cpu = DirectionVQ(8.0, weights).fit(tiny_causal.embedding)
-    cuda = DirectionVQ(8.0, weights, device=GPU).fit(tiny_causal.embedding)
+    metric = example_direction_metric(tiny_causal.hidden_size)
+    cpu = DirectionVQ(8.0, weights, metric).fit(tiny_causal.embedding)
+    cuda = DirectionVQ(8.0, weights, metric, device=GPU).fit(tiny_causal.embedding)
     _assert_cpu(cuda)
     assert cpu.qscales is not None and cuda.qscales is not None and torch.equal(cuda.qscales, cpu.qscales)
     assert cpu.qcodes is not None and cuda.qcodes is not None

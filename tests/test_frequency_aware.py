@@ -37,6 +37,7 @@ from embviz.frequency import (
     DEFAULT_WEIGHT_SOURCE,
     WEIGHT_SOURCES,
     frequency_weights,
+    generated_counts,
     spelled_word,
     train_counts,
     wordfreq_counts,
@@ -89,8 +90,8 @@ def test_frequency_weights_count_train_slices(tiny_causal: Backbone) -> None:
 def test_wordfreq_weights_never_see_the_corpora(
     tiny_backbone: Backbone, common: str, rare: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert DEFAULT_WEIGHT_SOURCE == "wordfreq" and set(WEIGHT_SOURCES) == {"wordfreq", "corpora"}
-    weights = frequency_weights(tiny_backbone)
+    assert set(WEIGHT_SOURCES) == {"general", "wordfreq", "corpora"}
+    weights = frequency_weights(tiny_backbone, source="wordfreq")
     values = weights.check(tiny_backbone.vocab_size)
     assert values.shape == (tiny_backbone.vocab_size,) and bool((values > 0).all())
     assert "wordfreq" in weights.source and "train slices" not in weights.source
@@ -100,7 +101,7 @@ def test_wordfreq_weights_never_see_the_corpora(
     the = tiny_backbone.tokenizer(" the", add_special_tokens=False)["input_ids"]
     assert all(values[i] > torch.quantile(values, 0.9) for i in the)
     # deterministic: from the memo, and computed afresh into another cache; unlike the corpora's counts
-    assert frequency_weights(tiny_backbone).sha256 == weights.sha256
+    assert frequency_weights(tiny_backbone, source="wordfreq").sha256 == weights.sha256
     small = wordfreq_counts(tiny_backbone, top_n=2000)  # (fewer words: fast)
     monkeypatch.setattr(frequency, "_WORDFREQ_MEMO", {})
     monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "other-home"))
@@ -110,6 +111,26 @@ def test_wordfreq_weights_never_see_the_corpora(
     assert corpora.source != weights.source and corpora.describe() != weights.describe()
     with pytest.raises(BadInputError, match="weights source"):
         frequency_weights(tiny_backbone, source="bible")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tiny_backbone", ["causal", "masked"], indirect=True)
+def test_the_default_weights_add_generated_text_for_what_wordfreq_does_not_list(
+    tiny_backbone: Backbone,
+) -> None:
+    """``general`` = wordfreq's words + the generated text's tokens (per million each): line breaks and quotes,
+    which wordfreq leaves at the add-one floor, count; the generated text is the only corpus it reads."""
+    assert DEFAULT_WEIGHT_SOURCE == "general"
+    general, words = frequency_weights(tiny_backbone), frequency_weights(tiny_backbone, source="wordfreq")
+    counts = wordfreq_counts(tiny_backbone) + generated_counts(tiny_backbone)
+    expected = torch.from_numpy(counts) + 1
+    assert torch.allclose(general.values, expected / expected.mean())
+    generated = train_counts(tiny_backbone, ("smollm",))
+    assert generated_counts(tiny_backbone).sum() == pytest.approx(1e6)
+    assert (generated_counts(tiny_backbone) > 0).sum() == (generated > 0).sum()
+    assert "model-generated text" in general.source and "smollm:train" in general.source
+    (mark,) = tiny_backbone.tokenizer("?", add_special_tokens=False)["input_ids"]
+    assert float(words.values[mark]) == pytest.approx(float(words.values.min()))  # wordfreq lists no "?"
+    assert float(general.values[mark]) > 100 * float(general.values.min())
 
 
 def test_spelled_word_strips_word_boundary_markers() -> None:

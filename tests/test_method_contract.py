@@ -40,7 +40,7 @@ from embviz.compressors import (
 from embviz.errors import BadInputError
 from embviz.evaluation import sweep
 from embviz.export import export_compressed, load_compressed
-from embviz.testing import SENTENCES, example_compressor, example_row_weights
+from embviz.testing import SENTENCES, example_compressor, example_inputs
 
 METHOD_IDS = [spec.id for spec in all_methods()]
 
@@ -117,9 +117,9 @@ def test_rebuilds_from_its_configuration(method: str, tiny_causal: Backbone) -> 
     spec = get_method(method)
     compressor = example_compressor(spec, tiny_causal.vocab_size, tiny_causal.hidden_size)
     assert compressor.method == spec.id
-    weights = {"row_weights": example_row_weights(tiny_causal.vocab_size)} if spec.needs_row_weights else {}
+    inputs = example_inputs(spec, tiny_causal.vocab_size, tiny_causal.hidden_size)
     config = compressor.get_config()
-    assert compressor_from_config(config, **weights).get_config() == config
+    assert compressor_from_config(config, **inputs).get_config() == config
     assert json.loads(json.dumps(config)) == config  # JSON-ready, as manifests need
 
 

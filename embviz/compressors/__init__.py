@@ -41,7 +41,7 @@ from embviz.compressors.registry import (
 from embviz.compressors.selection import VariantRequest, parse_variant
 from embviz.compressors.svd import SVDCompressor
 from embviz.compressors.vq import DirectionVQ
-from embviz.compressors.weights import RowWeights
+from embviz.compressors.weights import DirectionMetric, RowWeights
 from embviz.errors import BadInputError
 from embviz.progress import ProgressCallback
 
@@ -51,6 +51,7 @@ def make_compressor(
     rank: int | None,
     *,
     row_weights: RowWeights | None = None,
+    direction_metric: DirectionMetric | None = None,
     ratio: float | None = None,
     **options: Any,
 ) -> Compressor:
@@ -60,7 +61,8 @@ def make_compressor(
     ``recipe``, ``epochs``, ``lr`` for the AE), except ``device``, which every method accepts: the exact
     SVDs, the AEs and the direction VQ fit there, the others on the CPU (see
     :data:`~embviz.compressors.registry.DEVICE_OPTION`). A fixed-size method ignores ``rank``;
-    frequency-aware methods need ``row_weights``. To turn a ratio into a rank, use
+    frequency-aware methods need ``row_weights``, and methods that measure errors in the model's metric its
+    ``direction_metric`` (:mod:`embviz.sensitivity`). To turn a ratio into a rank, use
     ``get_method(id).size(V, D, ratio=...)`` first.
 
     Raises:
@@ -77,7 +79,7 @@ def make_compressor(
         size = Size(ratio=ratio)
     else:
         size = Size()
-    return spec.build(size, row_weights=row_weights, **options)
+    return spec.build(size, row_weights=row_weights, direction_metric=direction_metric, **options)
 
 
 def compressor_from_config(config: dict[str, Any], **overrides: Any) -> Compressor:
@@ -94,6 +96,7 @@ __all__ = [
     "AECompressor",
     "CompressedEmbedding",
     "Compressor",
+    "DirectionMetric",
     "DirectionVQ",
     "GGUFQuantizer",
     "MethodSpec",

@@ -44,7 +44,7 @@ from embviz.compressors.budget import (
     rank_for_byte_ratio,
     rank_for_ratio,
 )
-from embviz.compressors.weights import RowWeights
+from embviz.compressors.weights import DirectionMetric, RowWeights
 from embviz.errors import BadInputError
 
 Sizing = Literal["rank", "fixed", "bytes"]
@@ -106,6 +106,8 @@ class MethodSpec:
         stores: the tensors its artifacts hold (names of :class:`CompressedEmbedding` fields).
         trains: whether fitting is iterative training (the app shows progress and may ask first).
         needs_row_weights: whether it needs token frequencies (:class:`RowWeights`).
+        needs_direction_metric: whether it needs the model's direction metric (:class:`DirectionMetric`),
+            passed to its factory as the keyword ``direction_metric``.
         options: the constructor options it accepts (``seed``, ``recipe``, ``epochs``, ...); ``device``
             among them means it fits on the device it is given (see :data:`DEVICE_OPTION`).
         config_keys: the keys of its ``get_config()`` that rebuild it (:meth:`from_config`).
@@ -134,6 +136,7 @@ class MethodSpec:
     stores: tuple[str, ...]
     trains: bool = False
     needs_row_weights: bool = False
+    needs_direction_metric: bool = False
     options: tuple[str, ...] = ()
     config_keys: tuple[str, ...] = ()
     decoder_bias: bool = False
@@ -299,15 +302,22 @@ class MethodSpec:
         a method that does not fits on the CPU whatever the device."""
         return DEVICE_OPTION in self.options
 
-    def build(self, size: Size, *, row_weights: RowWeights | None = None, **options: Any) -> Compressor:
+    def build(
+        self,
+        size: Size,
+        *,
+        row_weights: RowWeights | None = None,
+        direction_metric: DirectionMetric | None = None,
+        **options: Any,
+    ) -> Compressor:
         """The compressor at ``size`` (from :meth:`size`), with ``options`` among :attr:`options`.
 
         ``device`` is accepted by every method (:data:`DEVICE_OPTION`): it is validated, then passed on to a
         method that :attr:`takes_device` and dropped for the others, which fit on the CPU.
 
         Raises:
-            BadInputError: missing or unexpected row weights, an option the method does not take, or a
-                device this machine cannot compute on.
+            BadInputError: missing or unexpected row weights or direction metric, an option the method
+                does not take, or a device this machine cannot compute on.
         """
         device = options.pop(DEVICE_OPTION, None)
         if device is not None:
@@ -318,12 +328,18 @@ class MethodSpec:
             raise BadInputError(f"method {self.id!r} is frequency-aware: it needs row weights (token counts)")
         if not self.needs_row_weights and row_weights is not None:
             raise BadInputError(f"method {self.id!r} does not take row weights")
+        if self.needs_direction_metric and direction_metric is None:
+            raise BadInputError(f"method {self.id!r} needs the model's direction metric (embviz.sensitivity)")
+        if not self.needs_direction_metric and direction_metric is not None:
+            raise BadInputError(f"method {self.id!r} does not take a direction metric")
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             accepted = ", ".join(self.options) or "none"
             raise BadInputError(
                 f"bad option for method {self.id!r}: {', '.join(unknown)} (it takes: {accepted})"
             )
+        if direction_metric is not None:
+            options["direction_metric"] = direction_metric
         try:
             return self.factory(size.rank, size.ratio, row_weights, **options)
         except TypeError as exc:
@@ -332,15 +348,17 @@ class MethodSpec:
     def from_config(self, config: dict[str, Any], **overrides: Any) -> Compressor:
         """Rebuild the compressor that produced ``config`` (a ``get_config()`` result).
 
-        Frequency-aware methods need their ``row_weights`` passed again in ``overrides``.
+        Frequency-aware methods need their ``row_weights`` (and a method that measures directions its
+        ``direction_metric``) passed again in ``overrides``.
         """
         if self.rebuild is not None:
             return self.rebuild(config, **overrides)
         options = {key: config[key] for key in self.config_keys if key in config}
         options.update(overrides)
         row_weights = options.pop("row_weights", None)
+        direction_metric = options.pop("direction_metric", None)
         size = Size(rank=config.get("rank"), ratio=config.get("ratio") if self.sizing == "bytes" else None)
-        return self.build(size, row_weights=row_weights, **options)
+        return self.build(size, row_weights=row_weights, direction_metric=direction_metric, **options)
 
     def to_dict(self) -> dict[str, Any]:
         """What ``embviz methods --json`` prints for this method."""
@@ -351,6 +369,7 @@ class MethodSpec:
             "sizing": self.sizing,
             "trains": self.trains,
             "needs_row_weights": self.needs_row_weights,
+            "needs_direction_metric": self.needs_direction_metric,
             "stores": list(self.stores),
             "options": list(self.options),
             "code_bits": self.code_bits,

@@ -44,3 +44,55 @@ class RowWeights:
     def describe(self) -> dict[str, Any]:
         """JSON-ready provenance: ``source``, ``power`` and a hash of the values (part of cache keys)."""
         return {"source": self.source, "power": self.power, "sha256": self.sha256}
+
+
+@dataclass(frozen=True, eq=False)
+class DirectionMetric:
+    """Which directions of a row matter to the model: a D x D positive semi-definite matrix ``M`` (float64)
+    such that a row error ``e`` costs about ``e^T M e`` (e.g. the empirical Fisher of the model's loss with
+    respect to its input embedding, :mod:`embviz.sensitivity`).
+
+    A compressor that takes one measures its error in this metric instead of the Euclidean one; its
+    ``describe()`` goes into the compressor's configuration, so a cached artifact is keyed by it.
+    """
+
+    matrix: torch.Tensor
+    source: str
+
+    def __post_init__(self) -> None:
+        matrix = torch.as_tensor(self.matrix, dtype=torch.float64).detach().cpu()
+        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1] or matrix.shape[0] == 0:
+            raise BadInputError(
+                f"a direction metric must be a square matrix, got shape {tuple(matrix.shape)}"
+            )
+        if not torch.isfinite(matrix).all() or matrix.trace() <= 0:
+            raise BadInputError("a direction metric must be finite with a positive trace")
+        symmetric = (matrix + matrix.T) / 2
+        object.__setattr__(self, "matrix", symmetric / (symmetric.trace() / symmetric.shape[0]))
+
+    @classmethod
+    def euclidean(cls, hidden_size: int) -> DirectionMetric:
+        """Every direction alike (the identity): what a compressor without a model's metric minimises."""
+        return cls(torch.eye(hidden_size, dtype=torch.float64), source="euclidean (identity)")
+
+    def check(self, hidden_size: int) -> torch.Tensor:
+        """The matrix (normalised to mean eigenvalue 1), after checking it is ``hidden_size`` wide."""
+        if self.matrix.shape[0] != hidden_size:
+            raise BadInputError(f"a {self.matrix.shape[0]}-wide direction metric for {hidden_size}-wide rows")
+        return self.matrix
+
+    def leading(self, directions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(basis, eigenvalues)``: the ``directions`` most costly orthonormal directions (rows of a
+        ``directions`` x D basis, largest first) and the mean-1-normalised eigenvalues of every direction
+        (descending)."""
+        eigenvalues, vectors = torch.linalg.eigh(self.matrix)
+        order = torch.argsort(eigenvalues, descending=True, stable=True)
+        return vectors[:, order[:directions]].T.contiguous(), eigenvalues[order].clamp_min(0.0)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.matrix.numpy().tobytes()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready provenance: ``source`` and a hash of the matrix (part of cache keys)."""
+        return {"source": self.source, "sha256": self.sha256}
