@@ -406,7 +406,8 @@ def run_compress(args: argparse.Namespace) -> int:
     size = spec.size(vocab, hidden, rank=rank, ratio=args.ratio, by=args.by, bits=args.bits)
     from embviz.sensitivity import method_inputs
 
-    compressor = spec.build(size, **options, **method_inputs(backbone, spec, weights=args.weights))
+    inputs = method_inputs(backbone, spec, weights=args.weights, progress=_ProgressBar())
+    compressor = spec.build(size, **options, **inputs)
     result = compress_cached(backbone.name, backbone.embedding, compressor, progress=_ProgressBar())
     if result.notice:
         print(f"embviz: {result.notice}", file=sys.stderr)

@@ -700,15 +700,17 @@ def plan_sweep(
     bits: Sequence[float] | None = None,
     weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
     device: str | None = None,
+    progress: ProgressCallback | None = None,
 ) -> SweepPlan:
     """Every (method, size) pair, sized by each method's registered rule and validated before anything runs.
 
     A fixed-size method runs once (its target ratio is its own byte ratio); a byte-sized one runs at every
     ratio, read as a byte ratio; a rank-sized one at every ratio (the largest rank meeting it: in
     parameters, or with ``by="bytes"`` in bytes for quantised codes, so every method at a ratio has the same
-    byte budget, SPEC §2) and every rank. Frequency-aware methods get row weights
-    (:func:`embviz.frequency.frequency_weights`) from ``weights``: ``wordfreq`` (the default, general English
-    word frequencies that never saw a scored text) or ``corpora`` (the corpora's train slices); training
+    byte budget, SPEC §2) and every rank. Methods get what they need from the model
+    (:func:`embviz.sensitivity.method_inputs`, once every size is validated): row weights from ``weights``
+    (``general``, the default, and ``wordfreq`` never saw a scored text; ``corpora`` counts the corpora's
+    train slices) and the model's direction metric (``progress`` hears while it is measured); training
     methods get ``recipe``.
 
     ``bits`` (instead of ``ratios``; ``ranks`` may come too) are budgets in bits per weight over V*D: each
@@ -740,15 +742,9 @@ def plan_sweep(
         ratios = DEFAULT_RATIOS
     vocab, hidden = backbone.vocab_size, backbone.hidden_size
     specs = [get_method(method) for method in methods]
-    needs_weights = any(spec.needs_row_weights for spec in specs)
-    row_weights = frequency_weights(backbone, source=weights) if needs_weights else None
-    jobs: list[SweepJob] = []
+    planned: list[tuple[MethodSpec, list[Size]]] = []
     notes: list[str] = []
     for spec in specs:
-        options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
-        if device is not None:
-            options[DEVICE_OPTION] = device
-        options.update(method_inputs(backbone, spec, weights=weights, row_weights=row_weights))
         within, out_of_reach = _sizes_within(spec, vocab, hidden, budgets or ())
         if spec.sizing == "fixed":
             sizes = [spec.size(vocab, hidden)]
@@ -773,12 +769,23 @@ def plan_sweep(
             notes += [
                 f"skipped {spec.id} at {budget:g} bits per weight: {why}" for budget, why in out_of_reach
             ]
+        planned.append((spec, sizes))
+    if not any(sizes for _, sizes in planned):
+        raise BadInputError("no method meets any of the budgets: " + "; ".join(notes))
+    needs_weights = any(spec.needs_row_weights for spec in specs)
+    row_weights = frequency_weights(backbone, source=weights) if needs_weights else None
+    jobs: list[SweepJob] = []
+    for spec, sizes in planned:
+        options: dict[str, Any] = {"recipe": recipe} if "recipe" in spec.options else {}
+        if device is not None:
+            options[DEVICE_OPTION] = device
+        options.update(
+            method_inputs(backbone, spec, weights=weights, row_weights=row_weights, progress=progress)
+        )
         jobs += [
             SweepJob(spec.id, spec.build(size, **options), size.target_ratio, size.target_bits)
             for size in sizes
         ]
-    if not jobs:
-        raise BadInputError("no method meets any of the budgets: " + "; ".join(notes))
     return SweepPlan(jobs, notes)
 
 
@@ -817,12 +824,22 @@ class SweepRunner:
         bits: Sequence[float] | None = None,
         weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
         device: str | None = None,
+        progress: ProgressCallback | None = None,
     ) -> None:
         self.backbone, self.text, self.mode, self.k, self.ablation = backbone, text, mode, k, ablation
         if device is not None:
             check_device(device)  # before the plan computes any row weights
         self.jobs = plan_sweep(
-            backbone, methods, ratios, ranks, recipe, by, bits=bits, weights=weights, device=device
+            backbone,
+            methods,
+            ratios,
+            ranks,
+            recipe,
+            by,
+            bits=bits,
+            weights=weights,
+            device=device,
+            progress=progress,
         )
         self.evaluator = _Evaluator(
             backbone, text=text, mode=mode, k=k, max_tokens=max_tokens, seed=0, device=device
@@ -974,6 +991,7 @@ def sweep(
         bits=bits,
         weights=weights,
         device=device,
+        progress=progress,
     )
     total = 1 + 2 * len(runner.jobs)
     for note in runner.jobs.notes:

@@ -52,7 +52,15 @@ def _compute(backbone: Backbone, tokens: int, progress: ProgressCallback | None)
         rows = gradients[batch.attention_mask.bool()].double()
         total += rows.T @ rows
         positions += rows.shape[0]
-        send(progress, Progress(index + 1, len(eval_set.batches), f"direction metric: batch {index + 1}"))
+        batches = len(eval_set.batches)
+        send(
+            progress,
+            Progress(
+                index + 1,
+                batches,
+                f"the model's direction metric (once per model): batch {index + 1}/{batches}",
+            ),
+        )
     if positions == 0:
         raise BadInputError("the calibration text gave no positions to measure the direction metric on")
     return (total / positions).numpy()
@@ -109,15 +117,17 @@ def method_inputs(
     *,
     weights: WeightSource = DEFAULT_WEIGHT_SOURCE,
     row_weights: RowWeights | None = None,
+    progress: ProgressCallback | None = None,
 ) -> dict[str, Any]:
     """What ``spec`` needs from the model to fit, as keyword arguments of :meth:`MethodSpec.build`:
     ``row_weights`` (token frequencies from ``weights``; ``row_weights`` given is used as is) for a
-    frequency-aware method, ``direction_metric`` for one that measures errors in the model's metric."""
+    frequency-aware method, ``direction_metric`` for one that measures errors in the model's metric
+    (``progress`` hears while it is measured, the first time for a model)."""
     inputs: dict[str, Any] = {}
     if spec.needs_row_weights:
         inputs["row_weights"] = row_weights or frequency_weights(backbone, source=weights)
     if spec.needs_direction_metric:
-        inputs["direction_metric"] = direction_metric(backbone)
+        inputs["direction_metric"] = direction_metric(backbone, progress=progress)
     return inputs
 
 

@@ -24,6 +24,7 @@ from embviz.cache import cache_problem
 from embviz.compressors import (
     CompressedEmbedding,
     Compressor,
+    DirectionMetric,
     RowWeights,
     Size,
     VariantRequest,
@@ -49,7 +50,7 @@ from embviz.metrics import (
 )
 from embviz.predictions import PredictionResult, predict_blank
 from embviz.progress import Progress, ProgressCallback
-from embviz.sensitivity import method_inputs
+from embviz.sensitivity import direction_metric
 from embviz.sources import load_model
 from pages.state import Settings, settings
 
@@ -237,12 +238,24 @@ def row_weights_of(model: str) -> RowWeights:
     return frequency_weights(load_backbone(model))
 
 
+@st.cache_resource(
+    show_spinner="Measuring which directions the model is sensitive to (once per model)…", max_entries=4
+)
+def direction_metric_of(model: str) -> DirectionMetric:
+    """The model's direction metric (:func:`embviz.sensitivity.direction_metric`, cached on disk too)."""
+    return direction_metric(load_backbone(model))
+
+
 def inputs_of(backbone: Backbone, method: str) -> dict[str, Any]:
-    """What ``method`` needs from the model to fit (row weights, the direction metric; both computed once
-    per server and cached on disk)."""
+    """What ``method`` needs from the model to fit (:func:`embviz.sensitivity.method_inputs`): row weights
+    and the direction metric, each computed once per server (and cached on disk), under a spinner."""
     spec = get_method(method)
-    weights = row_weights_of(backbone.name) if spec.needs_row_weights else None
-    return method_inputs(backbone, spec, row_weights=weights)
+    inputs: dict[str, Any] = {}
+    if spec.needs_row_weights:
+        inputs["row_weights"] = row_weights_of(backbone.name)
+    if spec.needs_direction_metric:
+        inputs["direction_metric"] = direction_metric_of(backbone.name)
+    return inputs
 
 
 def show_notice(result: ArtifactResult) -> None:

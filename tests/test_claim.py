@@ -62,16 +62,16 @@ def test_direction_vq_at_2_and_1_bits_on_out_of_domain_text() -> None:
     from embviz.artifacts import compress_cached
     from embviz.compressors import get_method
     from embviz.corpora import load_texts
-    from embviz.frequency import frequency_weights
     from embviz.perplexity import evaluate_perplexity
+    from embviz.sensitivity import method_inputs
 
     backbone = load_model("smollm2")
-    weights = frequency_weights(backbone, source="wordfreq")
     spec = get_method("vq-direction")
+    inputs = method_inputs(backbone, spec)  # the default weights and the model's metric: neither saw pydoc
     variants = {}
     for bits in (2.0, 1.0):
         size = spec.size(backbone.vocab_size, backbone.hidden_size, bits=bits)
-        compressed = compress_cached(backbone.name, backbone.embedding, spec.build(size, row_weights=weights))
+        compressed = compress_cached(backbone.name, backbone.embedding, spec.build(size, **inputs))
         assert compressed.compressed.bits_per_weight <= bits
         variants[f"{bits:g} bits"] = compressed.compressed.reconstruct()
     report = evaluate_perplexity(backbone, load_texts("pydoc", "test"), variants, mode="input")

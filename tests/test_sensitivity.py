@@ -106,3 +106,17 @@ def test_a_direction_metric_checks_what_it_is_given() -> None:
     assert torch.allclose(basis.abs(), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
     assert torch.allclose(eigenvalues, torch.tensor([2.0, 0.5, 0.5], dtype=torch.float64))
     assert metric.describe()["source"] == "x" and DirectionMetric.euclidean(3).sha256 != metric.sha256
+
+
+def test_a_sweep_validates_its_sizes_before_measuring_the_metric(
+    tiny_causal: Backbone, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A budget no method meets is one error at once, not after the metric's gradients (the slow part)."""
+    from embviz.evaluation import plan_sweep
+
+    def measured(*args: object, **kwargs: object) -> DirectionMetric:
+        raise AssertionError("the metric was measured before the plan was validated")
+
+    monkeypatch.setattr(sensitivity, "direction_metric", measured)
+    with pytest.raises(BadInputError, match="no method meets any of the budgets"):
+        plan_sweep(tiny_causal, ["vq-direction"], None, None, "fast", bits=[0.01])
