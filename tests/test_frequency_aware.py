@@ -13,6 +13,7 @@ from embviz.artifacts import load_artifact, save_artifact
 from embviz.backbones import Backbone
 from embviz.compressors import (
     AECompressor,
+    DirectionMetric,
     MixedPrecisionRows,
     QuantizedLowRank,
     RowWeights,
@@ -261,9 +262,12 @@ def test_registry_builds_every_frequency_method_and_rebuilds_it_from_config() ->
     for method in method_ids(needs_row_weights=True):
         by_bytes = get_method(method).sizing == "bytes"
         options = {"ratio": 4.0} if by_bytes else {}
+        if get_method(method).needs_direction_metric:
+            options["direction_metric"] = DirectionMetric.euclidean(12)
         compressor = make_compressor(method, None if by_bytes else 3, row_weights=weights, **options)
         assert compressor.method == method and get_method(method).label
-        rebuilt = compressor_from_config(compressor.get_config(), row_weights=weights)
+        metric = {key: value for key, value in options.items() if key == "direction_metric"}
+        rebuilt = compressor_from_config(compressor.get_config(), row_weights=weights, **metric)
         assert rebuilt.get_config() == compressor.get_config()
         with pytest.raises(BadInputError):
             make_compressor(method, 3)  # no weights
@@ -306,7 +310,7 @@ def test_sweep_plan_takes_the_weights_source(tiny_causal: Backbone) -> None:
     }
     assert "wordfreq" in sources["wordfreq"] and "train slices" in sources["corpora"]
     default = plan_sweep(tiny_causal, ["svd-freq"], None, [4], "fast")[0].compressor.get_config()
-    assert default["row_weights"]["source"] == sources["wordfreq"]
+    assert default["row_weights"]["source"] == sources["general"]
 
 
 def test_frontier_marks_pareto_optimal_rows() -> None:
