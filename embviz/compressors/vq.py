@@ -398,6 +398,18 @@ def _lookup(centroids: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return picked.reshape(codes.shape[0], -1)
 
 
+FIT_SECONDS = ((0.5, 11.0), (1.0, 22.0), (2.0, 43.0), (4.0, 305.0))
+"""Fit times on the reference matrix (SmolLM2, one thread, machine shared with other work) at budgets in bits
+per weight: at 4 bits 192 sub-quantisers of 3 numbers each are trained twice."""
+
+
+def expected_fit_seconds(bits: float) -> float:
+    """About how long a fit takes on the reference matrix at ``bits`` per weight (log-linear between the
+    measured :data:`FIT_SECONDS`, flat beyond them); an estimate, not a bound."""
+    budgets, seconds = zip(*FIT_SECONDS, strict=True)
+    return float(np.exp(np.interp(np.log(bits), np.log(budgets), np.log(seconds))))
+
+
 def _build(rank: int | None, ratio: float, row_weights: RowWeights, **options: Any) -> DirectionVQ:
     return DirectionVQ(ratio, row_weights, **options)
 
@@ -422,10 +434,8 @@ VQ_DIRECTION = register_method(
         config_keys=("seed",),
         max_byte_ratio=lambda vocab, hidden: 4 * vocab * hidden / _smallest(vocab, hidden),
         decode=decode_direction_vq,
-        # Measured on the reference matrix: 40-42 s at 1 bit per weight, 92 s at 0.5 and 135 s at 2 (the
-        # residual stage and faiss's codebook training grow with the rate); an estimate, not a bound.
         fit_seconds=lambda vocab, hidden, size, options: (
-            matrix_scale(vocab, hidden) * max(45.0, 65.0 * 32 / (size.ratio or 32.0))
+            matrix_scale(vocab, hidden) * expected_fit_seconds(32 / (size.ratio or 32.0))
         ),
         description="Each row's direction product-quantised (faiss, codebooks trained with row weights) in the "
         "model's own metric (its loss's sensitivity to each direction), its length coded apart in 8 bits, a "
