@@ -88,7 +88,9 @@ def test_expected_fit_times_follow_the_measurements_and_scale_with_the_matrix() 
     assert get_method("svd").expected_seconds(V, D, Size(rank=64)) < 3
     vq = get_method("vq-direction")
     seconds = {bits: vq.expected_seconds(V, D, vq.size(V, D, bits=bits)) for bits in (0.5, 1.0, 2.0, 4.0)}
-    assert seconds[0.5] < 15 < seconds[1.0] < seconds[2.0] < 60 < 200 < seconds[4.0]  # measured 11/22/43/305 s
+    assert (
+        seconds[0.5] < 15 < seconds[1.0] < seconds[2.0] < 60 < 200 < seconds[4.0]
+    )  # measured 11/22/43/305 s
     tiny = 1000 * 32
     assert matrix_scale(1000, 32) == tiny / REFERENCE_WEIGHTS
     assert all(

@@ -13,8 +13,9 @@ go to the directions the model is sensitive to.
   respect to the input embedding, :mod:`embviz.sensitivity`) and ``s_j = sqrt((l_j + a) / (l_tail + a))``
   their eigenvalues relative to the mean of the others, shrunk by ``a`` = :data:`METRIC_SHRINK` (mean
   eigenvalue 1). ``B`` and ``s`` are stored in float16 (74 KB for D = 576, 0.02 bits per weight) and
-  ``T`` is rebuilt from them on both sides. On SmolLM2 at 1 bit per weight the metric alone takes the
-  perplexity ratio from 1.57x to 1.35x in domain and from 1.98x to 1.60x on Python's documentation.
+  ``T`` is rebuilt from them on both sides. On SmolLM2 at 1 bit per weight the metric takes the perplexity
+  ratio from 1.35x to 1.24x in domain, 1.71x to 1.51x on Python's documentation and 1.56x to 1.38x on modern
+  English (``scripts/vq_ablation.py``).
 * **Direction, stage 1**: the transformed unit rows are product-quantised (faiss's ``ProductQuantizer``):
   D is split into M sub-vectors, each coded by one byte (one of ``2^nbits`` centroids, ``nbits`` = 8 unless
   the vocabulary is too small to train 256 centroids). The codebooks are trained on rows resampled in
