@@ -464,6 +464,7 @@ class BenchSettings:
     scale_hiddens: tuple[int, ...] = (576, 2048, 4096)
     scale_stages: tuple[str, ...] = ("svd", "ae", "vq", "neighbours", "recall", "pca", "umap")
     scale_limit_s: float = 600.0  # a stage predicted (or found) to take longer at a shape is skipped there
+    scale_points: Path | None = None  # JSON lines: each finished shape's points; complete shapes are reused
     cluster_repeats: int = 1  # each run of the cluster stage is three cold sweeps (minutes each)
     cluster_sweep: ClusterSweep = ClusterSweep()
 
@@ -1353,6 +1354,57 @@ def _scale_unreachable(stage: str, vocab: int, hidden: int) -> str | None:
     return None
 
 
+def read_scale_points(path: Path) -> dict[tuple[int, int], dict[str, dict[str, Any]]]:
+    """The points an earlier (perhaps interrupted) run appended to ``path``, by shape and stage; the last
+    point of a stage at a shape wins. A missing file is an empty grid; a torn last line is ignored."""
+    kept: dict[tuple[int, int], dict[str, dict[str, Any]]] = {}
+    if not path.exists():
+        return kept
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            point = json.loads(line)
+            kept.setdefault((int(point["vocab"]), int(point["hidden"])), {})[str(point["stage"])] = point
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+    return kept
+
+
+def append_lines(path: Path, lines: Sequence[str]) -> None:
+    """Append whole lines to ``path``, starting a new line first if a crash left the last one torn."""
+    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(("\n" if torn else "") + "".join(line + "\n" for line in lines))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _record_scale_point(report: Report, point: Mapping[str, Any]) -> None:
+    """A measured point's seconds and peak memory as report figures (and the recall target's ratio)."""
+    if point["status"] != "measured":
+        return
+    stage, vocab, hidden = point["stage"], point["vocab"], point["hidden"]
+    report.set(scale_figure(stage, vocab, hidden), point["seconds"])
+    report.set(scale_figure(stage, vocab, hidden, "peak_mb"), point["peak_rss_mb"], digits=0)
+    if (vocab, hidden) == SCALE_TARGET_SHAPE and stage == "recall":
+        report.set("scale_recall_128000x2048_vs_limit", _recall_vs_limit(point))
+
+
+def _record_scale_bound(
+    report: Report, points: Sequence[Mapping[str, Any]], vocab: int, hidden: int, budget: int
+) -> None:
+    """At 256k x 4096: whether every stage stayed within the memory budget or was refused up front."""
+    if (vocab, hidden) != SCALE_BOUNDED_SHAPE:
+        return
+    at_shape = [p for p in points if (p["vocab"], p["hidden"]) == (vocab, hidden)]
+    report.set(
+        "scale_256000x4096_bounded",
+        all(
+            p["status"] == "refused" or (p["status"] == "measured" and p["peak_rss_mb"] * 2**20 <= budget)
+            for p in at_shape
+        ),
+    )
+
+
 def stage_scale(context: BenchContext, report: Report) -> None:
     """Time and peak memory of each scale stage on synthetic matrices of each shape (V ascending per D), each
     in its own process; a stage predicted to exceed the memory budget is refused, one predicted (from its
@@ -1376,11 +1428,20 @@ def stage_scale(context: BenchContext, report: Report) -> None:
     points: list[dict[str, Any]] = []
     budget = MEMORY_BUDGET
     available = available_memory()
+    saved = read_scale_points(settings.scale_points) if settings.scale_points is not None else {}
     root = Path(tempfile.mkdtemp(prefix="embviz-scale-"))
     try:
         for hidden in sorted(settings.scale_hiddens):
             for vocab in sorted(settings.scale_vocabs):
                 shape = f"{vocab:,} x {hidden:,}"
+                kept = saved.get((vocab, hidden), {})
+                if all(stage in kept for stage in settings.scale_stages):
+                    context.say(f"scale {shape}: reusing the points in {settings.scale_points}")
+                    for stage in settings.scale_stages:
+                        points.append(kept[stage])
+                        _record_scale_point(report, kept[stage])
+                    _record_scale_bound(report, points, vocab, hidden, budget)
+                    continue
                 matrix_bytes = 4 * vocab * hidden
                 baseline = 2**30  # python, torch, faiss and umap imported: measured 990 MiB
                 work = root / f"{vocab}x{hidden}"
@@ -1432,24 +1493,12 @@ def stage_scale(context: BenchContext, report: Report) -> None:
                            if point["status"] == "measured" else f" ({point.get('reason')})")
                     )  # fmt: skip
                     points.append(point)
-                    if point["status"] == "measured":
-                        report.set(scale_figure(stage, vocab, hidden), point["seconds"])
-                        report.set(
-                            scale_figure(stage, vocab, hidden, "peak_mb"), point["peak_rss_mb"], digits=0
-                        )
-                        if (vocab, hidden) == SCALE_TARGET_SHAPE and stage == "recall":
-                            report.set("scale_recall_128000x2048_vs_limit", _recall_vs_limit(point))
+                    _record_scale_point(report, point)
                 shutil.rmtree(work, ignore_errors=True)
-                at_shape = [p for p in points if (p["vocab"], p["hidden"]) == (vocab, hidden)]
-                if (vocab, hidden) == SCALE_BOUNDED_SHAPE:
-                    report.set(
-                        "scale_256000x4096_bounded",
-                        all(
-                            p["status"] == "refused"
-                            or (p["status"] == "measured" and p["peak_rss_mb"] * 2**20 <= budget)
-                            for p in at_shape
-                        ),
-                    )
+                _record_scale_bound(report, points, vocab, hidden, budget)
+                if settings.scale_points is not None:
+                    at_shape = [p for p in points if (p["vocab"], p["hidden"]) == (vocab, hidden)]
+                    append_lines(settings.scale_points, [json.dumps(p) for p in at_shape])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     report.detail(

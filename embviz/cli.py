@@ -978,6 +978,12 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="scale stage: seconds a stage may take at one shape; one predicted above it is skipped (default 600)",
     )
+    parser.add_argument(
+        "--scale-points",
+        type=Path,
+        help="scale stage: append each finished shape's points to this JSON-lines file; shapes already "
+        "complete there are reused, so an interrupted grid resumes where it stopped",
+    )
     _add_json(parser)
 
 
@@ -1006,6 +1012,10 @@ def _scale_settings(args: argparse.Namespace) -> dict[str, Any]:
         if not args.scale_limit > 0:
             raise BadInputError(f"--scale-limit must be above 0 seconds, got {args.scale_limit:g}")
         chosen["scale_limit_s"] = args.scale_limit
+    if args.scale_points is not None:
+        if args.scale_points.is_dir():
+            raise BadInputError(f"--scale-points takes a file, got the folder {args.scale_points}")
+        chosen["scale_points"] = args.scale_points
     return chosen
 
 

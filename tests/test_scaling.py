@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -151,6 +152,31 @@ def test_a_stage_predicted_past_the_limit_is_skipped(monkeypatch: pytest.MonkeyP
     )
     (point,) = details["points"]
     assert point["status"] == "skipped" and "predicted 1,000,000 s" in point["reason"]
+
+
+def test_an_interrupted_grid_resumes_from_its_points_file(tmp_path: Path) -> None:
+    points_file = tmp_path / "grid.jsonl"
+    settings = bench.BenchSettings(
+        scale_vocabs=(3000,), scale_hiddens=(48,), scale_stages=("svd",), scale_points=points_file
+    )
+    first, details = _run_scale(settings)
+    (written,) = [json.loads(line) for line in points_file.read_text().splitlines()]
+    assert written == details["points"][0] and written["status"] == "measured"
+
+    # A second shape joins; the finished one is reused, not re-run (its recorded seconds come back).
+    points_file.write_text(points_file.read_text() + '{"stage": "svd", "vocab": 6000, "hid')  # a torn line
+    resumed, again = _run_scale(replace(settings, scale_vocabs=(3000, 6000)))
+    by_vocab = {p["vocab"]: p for p in again["points"]}
+    assert by_vocab[3000] == written
+    assert resumed.figures["scale_svd_3000x48_s"] == first.figures["scale_svd_3000x48_s"]
+    assert by_vocab[6000]["status"] == "measured"
+    assert set(bench.read_scale_points(points_file)) == {(3000, 48), (6000, 48)}
+
+    # A stage not yet in the file re-runs the whole shape (later stages read the earlier ones' files).
+    _, widened = _run_scale(replace(settings, scale_stages=("svd", "pca")))
+    assert [p["stage"] for p in widened["points"]] == ["svd", "pca"]
+    assert widened["points"][1]["status"] == "measured"
+    assert set(bench.read_scale_points(points_file)[(3000, 48)]) == {"svd", "pca"}
 
 
 def test_the_scale_targets_join_only_when_the_stage_runs() -> None:
