@@ -354,9 +354,18 @@ def cost_curves(
                 row=1,
                 col=column,
             )
-        fig.update_xaxes(type="log", title_text="vocabulary rows V", row=1, col=column)
-    fig.update_yaxes(type="log", title_text="seconds (2 CPU cores)", row=1, col=1)
-    return _finish(fig, provenance, title="How each stage's time grows with V (log-log)", height=460)
+    vocabs = [int(p["vocab"]) for p in measured] or [1]
+    seconds = [float(p["seconds"]) for p in measured] or [1.0]
+    # Every panel on the same log ranges (plotly's shared y-axis would log-scale the first panel only).
+    x_range = [math.log10(min(vocabs) / 1.25), math.log10(max(vocabs) * 1.25)]
+    y_range = [math.log10(min(seconds) / 1.5), math.log10(max(seconds) * 1.5)]
+    fig.update_xaxes(type="log", range=x_range, title_text="vocabulary rows V")
+    fig.update_yaxes(type="log", range=y_range)
+    fig.update_yaxes(title_text="seconds (2 CPU cores)", row=1, col=1)
+    fig = _finish(fig, provenance, title="How each stage's time grows with V (log-log)", height=500)
+    # The legend above the panels' own titles, not on them.
+    fig.update_layout(margin={"t": 120}, legend={"y": 1.14, "x": 0, "xanchor": "left"})
+    return fig
 
 
 __all__ = [

@@ -176,7 +176,9 @@ def neighbour_memory(
     and the result (k+1 ids and scores per row while the row's own id is dropped). The caller's matrix is
     not counted.
     """
-    tile = min(rows, SEARCH_TILE[0]) * min(keys, SEARCH_TILE[1])  # faiss gets >= SEARCH_TILE[0] queries a call
+    tile = min(rows, SEARCH_TILE[0]) * min(
+        keys, SEARCH_TILE[1]
+    )  # faiss gets >= SEARCH_TILE[0] queries a call
     total = 4 * rows * width + 8 * min(block_rows, rows) * width + 4 * tile + 16 * rows * (k + 1)
     if separate_keys:
         total += 4 * keys * width
