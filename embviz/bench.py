@@ -1371,7 +1371,11 @@ def read_scale_points(path: Path) -> dict[tuple[int, int], dict[str, dict[str, A
 
 def append_lines(path: Path, lines: Sequence[str]) -> None:
     """Append whole lines to ``path``, starting a new line first if a crash left the last one torn."""
-    torn = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+    torn = False
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as existing:
+            existing.seek(-1, os.SEEK_END)
+            torn = existing.read(1) != b"\n"
     with path.open("a", encoding="utf-8") as handle:
         handle.write(("\n" if torn else "") + "".join(line + "\n" for line in lines))
         handle.flush()

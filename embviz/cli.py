@@ -158,11 +158,8 @@ def _device(args: argparse.Namespace) -> str:
     return check_device(args.device)
 
 
-_WEIGHT_SOURCES = (
-    "general",
-    "wordfreq",
-    "corpora",
-)  # embviz.frequency.WEIGHT_SOURCES, without importing torch here
+# embviz.frequency.WEIGHT_SOURCES, without importing torch here
+_WEIGHT_SOURCES = ("general", "wordfreq", "corpora")
 
 
 def _add_weights(parser: argparse.ArgumentParser) -> None:

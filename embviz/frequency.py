@@ -188,22 +188,23 @@ def frequency_weights(
 ) -> RowWeights:
     """Row weights ``(count + 1) ** power`` (add-one, so rows no text uses still count) from ``source``.
 
-    ``general``: count = :func:`wordfreq_counts` + :func:`generated_counts`. ``wordfreq``: count = :func:`wordfreq_counts` (per million words of general English; ``corpora`` is
-    unused). ``corpora``: count = :func:`train_counts` of ``corpora``. The weights' ``source`` names which,
-    and goes into artifact configurations and cache keys.
+    ``general``: count = :func:`wordfreq_counts` + :func:`generated_counts`. ``wordfreq``: count =
+    :func:`wordfreq_counts` (per million words of general English). ``corpora``: count = :func:`train_counts`
+    of ``corpora`` (unused by the other two). The weights' ``source`` names which, and goes into artifact
+    configurations and cache keys.
     """
+    words = (
+        f"general English word frequencies (wordfreq {_wordfreq_version()}, top {WORDFREQ_TOP_N} words "
+        "tokenised)"
+    )
     if source == "general":
         counts = torch.from_numpy(wordfreq_counts(backbone) + generated_counts(backbone))
         label = (
-            f"general English word frequencies (wordfreq {_wordfreq_version()}, top {WORDFREQ_TOP_N} words "
-            f"tokenised) plus token counts of {GENERATED_CORPUS}:train (model-generated text), each per million"
+            f"{words} plus token counts of {GENERATED_CORPUS}:train (model-generated text), each per million"
         )
     elif source == "wordfreq":
         counts = torch.from_numpy(wordfreq_counts(backbone))
-        label = (
-            f"general English word frequencies (wordfreq {_wordfreq_version()}, top {WORDFREQ_TOP_N} words "
-            "tokenised), per million words"
-        )
+        label = f"{words}, per million words"
     elif source == "corpora":
         counts = torch.from_numpy(train_counts(backbone, corpora).astype(np.float64))
         label = f"token counts in the train slices of {', '.join(corpora)}"

@@ -153,9 +153,8 @@ def stage_memory(stage: str, vocab: int, hidden: int) -> int:
     # 128k x 2048), not derived: it holds several transient V x D copies.
     if stage == "ae":  # train/validation copies, reconstructions for the quality figures, warm start, codes
         return int(2.5 * matrix) + 4 * gram + 2 * block + 3 * 4 * vocab * rank + 64 * 2**20
-    if (
-        stage == "vq"
-    ):  # the unit rows in the metric (then the decoded rows), the training sample and faiss's copy
+    # direction VQ: the unit rows in the metric (then the decoded rows), the training sample and faiss's copy
+    if stage == "vq":
         sample = 4 * min(2 * vocab, 2**16) * hidden  # faiss trains on at most 256 rows per centroid
         return matrix + 2 * sample + 64 * 2**20
     if stage == "neighbours":

@@ -46,13 +46,12 @@ def _compute(backbone: Backbone, tokens: int, progress: ProgressCallback | None)
     eval_set = build_eval_set(backbone, texts, max_tokens=tokens, seed=0)
     hidden = backbone.hidden_size
     total = torch.zeros(hidden, hidden, dtype=torch.float64)
-    positions = 0
+    positions, batches = 0, len(eval_set.batches)
     for index, batch in enumerate(eval_set.batches):
         gradients = backbone.input_gradients(batch.input_ids, batch.attention_mask, batch.labels)
         rows = gradients[batch.attention_mask.bool()].double()
         total += rows.T @ rows
         positions += rows.shape[0]
-        batches = len(eval_set.batches)
         send(
             progress,
             Progress(
@@ -124,12 +123,10 @@ def method_inputs(
     ``row_weights`` (token frequencies from ``weights``; ``row_weights`` given is used as is) for a
     frequency-aware method, ``direction_metric`` for one that measures errors in the model's metric
     (``progress`` hears while it is measured, the first time for a model)."""
-    inputs: dict[str, Any] = {}
-    if spec.needs_row_weights:
-        inputs["row_weights"] = row_weights or frequency_weights(backbone, source=weights)
-    if spec.needs_direction_metric:
-        inputs["direction_metric"] = direction_metric(backbone, progress=progress)
-    return inputs
+    return spec.model_inputs(
+        row_weights=lambda: row_weights or frequency_weights(backbone, source=weights),
+        direction_metric=lambda: direction_metric(backbone, progress=progress),
+    )
 
 
 __all__ = ["CALIBRATION_CORPUS", "CALIBRATION_TOKENS", "direction_metric", "method_inputs"]

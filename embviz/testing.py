@@ -160,12 +160,10 @@ def example_compressor(
 def example_inputs(spec: MethodSpec, vocab_size: int, hidden_size: int) -> dict[str, Any]:
     """What ``spec`` needs from a model to fit, synthetic and deterministic (:func:`example_row_weights`,
     :func:`example_direction_metric`): the keyword arguments of :meth:`MethodSpec.build`."""
-    inputs: dict[str, Any] = {}
-    if spec.needs_row_weights:
-        inputs["row_weights"] = example_row_weights(vocab_size)
-    if spec.needs_direction_metric:
-        inputs["direction_metric"] = example_direction_metric(hidden_size)
-    return inputs
+    return spec.model_inputs(
+        row_weights=lambda: example_row_weights(vocab_size),
+        direction_metric=lambda: example_direction_metric(hidden_size),
+    )
 
 
 def example_row_weights(vocab_size: int) -> RowWeights:

@@ -249,13 +249,10 @@ def direction_metric_of(model: str) -> DirectionMetric:
 def inputs_of(backbone: Backbone, method: str) -> dict[str, Any]:
     """What ``method`` needs from the model to fit (:func:`embviz.sensitivity.method_inputs`): row weights
     and the direction metric, each computed once per server (and cached on disk), under a spinner."""
-    spec = get_method(method)
-    inputs: dict[str, Any] = {}
-    if spec.needs_row_weights:
-        inputs["row_weights"] = row_weights_of(backbone.name)
-    if spec.needs_direction_metric:
-        inputs["direction_metric"] = direction_metric_of(backbone.name)
-    return inputs
+    return get_method(method).model_inputs(
+        row_weights=lambda: row_weights_of(backbone.name),
+        direction_metric=lambda: direction_metric_of(backbone.name),
+    )
 
 
 def show_notice(result: ArtifactResult) -> None:

@@ -272,3 +272,29 @@ def test_an_artifact_holds_exactly_what_its_method_stores(tiny_causal: Backbone,
     assert decode_tensors(dict(manifest), dict(tensors)).method == "quant-int8"
     with pytest.raises(ValueError, match="svd stores codes, decoder"):
         decode_tensors({**manifest, "method": "svd"}, dict(tensors))
+
+
+@pytest.mark.parametrize("method", method_ids())
+def test_model_inputs_asks_only_for_what_the_method_needs(method: str) -> None:
+    spec = get_method(method)
+    asked: list[str] = []
+
+    def provider(name: str) -> Any:
+        def provide() -> str:
+            asked.append(name)
+            return name
+
+        return provide
+
+    inputs = spec.model_inputs(
+        row_weights=provider("row_weights"), direction_metric=provider("direction_metric")
+    )
+    needed = [
+        name
+        for name, needs in (
+            ("row_weights", spec.needs_row_weights),
+            ("direction_metric", spec.needs_direction_metric),
+        )
+        if needs
+    ]
+    assert asked == needed and inputs == {name: name for name in needed}

@@ -360,6 +360,21 @@ class MethodSpec:
         size = Size(rank=config.get("rank"), ratio=config.get("ratio") if self.sizing == "bytes" else None)
         return self.build(size, row_weights=row_weights, direction_metric=direction_metric, **options)
 
+    def model_inputs(
+        self,
+        *,
+        row_weights: Callable[[], RowWeights],
+        direction_metric: Callable[[], DirectionMetric],
+    ) -> dict[str, Any]:
+        """What this method needs from the model to fit, as keyword arguments of :meth:`build`: each provider
+        is called only when the method needs what it gives (token frequencies, the direction metric)."""
+        inputs: dict[str, Any] = {}
+        if self.needs_row_weights:
+            inputs["row_weights"] = row_weights()
+        if self.needs_direction_metric:
+            inputs["direction_metric"] = direction_metric()
+        return inputs
+
     def to_dict(self) -> dict[str, Any]:
         """What ``embviz methods --json`` prints for this method."""
         return {

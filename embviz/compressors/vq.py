@@ -141,12 +141,13 @@ def plan(vocab: int, hidden: int, ratio: float) -> Layout:
     one_stage = stored_bytes(vocab, hidden, Layout(0, nbits, 0, directions))
     codebook = 2 * _codebook_entries(nbits, hidden)
     per_row = (budget - one_stage - codebook) / vocab
+
+    def stage2_rows(m: int) -> int:  # what the budget left after stage 1 buys of stage 2 (its codebook paid)
+        return min(vocab, int((budget - one_stage - codebook - vocab * m) // m))
+
     shared = [m for m in divisors if m <= STAGE1_SHARE * per_row]
-    if shared:
-        m = max(shared)
-        stage2 = min(vocab, int((budget - one_stage - codebook - vocab * m) // m))
-        if stage2 >= 2**nbits:
-            return Layout(m, nbits, stage2, directions)
+    if shared and stage2_rows(max(shared)) >= 2**nbits:
+        return Layout(max(shared), nbits, stage2_rows(max(shared)), directions)
     fitting = [m for m in divisors if one_stage + vocab * m <= budget]
     if not fitting:
         smallest = stored_bytes(vocab, hidden, Layout(1, nbits, 0, directions))
@@ -155,7 +156,7 @@ def plan(vocab: int, hidden: int, ratio: float) -> Layout:
             f"{vocab} x {hidden} matrix (one byte of direction per row plus codebooks)"
         )
     m = max(fitting)
-    stage2 = min(vocab, int((budget - one_stage - codebook - vocab * m) // m))
+    stage2 = stage2_rows(m)
     return Layout(m, nbits, stage2 if stage2 >= 2**nbits else 0, directions)
 
 
