@@ -52,6 +52,7 @@ from embviz.predictions import PredictionResult, predict_blank
 from embviz.progress import Progress, ProgressCallback
 from embviz.sensitivity import direction_metric
 from embviz.sources import load_model
+from embviz.threads import task_slots
 from pages.state import Settings, settings
 
 ORIGINAL = "original"
@@ -380,7 +381,10 @@ def _predictions(
 ) -> PredictionResult:
     # Reconstructed only here: a cached answer needs no V x D matrices.
     matrices = reconstructions(_variants)
-    return predict_blank(_backbone, sentence, {ORIGINAL: None, **matrices}, k=k, mode=mode)
+    # The variants after the original are scored side by side, one per core the thread policy leaves.
+    return predict_blank(
+        _backbone, sentence, {ORIGINAL: None, **matrices}, k=k, mode=mode, workers=task_slots()
+    )
 
 
 def predictions_of(
@@ -439,12 +443,16 @@ class BackgroundJob:
 
 
 class JobBoard:
-    """Background jobs by key; a job that failed is started again on the next request."""
+    """Background jobs by key; a job that failed is started again on the next request.
 
-    def __init__(self, max_jobs: int = 32) -> None:
+    At most ``slots`` jobs compute at once (default :func:`embviz.threads.task_slots`: with the app's one
+    torch thread on 2 cores, two jobs, e.g. both variants' neighbour tables while the page shows their
+    estimates); the others wait their turn.
+    """
+
+    def __init__(self, max_jobs: int = 32, slots: int | None = None) -> None:
         self.lock = threading.Lock()
-        # One job computes at a time: each uses torch's threads (the app's policy leaves the browser a core).
-        self.running = threading.Lock()
+        self.running = threading.BoundedSemaphore(slots or task_slots())
         self.jobs: dict[Any, BackgroundJob] = {}
         self.max_jobs = max_jobs
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -96,28 +96,35 @@ def provenance(backbone: Backbone, config: Settings, **facts: Any) -> str:
 
 
 def downloads(name: str, table: pd.DataFrame | None = None, payload: Any = None, figure: Any = None) -> None:
-    """CSV / JSON / figure-HTML download buttons for the data behind a view."""
+    """CSV / JSON / figure-HTML download buttons for the data behind a view.
+
+    Each file is written when its button is clicked (and the click does not rerun the page), not on every
+    run: the Map's three files, every token's coordinates (about 22 MB), took about 1 s of each run.
+    """
     columns = st.columns(3)
     if table is not None:
         columns[0].download_button(
-            "CSV", table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv"
-        )
+            "CSV", lambda: table.to_csv(index=False), f"{name}.csv", "text/csv", key=f"{name}-csv",
+            on_click="ignore",
+        )  # fmt: skip
     if payload is not None or table is not None:
-        data = payload if payload is not None else table.to_dict(orient="records")  # type: ignore[union-attr]
+        data = payload if payload is not None else table
+
+        def as_json() -> str:
+            records = data.to_dict(orient="records") if isinstance(data, pd.DataFrame) else data
+            return json.dumps(records, indent=2, default=str)
+
         columns[1].download_button(
-            "JSON",
-            json.dumps(data, indent=2, default=str),
-            f"{name}.json",
-            "application/json",
-            key=f"{name}-json",
+            "JSON", as_json, f"{name}.json", "application/json", key=f"{name}-json", on_click="ignore"
         )
     if figure is not None:
         columns[2].download_button(
             "Figure (HTML)",
-            figure.to_html(include_plotlyjs="cdn"),
+            lambda: figure.to_html(include_plotlyjs="cdn"),
             f"{name}.html",
             "text/html",
             key=f"{name}-html",
+            on_click="ignore",
         )
 
 
@@ -152,7 +159,7 @@ def jobs_progress(jobs: Mapping[str, BackgroundJob], what: str) -> None:
             st.rerun()
         for name, job in jobs.items():
             update = job.progress
-            state = "done" if job.done else describe(update) if update else "waiting for the previous job"
+            state = "done" if job.done else describe(update) if update else "queued (every core busy)"
             st.progress(
                 1.0 if job.done else update.fraction if update else 0.0,
                 text=f"{name}: {state} ({time.perf_counter() - job.started:.0f} s)",
@@ -280,12 +287,15 @@ def variants_for(
     *,
     specs: dict[str, VariantSpec] | None = None,
     train_button: bool = True,
+    on_ready: Callable[[str, Variant], Any] | None = None,
 ) -> dict[str, Variant] | None:
     """The variants a page compares, by name: ``specs`` or the sidebar's picks (:func:`compared_specs`).
 
     A variant that is not cached yet is fitted right away (with progress) when its method expects to
     take at most :func:`~pages.data.auto_fit_seconds`; slower ones wait behind one button that says how
-    long. Returns None (the reason on screen) until every variant exists.
+    long. ``on_ready(name, variant)`` hears of each variant as soon as it exists, so a page can start its
+    background work on it while the next one fits. Returns None (the reason on screen) until every variant
+    exists.
     """
     if not check_rank(backbone, config.rank):
         return None
@@ -299,6 +309,12 @@ def variants_for(
     shape = shape_of(backbone)
     found: dict[str, ArtifactResult] = {}
     slow: dict[str, VariantSpec] = {}
+
+    def ready(name: str, result: ArtifactResult) -> None:
+        found[name] = result
+        if on_ready is not None:
+            on_ready(name, Variant(specs[name], result))
+
     try:
         for name, spec in specs.items():
             result = find_variant(backbone, spec)
@@ -307,7 +323,7 @@ def variants_for(
             if result is None:
                 slow[name] = spec
             else:
-                found[name] = result
+                ready(name, result)
         if slow:
             seconds = sum(spec.expected_seconds(shape) for spec in slow.values())
             names = ", ".join(f"**{spec.label}**" for spec in slow.values())
@@ -318,7 +334,7 @@ def variants_for(
             if not (train_button and st.button(f"Fit now (about {_duration(seconds)})", type="primary")):
                 return None
             for name, spec in slow.items():
-                found[name] = train_variant(backbone, spec)
+                ready(name, train_variant(backbone, spec))
     except EmbvizError as error:
         st.error(str(error))
         return None
@@ -329,14 +345,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def require_variants() -> tuple[Settings, Backbone, dict[str, Variant]]:
+def require_variants(
+    on_ready: Callable[[str, Variant], Any] | None = None,
+) -> tuple[Settings, Backbone, dict[str, Variant]]:
     """The settings, backbone and compared variants a page shows; stops the page (the reason is on screen)
-    while the backbone cannot load or a variant is not fitted yet."""
+    while the backbone cannot load or a variant is not fitted yet. ``on_ready``: see :func:`variants_for`."""
     config = settings()
     backbone = current_backbone()
     if backbone is None:
         st.stop()
-    variants = variants_for(backbone, config)
+    variants = variants_for(backbone, config, on_ready=on_ready)
     if variants is None:
         st.stop()
     return config, backbone, variants

@@ -145,3 +145,17 @@ def test_why_direction_draws_the_toy_and_the_2x2_with_predictions(page, app_url:
     for label in ("original directions", "SVD directions", "AE lengths"):
         expect(grid.locator("text", has_text=label).first).to_be_visible()
     expect(page.get_by_text("give it back the original directions").first).to_be_visible()
+
+
+def test_the_map_downloads_are_written_when_clicked(page, app_url: str) -> None:
+    # The files are built on the click (a callable each), not on every run of the page.
+    open_page(page, app_url, "map")
+    for label, start in (("CSV", "token,id,original_x"), ("JSON", "["), ("Figure (HTML)", "<!doctype html>")):
+        with page.expect_download(timeout=60_000) as started:
+            page.get_by_role("button", name=label, exact=True).click()
+        path = started.value.path()
+        text = path.read_text(encoding="utf-8")
+        assert text.lstrip().lower().startswith(start), (label, text[:80])
+        assert "king" in text, label
+        wait_for_idle(page)
+    assert_no_exception(page)
