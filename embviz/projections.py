@@ -19,6 +19,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -50,6 +51,15 @@ MapMethod = Literal["pca", "umap"]
 
 _CACHE_VERSION = 1
 _BLOCK_ROWS = 8192
+UMAP_NEIGHBOURS = 15
+"""UMAP's default ``n_neighbors``: its graph uses each token's top-(``UMAP_NEIGHBOURS`` - 1) table, which a
+full-vocabulary map reuses from :func:`~embviz.metrics.neighbour_table_cached` (see :func:`shared_table_width`)."""
+
+
+def shared_table_width(k: int) -> int:
+    """How many columns to search for the original's top-k table so that a full-vocabulary UMAP (top
+    ``UMAP_NEIGHBOURS - 1``) finds it cached too: the same search, one table for both (the app's pages)."""
+    return max(k, UMAP_NEIGHBOURS - 1)
 
 
 @dataclass(frozen=True)
@@ -217,7 +227,7 @@ def umap_map(
     original: Matrix,
     variants: Mapping[str, MatrixLike],
     *,
-    n_neighbors: int = 15,
+    n_neighbors: int = UMAP_NEIGHBOURS,
     min_dist: float = 0.1,
     seed: int = 42,
     sample: int | None = None,
@@ -232,7 +242,8 @@ def umap_map(
     search: exact, and about 3x less CPU on SmolLM2's 49k vocabulary (fit + two transforms, 69 vs ~195 s). ``original_neighbours`` may
     pass the original's cached :func:`~embviz.metrics.nearest_neighbours` table (full vocabulary only, at
     least ``n_neighbors - 1`` columns). ``sample`` fits on that many random rows (seeded) plus
-    ``include_ids``; the result's ``ids`` / ``sampled`` / ``note()`` say so.
+    ``include_ids``; the result's ``ids`` / ``sampled`` / ``note()`` say so. The variants' neighbour searches
+    (faiss, which releases the GIL) run in a second thread while UMAP fits, which holds it.
     """
     started = time.perf_counter()
     original = _check_variants(original, variants)
@@ -266,14 +277,18 @@ def umap_map(
         transform_seed=seed,
         precomputed_knn=(knn_indices, knn_distances),
     )
-    with warnings.catch_warnings():
+
+    def variant_graph(variant: MatrixLike) -> scipy.sparse.csr_matrix:
+        found, similarity = cross_neighbours(_subset(variant, subset), keys, n_neighbors)
+        return _knn_graph(found, _cosine_distances(similarity), len(ids))
+
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=1) as searches:
         warnings.filterwarnings("ignore", message=".*(n_jobs|knn_search_index|precomputed).*")
+        graphs = {name: searches.submit(variant_graph, variant) for name, variant in variants.items()}
         coords = {ORIGINAL: model.fit_transform(graph).astype(np.float32)}
-        for done, (name, variant) in enumerate(variants.items(), start=2):
+        for done, name in enumerate(variants, start=2):
             _report(progress, f"placing {name} in the map", done / steps)
-            found, similarity = cross_neighbours(_subset(variant, subset), keys, n_neighbors)
-            distances = _knn_graph(found, _cosine_distances(similarity), len(ids))
-            coords[name] = model.transform(distances).astype(np.float32)
+            coords[name] = model.transform(graphs[name].result()).astype(np.float32)
     _report(progress, "map ready", 1.0)
     params = {"n_neighbors": n_neighbors, "min_dist": min_dist, "seed": seed, "sample": sample}
     return ProjectionMap("umap", coords, ids, vocab, params, time.perf_counter() - started)
@@ -329,7 +344,7 @@ def projection_map(
         extra: dict[str, Any] = {}
         if method == "umap" and (settings["sample"] is None or settings["sample"] >= vocab):
             # The original's table is cached on its own: a new variant then costs only its own search.
-            k = settings["n_neighbors"] - 1
+            k = settings["n_neighbors"] - 1  # the app's original table is this wide (UMAP_NEIGHBOURS)
             table = neighbour_table_cached(backbone_name, fingerprint, original, k)
             extra["original_neighbours"] = (table.indices, table.scores)
         result = _map_function(method)(original, variants, progress=progress, **params, **extra)

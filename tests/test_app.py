@@ -628,3 +628,50 @@ def test_neighbours_say_when_an_approximate_index_found_them(
     assert all("recall@5 against exact search" in w for w in warnings)
     data.job_board.clear()
     st.cache_resource.clear()
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_the_job_board_runs_as_many_jobs_at_once_as_it_has_slots(slots: int) -> None:
+    from pages.data import JobBoard
+
+    board = JobBoard(slots=slots)
+    inside, most, lock, release = 0, 0, threading.Lock(), threading.Event()
+
+    def work(report: object) -> int:
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        release.wait(timeout=0.3)  # long enough for the others to start if a slot is free
+        with lock:
+            inside -= 1
+        return 1
+
+    jobs = [board.start(("job", i), work) for i in range(3)]
+    for job in jobs:
+        assert job.thread is not None
+        job.thread.join(timeout=30)
+    assert all(job.done and job.result == 1 for job in jobs)
+    assert most == slots
+
+
+def test_one_original_table_serves_the_neighbours_page_and_the_umap(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from embviz import projections
+    from pages.data import job_board, original_neighbour_table
+
+    monkeypatch.setenv("EMBVIZ_HOME", str(tmp_path / "fresh"))
+    st.cache_resource.clear()
+    table = original_neighbour_table(str(trained), 5)
+    assert table.indices.shape[1] == 5
+    [saved] = (tmp_path / "fresh" / "neighbours").glob("*.npz")
+    assert f"-k{projections.shared_table_width(5)}-" in saved.name
+    searched: list[int] = []
+    monkeypatch.setattr(projections, "nearest_neighbours", lambda *a, **kw: searched.append(1))
+    run_app("map", map="umap")  # the UMAP's neighbour graph comes from that table, not a new search
+    for job in job_board().jobs.values():
+        assert job.thread is not None
+        job.thread.join(timeout=120)
+    assert not searched
+    assert len(list((tmp_path / "fresh" / "maps").glob("*-umap-*.npz"))) == 1

@@ -23,6 +23,14 @@ def test_the_app_leaves_one_core_to_the_browser(
     assert choose_threads(APP, cores) == app
 
 
+@pytest.mark.parametrize(("cores", "torch_threads", "slots"), [(2, 1, 2), (2, 2, 1), (8, 3, 2), (1, 4, 1)])
+def test_task_slots_fit_tasks_of_torch_threads_on_the_cores(
+    cores: int, torch_threads: int, slots: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(threads.torch, "get_num_threads", lambda: torch_threads)
+    assert threads.task_slots(cores) == slots
+
+
 def test_the_environment_overrides_and_bad_values_are_one_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
