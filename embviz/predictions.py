@@ -25,7 +25,6 @@ import inspect
 import re
 import time
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -156,16 +155,13 @@ def predict_blank(
     candidates: int = DEFAULT_CANDIDATES,
     variant_candidates: int | None = None,
     max_context: int | None = None,
-    workers: int = 1,
 ) -> PredictionResult:
     """Top-``k`` fillers of the blank in ``sentence`` for each variant (None = the uncompressed model).
 
     The uncompressed model is always included and first (added as ``"original"`` when no variant is None).
     Causal models only: ``candidates`` is how many of the original's next-token candidates every variant
     re-ranks, ``variant_candidates`` (default ``k``) how many of its own it adds. ``max_context`` caps the
-    tokens kept around the blank. ``workers`` > 1 scores the variants after the original in that many threads
-    at once (the model is shared read-only): worth it where torch runs one thread a process and cores are
-    idle, as in the app (:func:`embviz.threads.task_slots`).
+    tokens kept around the blank.
 
     Raises:
         BadInputError: no blank / several blanks, bad ``k``, or a blank with no context a causal model can use.
@@ -186,26 +182,17 @@ def predict_blank(
         own = k if variant_candidates is None else variant_candidates
         job = _CausalScorer(backbone, blank, mode, max_context, candidates, own)
 
-    def timed(embedding: torch.Tensor | None) -> tuple[_Scored, float]:
-        start = time.perf_counter()
-        return job.score(embedding), time.perf_counter() - start
-
-    # The original goes first: a causal scorer shares its candidates with every later variant.
-    scored = {reference: timed(named[reference])}
-    others = [name for name in named if name != reference]
-    if workers > 1 and len(others) > 1:
-        with ThreadPoolExecutor(max_workers=min(workers, len(others))) as pool:
-            scored |= dict(zip(others, pool.map(lambda name: timed(named[name]), others), strict=True))
-    else:
-        scored |= {name: timed(named[name]) for name in others}
-
     results: dict[str, VariantPredictions] = {}
     reference_top: list[int] = []
-    reference_vocabulary = scored[reference][0].vocabulary
-    for name, (variant, seconds) in scored.items():
-        probabilities = torch.softmax(variant.scores.double(), dim=0)
+    reference_vocabulary: torch.Tensor | None = None
+    for name, embedding in named.items():
+        start = time.perf_counter()
+        scored = job.score(embedding)
+        if reference_vocabulary is None:
+            reference_vocabulary = scored.vocabulary
+        probabilities = torch.softmax(scored.scores.double(), dim=0)
         order = torch.argsort(probabilities, descending=True, stable=True)[:k]
-        ids = [int(variant.ids[i]) for i in order]
+        ids = [int(scored.ids[i]) for i in order]
         if name == reference:
             reference_top = ids
         predictions = tuple(
@@ -224,9 +211,9 @@ def predict_blank(
             top1_kept=rank == 1,
             reference_top1_rank=rank,
             lost=tuple(_display(tokenizer, i) for i in reference_top if i not in ids),
-            candidates=len(variant.ids),
-            seconds=seconds,
-            kl_nats=kl_divergence(reference_vocabulary, variant.vocabulary),
+            candidates=len(scored.ids),
+            seconds=time.perf_counter() - start,
+            kl_nats=kl_divergence(reference_vocabulary, scored.vocabulary),
         )
     return PredictionResult(
         backbone=backbone.name,

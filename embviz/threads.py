@@ -65,9 +65,9 @@ def worker_threads(workers: int, cores: int | None = None) -> int:
 
 def task_slots(cores: int | None = None) -> int:
     """How many tasks, each on this process's torch thread count, the usable cores (default: this process's)
-    run side by side: at least one. The app (one torch thread on 2 cores) gets 2, so a page's independent
-    pieces (each variant's neighbour table, its predictions) use the core the policy leaves the browser
-    while the browser only waits for them; a CLI process at every core gets 1."""
+    run side by side: at least one. The app (one torch thread on 2 cores) gets 2, so its background jobs
+    (e.g. both variants' neighbour tables, faiss searches that release the GIL) use the core the policy
+    leaves the browser while the browser only waits for them; a CLI process at every core gets 1."""
     return max(1, (cores or usable_cores()) // max(1, torch.get_num_threads()))
 
 

@@ -390,10 +390,7 @@ def _predictions(
 ) -> PredictionResult:
     # Reconstructed only here: a cached answer needs no V x D matrices.
     matrices = reconstructions(_variants)
-    # The variants after the original are scored side by side, one per core the thread policy leaves.
-    return predict_blank(
-        _backbone, sentence, {ORIGINAL: None, **matrices}, k=k, mode=mode, workers=task_slots()
-    )
+    return predict_blank(_backbone, sentence, {ORIGINAL: None, **matrices}, k=k, mode=mode)
 
 
 def predictions_of(
