@@ -16,12 +16,14 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import multiprocessing
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from multiprocessing.connection import Connection
+from typing import Any, Literal, cast
 
 import numpy as np
 import scipy.sparse
@@ -29,7 +31,7 @@ import torch
 
 from embviz.cache import config_key, optional_cache_dir
 from embviz.compressors.base import CompressedEmbedding
-from embviz.errors import BadInputError
+from embviz.errors import BadInputError, EmbvizError
 from embviz.metrics import (
     Matrix,
     MatrixLike,
@@ -304,9 +306,13 @@ def projection_map(
     fingerprint: str | None = None,
     variant_keys: Mapping[str, str] | None = None,
     progress: ProgressCallback | None = None,
+    in_child: bool = False,
     **params: Any,
 ) -> ProjectionMap:
     """:func:`pca_map` or :func:`umap_map` (``params`` go to it), cached on disk by the full configuration.
+
+    With ``in_child`` a map that is not cached is computed in a child process (:func:`map_in_child`), so a
+    server's other threads keep running while UMAP's numba loops hold this process's GIL.
 
     The key covers the original's ``fingerprint``, one key per variant (``variant_keys``: e.g. artifact
     hashes; default :func:`variant_fingerprint`), the method and its parameters. For a sampled UMAP only the
@@ -347,7 +353,10 @@ def projection_map(
             k = settings["n_neighbors"] - 1  # the app's original table is this wide (UMAP_NEIGHBOURS)
             table = neighbour_table_cached(backbone_name, fingerprint, original, k)
             extra["original_neighbours"] = (table.indices, table.scores)
-        result = _map_function(method)(original, variants, progress=progress, **params, **extra)
+        if in_child:
+            result = map_in_child(method, original, variants, progress=progress, **params, **extra)
+        else:
+            result = _map_function(method)(original, variants, progress=progress, **params, **extra)
         computed.append(result)
         return _to_arrays(result)
 
@@ -358,6 +367,75 @@ def projection_map(
 
 def _map_function(method: MapMethod) -> Callable[..., ProjectionMap]:
     return pca_map if method == "pca" else umap_map
+
+
+def map_in_child(
+    method: MapMethod,
+    original: Matrix,
+    variants: Mapping[str, MatrixLike],
+    *,
+    progress: ProgressCallback | None = None,
+    **params: Any,
+) -> ProjectionMap:
+    """:func:`pca_map` or :func:`umap_map` computed in a spawned child process at this process's torch
+    thread count; its progress and its map come back over a pipe (between two embviz processes; nothing is
+    stored). UMAP's layout loops are numba code that holds the GIL for a tenth of a second at a time, which
+    stalled every other thread of the app's server while a map was fitted in one of its threads. A
+    progress callback cannot cancel the child.
+
+    Raises:
+        BadInputError: bad parameters (checked here, before the child starts).
+        EmbvizError: the child ended without a map (its exit code is in the message).
+    """
+    _settings(method, _check_variants(original, variants), variants, params)
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    arguments = (sender, method, original, dict(variants), params, torch.get_num_threads())
+    child = context.Process(target=_child_map, args=arguments, name=f"embviz-{method}-map", daemon=True)
+    child.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:
+                child.join(timeout=5)
+                raise EmbvizError(
+                    f"the {method} map's process ended without a map (exit code {child.exitcode})"
+                ) from None
+            if kind == "progress":
+                send(progress, payload)
+            elif kind == "error":
+                raise payload
+            else:
+                return cast(ProjectionMap, payload)
+    finally:
+        receiver.close()
+        child.join(timeout=5)
+        if child.is_alive():
+            child.kill()
+
+
+def _child_map(
+    sender: Connection,
+    method: MapMethod,
+    original: Matrix,
+    variants: dict[str, MatrixLike],
+    params: dict[str, Any],
+    threads: int,
+) -> None:
+    """:func:`map_in_child`'s child: compute the map, sending progress, then the map or the error."""
+    torch.set_num_threads(threads)
+    try:
+        result = _map_function(method)(
+            original, variants, progress=lambda update: sender.send(("progress", update)), **params
+        )
+        sender.send(("map", result))
+    except Exception as error:  # the parent raises it; an unpicklable one goes as its text
+        answer = error if isinstance(error, EmbvizError) else EmbvizError(f"{type(error).__name__}: {error}")
+        sender.send(("error", answer))
+    finally:
+        sender.close()
 
 
 _SIGNATURES = {"pca": inspect.signature(pca_map), "umap": inspect.signature(umap_map)}

@@ -85,6 +85,7 @@ def compute_map(kind: str, progress: ProgressCallback | None = None) -> Projecti
         fingerprint=backbone_fingerprint(backbone.name),
         variant_keys=keys if len(keys) == len(matrices) else None,
         progress=progress,
+        in_child=kind == "umap",  # UMAP's numba loops hold the GIL: in this server they stalled every page
         **(params if kind == "umap" else {}),
     )
 

@@ -500,15 +500,18 @@ def test_a_plotly_selection_becomes_token_ids() -> None:
 def test_umap_runs_in_the_background_while_pca_is_shown(
     trained: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A cold UMAP does not block the page: PCA is drawn with UMAP's progress, then UMAP once it is done."""
+    """A cold UMAP does not block the page: PCA is drawn with UMAP's progress, then UMAP once it is done;
+    the map is fitted in a child process (its numba loops would hold the server's GIL)."""
     from embviz import projections
 
     release = threading.Event()
-    umap_map = projections.umap_map
+    map_in_child = projections.map_in_child
+    children: list[str] = []
 
-    def slow_umap(*args: object, **kwargs: object) -> object:
+    def slow_umap(method: str, *args: object, **kwargs: object) -> object:
         release.wait(timeout=60)
-        return umap_map(*args, **kwargs)
+        children.append(method)
+        return map_in_child(method, *args, **kwargs)  # type: ignore[arg-type]
 
     from pages.data import job_board
 
@@ -517,7 +520,7 @@ def test_umap_runs_in_the_background_while_pca_is_shown(
     for cached in (trained_home := Path(os.environ["EMBVIZ_HOME"])).rglob("*-umap-*.npz"):
         cached.unlink()
     assert not list(trained_home.rglob("*-umap-*.npz"))
-    monkeypatch.setattr(projections, "umap_map", slow_umap)
+    monkeypatch.setattr(projections, "map_in_child", slow_umap)
     app = run_app("map", map="umap", tok="king")
     assert_clean(app)
     assert any(caption.value.startswith("PCA map") for caption in app.caption)
@@ -529,6 +532,7 @@ def test_umap_runs_in_the_background_while_pca_is_shown(
     app.run()
     assert_clean(app)
     assert any(caption.value.startswith("UMAP map") for caption in app.caption)
+    assert children == ["umap"]
 
 
 def test_variant_neighbour_tables_compute_in_the_background_while_the_focus_token_shows(

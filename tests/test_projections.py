@@ -203,6 +203,26 @@ def test_corrupt_map_cache_is_recomputed() -> None:
     assert projection_map("pca", matrix, {"x": matrix * 0.5}).from_cache
 
 
+def test_a_map_computed_in_a_child_process_equals_the_one_computed_here() -> None:
+    matrix = _random(200, 12)
+    variants = {"svd": _variant(matrix, rank=4)}
+    updates: list[Progress] = []
+    here = umap_map(matrix, variants, n_neighbors=8)
+    child = projection_map("umap", matrix, variants, n_neighbors=8, in_child=True, progress=updates.append)
+    assert not child.from_cache and list(child.coords) == list(here.coords) and child.params == here.params
+    for name in here.coords:
+        np.testing.assert_allclose(child.coords[name], here.coords[name], rtol=1e-5, atol=1e-5)
+    assert updates and updates[-1].fraction == 1.0 and "map ready" in updates[-1].message
+    assert projection_map("umap", matrix, variants, n_neighbors=8).from_cache  # cached here, as usual
+
+
+def test_a_child_map_checks_its_parameters_here_and_reports_its_errors() -> None:
+    with pytest.raises(BadInputError, match="bad parameters"):
+        projections.map_in_child("umap", _random(50, 4), {}, n_neighbours=5)
+    with pytest.raises(BadInputError, match="needs more than 15 tokens"):  # raised in the child
+        projections.map_in_child("umap", _random(10, 4), {})
+
+
 def test_unknown_map_method() -> None:
     with pytest.raises(BadInputError, match="unknown map method"):
         projection_map("tsne", _random(10, 3), {})  # type: ignore[arg-type]
