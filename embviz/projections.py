@@ -13,10 +13,12 @@ second fit laid the map out differently.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
 import multiprocessing
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -369,6 +371,10 @@ def _map_function(method: MapMethod) -> Callable[..., ProjectionMap]:
     return pca_map if method == "pca" else umap_map
 
 
+CHILD_NICENESS = 10
+"""How much :func:`map_in_child`'s child lowers its scheduling priority (``os.nice``)."""
+
+
 def map_in_child(
     method: MapMethod,
     original: Matrix,
@@ -378,7 +384,7 @@ def map_in_child(
     **params: Any,
 ) -> ProjectionMap:
     """:func:`pca_map` or :func:`umap_map` computed in a spawned child process at this process's torch
-    thread count; its progress and its map come back over a pipe (between two embviz processes; nothing is
+    thread count and a lower priority (the page in front of the user comes first); its progress and its map come back over a pipe (between two embviz processes; nothing is
     stored). UMAP's layout loops are numba code that holds the GIL for a tenth of a second at a time, which
     stalled every other thread of the app's server while a map was fitted in one of its threads. A
     progress callback cannot cancel the child.
@@ -424,7 +430,10 @@ def _child_map(
     params: dict[str, Any],
     threads: int,
 ) -> None:
-    """:func:`map_in_child`'s child: compute the map, sending progress, then the map or the error."""
+    """:func:`map_in_child`'s child: compute the map, sending progress, then the map or the error. It runs
+    at a lower priority (:data:`CHILD_NICENESS`): a background map yields the cores to interactive work."""
+    with contextlib.suppress(OSError):  # e.g. a platform without nice: the map is just not deprioritised
+        os.nice(CHILD_NICENESS)
     torch.set_num_threads(threads)
     try:
         result = _map_function(method)(

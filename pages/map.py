@@ -118,7 +118,7 @@ try:
         # PCA before the UMAP job starts, so the map shown meanwhile does not wait behind UMAP's threads.
         pca_first = None if job_key in board.jobs else compute_map("pca")
         job = board.start(job_key, lambda report: compute_map("umap", report))
-        wait_for_jobs({"umap": job}, seconds=0.5)  # a map from the disk cache comes back at once
+        wait_for_jobs({"umap": job}, seconds=0.2)  # a map from the disk cache comes back at once (~20 ms)
         if job.done and job.error is not None:
             raise job.error
         if job.done:
