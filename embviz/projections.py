@@ -352,7 +352,7 @@ def projection_map(
         extra: dict[str, Any] = {}
         if method == "umap" and (settings["sample"] is None or settings["sample"] >= vocab):
             # The original's table is cached on its own: a new variant then costs only its own search.
-            k = settings["n_neighbors"] - 1  # the app's original table is this wide (UMAP_NEIGHBOURS)
+            k = settings["n_neighbors"] - 1  # at the default, the app's table (shared_table_width)
             table = neighbour_table_cached(backbone_name, fingerprint, original, k)
             extra["original_neighbours"] = (table.indices, table.scores)
         if in_child:
@@ -384,16 +384,17 @@ def map_in_child(
     **params: Any,
 ) -> ProjectionMap:
     """:func:`pca_map` or :func:`umap_map` computed in a spawned child process at this process's torch
-    thread count and a lower priority (the page in front of the user comes first); its progress and its map come back over a pipe (between two embviz processes; nothing is
-    stored). UMAP's layout loops are numba code that holds the GIL for a tenth of a second at a time, which
-    stalled every other thread of the app's server while a map was fitted in one of its threads. A
-    progress callback cannot cancel the child.
+    thread count and a lower priority (the page in front of the user comes first); its progress and its map
+    come back over a pipe (between two embviz processes; nothing is stored). UMAP's layout loops are numba
+    code that holds the GIL for a tenth of a second at a time, which stalled every other thread of the app's
+    server while a map was fitted in one of its threads. A progress callback cannot cancel the child.
 
     Raises:
         BadInputError: bad parameters (checked here, before the child starts).
         EmbvizError: the child ended without a map (its exit code is in the message).
     """
-    _settings(method, _check_variants(original, variants), variants, params)
+    original = _check_variants(original, variants)
+    _settings(method, original, variants, params)
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     arguments = (sender, method, original, dict(variants), params, torch.get_num_threads())

@@ -68,7 +68,7 @@ def task_slots(cores: int | None = None) -> int:
     run side by side: at least one. The app (one torch thread on 2 cores) gets 2, so its background jobs
     (e.g. both variants' neighbour tables, faiss searches that release the GIL) use the core the policy
     leaves the browser while the browser only waits for them; a CLI process at every core gets 1."""
-    return max(1, (cores or usable_cores()) // max(1, torch.get_num_threads()))
+    return worker_threads(torch.get_num_threads(), cores)
 
 
 def configure_threads(policy: Policy) -> int:
