@@ -234,7 +234,9 @@ def projection_panels(
     names = list(coords_by_variant)
     coords = [np.asarray(coords_by_variant[name]) for name in names]
     ids = np.arange(len(coords[0])) if ids is None else np.asarray(ids)
-    hover = [tokens[int(i)] for i in ids]
+    hover = np.asarray(
+        [tokens[int(i)] for i in ids], dtype=object
+    )  # an array: plotly validates lists item by item
     colours = variant_colours(names)
     focus_row = _row_of(ids, focus_id)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
