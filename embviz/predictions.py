@@ -386,8 +386,10 @@ class _CausalScorer:
                 logits = self.backbone.logits(batch, embedding=embedding, mode=self.mode)[:, start:]
             else:
                 logits = self._continue(prefix, tail, embedding)
-            logp = torch.log_softmax(logits.double(), dim=-1)
-            totals.append(logp.gather(-1, targets.expand(rows, -1)[..., None])[..., 0].sum(-1))
+            # log p(target) = logit(target) - logsumexp(logits): no rows x n x V log-softmax (nor its float64
+            # copy) is built, only the normaliser and the gathered logits.
+            chosen = logits.gather(-1, targets.expand(rows, -1)[..., None])[..., 0]
+            totals.append((chosen.double() - torch.logsumexp(logits, dim=-1).double()).sum(-1))
         return torch.cat(totals)
 
     def _call_model(self, embedding: torch.Tensor | None, ids: torch.Tensor, **kwargs: Any) -> Any:
