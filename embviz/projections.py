@@ -47,6 +47,7 @@ from embviz.metrics import (
     variant_fingerprint,
 )
 from embviz.progress import Progress, ProgressCallback, nested, send
+from embviz.threads import start_at_lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -399,7 +400,7 @@ def map_in_child(
     receiver, sender = context.Pipe(duplex=False)
     arguments = (sender, method, original, dict(variants), params, torch.get_num_threads())
     child = context.Process(target=_child_map, args=arguments, name=f"embviz-{method}-map", daemon=True)
-    child.start()
+    start_at_lower_priority(child, CHILD_NICENESS)  # its interpreter start and imports yield too
     sender.close()
     try:
         while True:
@@ -434,7 +435,7 @@ def _child_map(
     """:func:`map_in_child`'s child: compute the map, sending progress, then the map or the error. It runs
     at a lower priority (:data:`CHILD_NICENESS`): a background map yields the cores to interactive work."""
     with contextlib.suppress(OSError):  # e.g. a platform without nice: the map is just not deprioritised
-        os.nice(CHILD_NICENESS)
+        os.nice(max(0, CHILD_NICENESS - os.nice(0)))  # started lowered already on Linux
     torch.set_num_threads(threads)
     try:
         result = _map_function(method)(

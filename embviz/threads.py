@@ -9,8 +9,11 @@ So the app leaves one usable core free (:data:`APP`), while the CLI and benchmar
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import threading
+from multiprocessing.process import BaseProcess
 from typing import Literal
 
 import torch
@@ -81,3 +84,32 @@ def configure_threads(policy: Policy) -> int:
             for variable in OTHER_RUNTIMES:
                 os.environ.setdefault(variable, str(_CHOSEN["threads"]))
         return _CHOSEN["threads"]
+
+
+def start_at_lower_priority(process: BaseProcess, niceness: int) -> None:
+    """Start ``process`` with its scheduling priority lowered by ``niceness``, from its first instruction on.
+
+    A spawned child first starts an interpreter and imports torch and the parent's main module (seconds
+    of CPU): lowered only once its target runs, it took the cores from the page in front of the user
+    meanwhile. On Linux priority is per thread and a child inherits its starting thread's, so a short-lived
+    thread lowers its own priority and starts the child; elsewhere (where ``nice`` is per process) the child
+    starts as it is and may lower its own priority once it runs.
+    """
+    if not sys.platform.startswith("linux"):
+        process.start()
+        return
+    failures: list[BaseException] = []
+
+    def start() -> None:
+        with contextlib.suppress(OSError):  # no permission or no nice: the child is just not deprioritised
+            os.nice(niceness)
+        try:
+            process.start()
+        except BaseException as error:  # re-raised in the caller's thread
+            failures.append(error)
+
+    starter = threading.Thread(target=start, name="embviz-start-at-lower-priority")
+    starter.start()
+    starter.join()
+    if failures:
+        raise failures[0]

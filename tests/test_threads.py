@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import subprocess
 import sys
+from multiprocessing.connection import Connection
 
 import pytest
 
 from embviz import threads
 from embviz.cli import main
 from embviz.errors import BadInputError
-from embviz.threads import ALL, APP, THREADS_ENV, choose_threads, usable_cores
+from embviz.threads import ALL, APP, THREADS_ENV, choose_threads, start_at_lower_priority, usable_cores
 
 
 @pytest.mark.parametrize(("cores", "cli", "app"), [(1, 1, 1), (2, 2, 1), (8, 8, 7)])
@@ -102,3 +104,24 @@ def test_faiss_and_numba_follow_the_choice_in_every_thread() -> None:
         timeout=120,
     )
     assert result.stdout.split() == ["1", "1"]
+
+
+def _report_niceness(sender: Connection) -> None:
+    sender.send(os.nice(0))
+    sender.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are Linux's")
+def test_a_child_started_at_lower_priority_runs_lowered_while_this_process_does_not() -> None:
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    child = context.Process(target=_report_niceness, args=(sender,))
+    before = os.nice(0)
+    start_at_lower_priority(child, 3)
+    sender.close()
+    try:
+        assert receiver.recv() == min(19, before + 3)
+    finally:
+        child.join(timeout=30)
+    assert os.nice(0) == before  # neither this thread nor the process was lowered
+    assert child.exitcode == 0
