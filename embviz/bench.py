@@ -231,11 +231,11 @@ APP_TARGETS: tuple[Target, ...] = (
     ),
     Target("app: new rank, sidebar change to a finished Neighbours page", "app_new_rank_s", "<=", 15.0),
     Target(
-        "app: a PCA map shown while UMAP runs",
+        "app: UMAP chosen on the Map page, PCA shown beside its progress",
         "app_umap_first_map_s",
         "<=",
         2.0,
-        requires=("app_umap_pca_first",),
+        requires=("app_umap_progress_shown", "app_umap_pca_first"),
     ),
     Target("app: full-vocabulary UMAP map, cold", "app_umap_cold_s", "<=", 60.0),
 )
@@ -1078,7 +1078,7 @@ def _first_visit_figure(name: str, url_path: str) -> str:
 
 def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str, Any]:
     """One run on a freshly started server: first visits, warm pages, a sentence, a new rank, a cold UMAP."""
-    from embviz.browser import wait_for_first_figure
+    from embviz.browser import script_runs, wait_for_background_progress, wait_for_first_figure
 
     samples, facts = driver.samples, dict[str, Any]()
     by_name = {page.name: page for page in pages}
@@ -1112,14 +1112,25 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         shown = driver.page.get_by_text(" mean recall@").count() >= 2  # the two default variants' metrics
         samples.flag("app_new_rank_both_variants", shown and f"rank={new_rank}" in driver.page.url)
     if "map" in by_name:
+        map_page = by_name["map"]
+        driver.open(map_page, None)  # the PCA map, as a user finds it before asking for UMAP
+        before = script_runs(driver.page)
         started = time.perf_counter()
-        driver.page.goto(
-            f"{driver.url}/{by_name['map'].url_path}?rank={driver.rank}&map=umap", wait_until="commit"
-        )
-        running = wait_for_first_figure(driver.page, APP_TIMEOUT_MS)
+        driver.page.get_by_test_id("stRadio").get_by_text("umap", exact=True).click()
+        shown = wait_for_background_progress(driver.page, before, APP_TIMEOUT_MS)
         samples.add("app_umap_first_map_s", time.perf_counter() - started)
-        samples.flag("app_umap_pca_first", running)
-        clicks = driver.settle(by_name["map"].heading, started)
+        samples.flag("app_umap_progress_shown", shown == "progress")
+        # The same map opened by URL in a second tab while UMAP runs: a fresh document (Streamlit's bundle
+        # and plotly.js load again, a new session) showing PCA and the running job's progress.
+        tab = driver.page.context.new_page()
+        try:
+            opened = time.perf_counter()
+            tab.goto(f"{driver.url}/{map_page.url_path}?rank={driver.rank}&map=umap", wait_until="commit")
+            samples.flag("app_umap_pca_first", wait_for_first_figure(tab, APP_TIMEOUT_MS))
+            samples.add("app_umap_url_first_map_s", time.perf_counter() - opened)
+        finally:
+            tab.close()
+        clicks = driver.settle(map_page.heading, started)
         samples.add("app_umap_cold_s", time.perf_counter() - started)
         facts["umap_train_clicked"] = bool(clicks)
     facts["exceptions"] = driver.exceptions()
@@ -1202,6 +1213,8 @@ def app_scenarios(
         },
         "umap_cold": {"map": entry("app_umap_cold_s")},
         "umap_pca_first": {"map": entry("app_umap_first_map_s")},
+        # Not a target: the same map opened by URL in a second tab while UMAP runs (a fresh document).
+        "umap_pca_first_by_url": {"map": entry("app_umap_url_first_map_s")},
     }
 
 
@@ -1272,8 +1285,11 @@ def stage_app(context: BenchContext, report: Report) -> None:
         new_rank=f"on Neighbours (rank {settings.rank}, warm), the rank box set to {new_rank}, Enter to a "
         "finished Neighbours page with both variants; the AE's train button is clicked whenever shown "
         "(app_new_rank_train_clicked says whether it was)",
-        umap="/map?map=umap to finished (no map in the seeded cache); app_umap_first_map_s is the first "
-        "drawn figure, app_umap_pca_first whether the script was still running then",
+        umap="on the Map page (PCA, cached), a click on the Projection radio's umap option (no map in the "
+        "seeded cache): app_umap_first_map_s to the PCA figure drawn beside the UMAP job's progress bar, "
+        "app_umap_cold_s to the finished UMAP page; meanwhile /map?map=umap opened in a second tab: "
+        "app_umap_url_first_map_s to its first drawn figure (a fresh document: Streamlit's bundle, plotly.js "
+        "and a new session), app_umap_pca_first whether the job was still running then",
     )
     if samples.failures:
         raise RuntimeError("; ".join(samples.failures))

@@ -103,6 +103,22 @@ RECALL_ANSWER_JS = """
 exact tables run) or ``'exact'``, after ``afterRuns`` script runs (null: any)."""
 
 
+BACKGROUND_PROGRESS_JS = """
+(afterRuns) => {
+  if ((window.__embvizRuns || 0) <= afterRuns) return false;
+  const plots = [...document.querySelectorAll('.js-plotly-plot')];
+  if (!plots.length || !plots.every((plot) => plot.querySelector('.main-svg'))) return false;
+  const panel = document.querySelector('.st-key-background-jobs');
+  if (panel) return panel.querySelector("[data-testid='stProgress']") ? 'progress' : false;
+  const app = document.querySelector("[data-testid='stApp']");
+  return app && app.getAttribute('data-test-script-state') === 'notRunning' ? 'finished' : false;
+}
+"""
+"""Predicate: after ``afterRuns`` script runs, every Plotly figure drawn and either a background job's
+progress bar shown (the app's ``background-jobs`` panel): ``'progress'``, or the page finished without
+one (the job was done at once): ``'finished'``."""
+
+
 class AppServerError(RuntimeError):
     """``streamlit run app.py`` did not become healthy (its log tail is in the message)."""
 
@@ -260,6 +276,14 @@ def wait_for_first_figure(page: Page, timeout_ms: float = 120_000) -> bool:
     """Wait for the first drawn Plotly figure; True when the script was still running as it appeared."""
     handle = page.wait_for_function(FIRST_FIGURE_JS, timeout=timeout_ms)
     return bool(handle.json_value()["running"])
+
+
+def wait_for_background_progress(page: Page, after_runs: int, timeout_ms: float = 120_000) -> str:
+    """Wait until a script run later than ``after_runs`` shows its figures beside a background job's
+    progress (``'progress'``, e.g. the Map page's PCA while UMAP runs) or finished with none running
+    (``'finished'``)."""
+    handle = page.wait_for_function(BACKGROUND_PROGRESS_JS, arg=after_runs, timeout=timeout_ms)
+    return str(handle.json_value())
 
 
 def wait_for_recall_answer(page: Page, after_runs: int | None = None, timeout_ms: float = 120_000) -> str:

@@ -349,6 +349,7 @@ def _app_report() -> Report:
     report.record("app_new_rank_s", [12.0, 16.0, 14.0])
     report.record("app_predictions_s", [2.0, 2.2, 2.1])
     report.record("app_umap_first_map_s", [1.0, 1.2, 1.1])
+    report.set("app_umap_progress_shown", True)
     report.set("app_umap_pca_first", False)
     report.record("app_umap_cold_s", [50.0, 70.0, 65.0])
     return report
@@ -382,9 +383,15 @@ def test_app_targets_met_and_missed() -> None:
     assert verdicts["app_new_rank_s"]["met"] is True  # median 14
     assert verdicts["app_predictions_s"]["met"] is True
     assert verdicts["app_umap_cold_s"]["met"] is False  # median 65
-    # a map drawn in time is not "PCA first" unless it appeared while the script still ran
+    # a map drawn in time is not "PCA first" unless UMAP still ran when it appeared, here and by URL
     assert verdicts["app_umap_first_map_s"]["met"] is False
     assert verdicts["app_umap_first_map_s"]["app_umap_pca_first"] is False
+    report.set("app_umap_pca_first", True)
+    verdicts = evaluate_targets(report.figures, targets_for(report.figures, ["app"]))
+    assert verdicts["app_umap_first_map_s"]["met"] is True
+    report.set("app_umap_progress_shown", False)
+    verdicts = evaluate_targets(report.figures, targets_for(report.figures, ["app"]))
+    assert verdicts["app_umap_first_map_s"]["met"] is False
 
 
 def test_app_scenarios_give_samples_median_target_and_verdict_per_page() -> None:
@@ -397,7 +404,9 @@ def test_app_scenarios_give_samples_median_target_and_verdict_per_page() -> None
         "first_recall_answer",
         "umap_cold",
         "umap_pca_first",
+        "umap_pca_first_by_url",
     }
+    assert "target" not in scenarios["umap_pca_first_by_url"]["map"]
     assert "target" not in scenarios["first_recall_answer"]["new_rank"]  # reported, not a target
     assert set(scenarios["warm"]) == set(APP_PAGES)
     warm_map = scenarios["warm"]["map"]

@@ -38,6 +38,7 @@ def test_the_app_stage_times_every_page_and_scenario(
         "app_new_rank_first_answer_s",
         "app_neighbours_fresh_variants_first_answer_s",
         "app_umap_first_map_s",
+        "app_umap_url_first_map_s",
         "app_umap_cold_s",
     ):
         assert math.isfinite(figures[name]) and figures[name] > 0, name
@@ -47,6 +48,8 @@ def test_the_app_stage_times_every_page_and_scenario(
     assert isinstance(figures["app_new_rank_estimate_first"], bool)
     assert isinstance(figures["app_new_rank_train_clicked"], bool)
     assert isinstance(figures["app_umap_pca_first"], bool)
+    assert isinstance(figures["app_umap_progress_shown"], bool)
+    assert figures["app_umap_first_map_s"] <= figures["app_umap_cold_s"]
     assert details["fresh_rank"] != RANK and details["threads_policy"] == "app"
     assert details["runs"][0]["exceptions"] == []
     assert {"load_average_before", "load_average_after"} <= set(details["runs"][0])
