@@ -990,6 +990,7 @@ class AppDriver:
 
     def __init__(self, page: Any, url: str, rank: int, samples: AppSamples) -> None:
         self.page, self.url, self.rank, self.samples = page, url, rank, samples
+        self.step = "starting"  # what the driver is waiting for: named in a failure's report
 
     def settle(self, heading: str | None, started: float, after_runs: int | None = None) -> list[float]:
         """Wait until finished; click the AE's train button whenever a page stops on it.
@@ -1013,6 +1014,7 @@ class AppDriver:
         from embviz.browser import page_url
 
         started = time.perf_counter()
+        self.step = f"opening {page.name} by URL ({figure or 'not recorded'})"
         self.page.goto(page_url(self.url, page.url_path, rank=self.rank, **query), wait_until="commit")
         if figure and page.name == "neighbours":
             self.first_answer(figure, started, None)
@@ -1026,6 +1028,7 @@ class AppDriver:
 
     def navigate(self, page: Any, figure: str) -> float:
         """Click ``page``'s sidebar link and time it to a finished page; recorded as ``figure``."""
+        self.step = f"navigating to {page.name} from the sidebar ({figure})"
         link = self.page.get_by_test_id("stSidebarNav").get_by_role("link", name=page.title).first
         elapsed, clicks = self.after_action(page.heading, link.click)
         self.samples.add(figure, elapsed)
@@ -1093,6 +1096,7 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(by_name["predictions"], None)
         box = driver.page.locator("input[aria-label='Sentence with a blank']")
         box.fill(SENTENCE)
+        driver.step = "predictions for a new sentence"
         elapsed, _ = driver.after_action(by_name["predictions"].heading, lambda: box.press("Enter"))
         samples.add("app_predictions_s", elapsed)
         tables = driver.page.locator("[data-testid='stDataFrame']").count()
@@ -1102,6 +1106,7 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(neighbours, None)
         box = driver.page.locator("input[aria-label='Rank (latent size r)']")
         box.fill(str(new_rank))
+        driver.step = f"a new rank ({new_rank}) on Neighbours"
         elapsed, clicks = driver.after_action(
             neighbours.heading, lambda: box.press("Enter"), first_answer="app_new_rank_s"
         )
@@ -1116,25 +1121,43 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(map_page, None)  # the PCA map, as a user finds it before asking for UMAP
         before = script_runs(driver.page)
         started = time.perf_counter()
+        driver.step = "UMAP chosen on the Map page"
         driver.page.get_by_test_id("stRadio").get_by_text("umap", exact=True).click()
         shown = wait_for_background_progress(driver.page, before, APP_TIMEOUT_MS)
         samples.add("app_umap_first_map_s", time.perf_counter() - started)
         samples.flag("app_umap_progress_shown", shown == "progress")
-        # The same map opened by URL in a second tab while UMAP runs: a fresh document (Streamlit's bundle
-        # and plotly.js load again, a new session) showing PCA and the running job's progress.
+        clicks = driver.settle(map_page.heading, started)
+        samples.add("app_umap_cold_s", time.perf_counter() - started)
+        facts["umap_train_clicked"] = bool(clicks)
+        # A link to UMAP for variants with no map yet (the new rank's), opened in a second tab: a fresh
+        # document (Streamlit's bundle, plotly.js, a new session) whose script computes PCA, starts UMAP and
+        # shows PCA meanwhile. Last, so it overlaps nothing timed; the server stops with it still running.
+        driver.step = "UMAP opened by URL in a second tab"
         tab = driver.page.context.new_page()
         try:
             opened = time.perf_counter()
-            tab.goto(f"{driver.url}/{map_page.url_path}?rank={driver.rank}&map=umap", wait_until="commit")
+            tab.goto(f"{driver.url}/{map_page.url_path}?rank={new_rank}&map=umap", wait_until="commit")
             samples.flag("app_umap_pca_first", wait_for_first_figure(tab, APP_TIMEOUT_MS))
             samples.add("app_umap_url_first_map_s", time.perf_counter() - opened)
         finally:
             tab.close()
-        clicks = driver.settle(map_page.heading, started)
-        samples.add("app_umap_cold_s", time.perf_counter() - started)
-        facts["umap_train_clicked"] = bool(clicks)
     facts["exceptions"] = driver.exceptions()
     return facts
+
+
+def _failure_evidence(page: Any) -> dict[str, Any]:
+    """Why a run failed, as far as the page tells: its state (:func:`embviz.browser.page_state`) and a
+    screenshot kept in a new temporary folder (its path)."""
+    from embviz.browser import page_state
+
+    evidence: dict[str, Any] = {}
+    with contextlib.suppress(Exception):  # a closed or crashed page: the error message is all there is
+        evidence["page_state"] = page_state(page)
+    with contextlib.suppress(Exception):
+        shot = Path(tempfile.mkdtemp(prefix="embviz-bench-app-failure-")) / "page.png"
+        page.screenshot(path=str(shot), full_page=True)
+        evidence["screenshot"] = str(shot)
+    return evidence
 
 
 def _app_runs(context: BenchContext, pages: Sequence[Any], source: Path, new_rank: int) -> AppSamples:
@@ -1160,10 +1183,12 @@ def _app_runs(context: BenchContext, pages: Sequence[Any], source: Path, new_ran
                     try:
                         page = browser_context.new_page()
                         install_run_counter(page)
-                        facts = _app_run(AppDriver(page, url, settings.rank, samples), pages, new_rank)
+                        driver = AppDriver(page, url, settings.rank, samples)
+                        facts = _app_run(driver, pages, new_rank)
                     except Exception as error:  # keep the other runs; the stage reports the failure
-                        facts = {"error": f"{type(error).__name__}: {str(error)[:500]}"}
-                        samples.failures.append(f"run {run + 1}: {facts['error']}")
+                        facts = {"error": f"{type(error).__name__}: {str(error)[:500]}", "step": driver.step}
+                        samples.failures.append(f"run {run + 1}, {driver.step}: {facts['error']}")
+                        facts.update(_failure_evidence(page))
                         log = home / "streamlit.log"
                         if log.exists():
                             facts["server_log_tail"] = log.read_text(errors="replace")[-1500:]
@@ -1287,9 +1312,9 @@ def stage_app(context: BenchContext, report: Report) -> None:
         "(app_new_rank_train_clicked says whether it was)",
         umap="on the Map page (PCA, cached), a click on the Projection radio's umap option (no map in the "
         "seeded cache): app_umap_first_map_s to the PCA figure drawn beside the UMAP job's progress bar, "
-        "app_umap_cold_s to the finished UMAP page; meanwhile /map?map=umap opened in a second tab: "
-        "app_umap_url_first_map_s to its first drawn figure (a fresh document: Streamlit's bundle, plotly.js "
-        "and a new session), app_umap_pca_first whether the job was still running then",
+        "app_umap_cold_s to the finished UMAP page; then /map?map=umap at the fresh rank (no map yet) opened "
+        "in a second tab: app_umap_url_first_map_s to its first drawn figure (a fresh document: Streamlit's "
+        "bundle, plotly.js, a new session, PCA computed), app_umap_pca_first whether UMAP still ran then",
     )
     if samples.failures:
         raise RuntimeError("; ".join(samples.failures))

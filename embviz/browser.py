@@ -119,6 +119,28 @@ progress bar shown (the app's ``background-jobs`` panel): ``'progress'``, or the
 one (the job was done at once): ``'finished'``."""
 
 
+PAGE_STATE_JS = """
+() => {
+  const app = document.querySelector("[data-testid='stApp']");
+  const busy = (selector) => document.querySelectorAll(selector).length;
+  return {
+    url: location.href,
+    script_state: app ? app.getAttribute('data-test-script-state') : null,
+    script_runs: window.__embvizRuns || 0,
+    headings: [...document.querySelectorAll('h1')].map((h) => h.textContent.slice(0, 80)),
+    spinners: busy("[data-testid='stSpinner']"),
+    skeletons: busy("[data-testid='stSkeleton'], [data-testid='stAppSkeleton']"),
+    running_icons: busy("[data-testid='stStatusWidgetRunningIcon'], [data-testid='stStatusWidgetRunningManIcon']"),
+    background_jobs: busy('.st-key-background-jobs'),
+    figures: busy('.js-plotly-plot'),
+    figures_undrawn: [...document.querySelectorAll('.js-plotly-plot')].filter((p) => !p.querySelector('.main-svg')).length,
+    exceptions: busy("[data-testid='stException']"),
+  };
+}
+"""
+"""What :data:`FINISHED_JS` looks at, as one object: why a page is not finished when a wait times out."""
+
+
 class AppServerError(RuntimeError):
     """``streamlit run app.py`` did not become healthy (its log tail is in the message)."""
 
@@ -259,6 +281,11 @@ def script_runs(page: Page) -> int:
 def wait_for_idle(page: Page, timeout_ms: float = 120_000) -> None:
     """Wait until Streamlit has finished running the script for the current page."""
     page.wait_for_selector(IDLE, timeout=timeout_ms)
+
+
+def page_state(page: Page) -> dict[str, Any]:
+    """:data:`PAGE_STATE_JS` on ``page`` (script state, spinners, undrawn figures, background jobs...)."""
+    return dict(page.evaluate(PAGE_STATE_JS))
 
 
 def wait_until_finished(
