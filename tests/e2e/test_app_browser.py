@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
+from embviz.browser import page_state
 from pages.navigation import PAGES as PAGE_SPECS
 from tests.e2e.conftest import RANK, wait_for_idle, wait_until_finished
 
@@ -61,6 +62,15 @@ def test_map_draws_a_webgl_canvas_that_is_not_blank(page, app_url: str) -> None:
     assert high - low > 50, "the map is blank"
     colours = sum(1 for count in image.histogram() if count)
     assert colours > 20, f"only {colours} grey levels: nothing drawn"
+
+
+def test_the_page_state_describes_a_finished_page(page, app_url: str) -> None:
+    open_page(page, app_url, "map")
+    state = page_state(page)  # what a failed benchmark run reports
+    assert state["script_state"] == "notRunning" and PAGES["map"] in " ".join(state["headings"])
+    assert state["figures"] >= 1 and state["figures_undrawn"] == 0
+    assert state["spinners"] == state["background_jobs"] == state["exceptions"] == 0
+    assert "/map" in state["url"]
 
 
 def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
