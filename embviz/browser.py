@@ -305,6 +305,11 @@ def wait_for_first_figure(page: Page, timeout_ms: float = 120_000) -> bool:
     return bool(handle.json_value()["running"])
 
 
+def wait_for_run_start(page: Page, after_runs: int, timeout_ms: float = 15_000) -> None:
+    """Wait until a script run later than ``after_runs`` has started (see :func:`script_runs`)."""
+    page.wait_for_function("(n) => (window.__embvizRuns || 0) > n", arg=after_runs, timeout=timeout_ms)
+
+
 def wait_for_background_progress(page: Page, after_runs: int, timeout_ms: float = 120_000) -> str:
     """Wait until a script run later than ``after_runs`` shows its figures beside a background job's
     progress (``'progress'``, e.g. the Map page's PCA while UMAP runs) or finished with none running
