@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -105,6 +106,8 @@ def test_projection_panels_share_axes_and_mark_the_focus_everywhere() -> None:
         assert (trace.x[0], trace.y[0]) == tuple(xy[7]) and trace.text == ("tok7",)
     assert {t.xaxis for t in focus} == {"x", "x2", "x3"}
     assert list(scatter[1].hovertext) == tokens
+    sent = json.loads(fig.to_json())["data"]  # what the browser gets: every point's token as text
+    assert [sent[i]["hovertext"] for i in (0, 2, 4)] == [tokens] * 3
     ranges = {tuple(fig.layout[f"xaxis{s}"].range) for s in ("", "2", "3")}
     assert len(ranges) == 1
     (x_range,) = ranges
