@@ -1064,6 +1064,12 @@ class AppDriver:
         before = script_runs(self.page)
         started = time.perf_counter()
         action()
+        return self.finish(heading, started, before, first_answer)
+
+    def finish(
+        self, heading: str, started: float, before: int, first_answer: str | None = None
+    ) -> tuple[float, list[float]]:
+        """:meth:`after_action` once its action is done (at ``started``, after ``before`` script runs)."""
         if first_answer:
             self.first_answer(first_answer, started, before)
         clicks = self.settle(heading, started, after_runs=before)
@@ -1083,7 +1089,8 @@ class AppDriver:
 
         from embviz.browser import script_runs, wait_for_run_start
 
-        for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        attempt = 1
+        while True:
             box.fill(text)
             before = script_runs(self.page)
             started = time.perf_counter()
@@ -1093,12 +1100,9 @@ class AppDriver:
             except PlaywrightTimeoutError:
                 if attempt == SUBMIT_ATTEMPTS:
                     raise
+                attempt += 1
                 continue
-            if first_answer:
-                self.first_answer(first_answer, started, before)
-            clicks = self.settle(heading, started, after_runs=before)
-            return time.perf_counter() - started, clicks, attempt
-        raise AssertionError("unreachable: the last attempt returns or raises")
+            return (*self.finish(heading, started, before, first_answer), attempt)
 
     def exceptions(self) -> list[str]:
         """Tracebacks the page shows (``st.exception``)."""
@@ -1212,15 +1216,14 @@ def _app_runs(context: BenchContext, pages: Sequence[Any], source: Path, new_ran
                     serve_app(settings.model, home, home / "streamlit.log", python=settings.python) as url,
                 ):
                     browser_context = chromium.new_context(viewport=APP_VIEWPORT)  # type: ignore[arg-type]
+                    driver = AppDriver(browser_context.new_page(), url, settings.rank, samples)
                     try:
-                        page = browser_context.new_page()
-                        install_run_counter(page)
-                        driver = AppDriver(page, url, settings.rank, samples)
+                        install_run_counter(driver.page)
                         facts = _app_run(driver, pages, new_rank)
                     except Exception as error:  # keep the other runs; the stage reports the failure
                         facts = {"error": f"{type(error).__name__}: {str(error)[:500]}", "step": driver.step}
                         samples.failures.append(f"run {run + 1}, {driver.step}: {facts['error']}")
-                        facts.update(_failure_evidence(page))
+                        facts.update(_failure_evidence(driver.page))
                         log = home / "streamlit.log"
                         if log.exists():
                             facts["server_log_tail"] = log.read_text(errors="replace")[-1500:]

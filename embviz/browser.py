@@ -55,22 +55,42 @@ RUN_COUNTER_JS = """
 """
 """Init script: ``window.__embvizRuns`` counts the script runs this document has seen start."""
 
-FINISHED_JS = """
-([heading, afterRuns]) => {
+PAGE_STATE_JS = """
+() => {
   const app = document.querySelector("[data-testid='stApp']");
-  if (!app || app.getAttribute('data-test-script-state') !== 'notRunning') return false;
-  if (afterRuns !== null && (window.__embvizRuns || 0) <= afterRuns) return false;
-  if (heading !== null && ![...document.querySelectorAll('h1')].some((h) => h.textContent.includes(heading)))
-    return false;
-  if (document.querySelector("[data-testid='stSpinner'], [data-testid='stSkeleton'], "
-                             + "[data-testid='stAppSkeleton'], [data-testid='stStatusWidgetRunningIcon'], "
-                             + "[data-testid='stStatusWidgetRunningManIcon']")) return false;
-  if (document.querySelector('.st-key-background-jobs')) return false;
-  for (const plot of document.querySelectorAll('.js-plotly-plot'))
-    if (!plot.querySelector('.main-svg')) return false;
-  return true;
+  const busy = (selector) => document.querySelectorAll(selector).length;
+  return {
+    url: location.href,
+    script_state: app ? app.getAttribute('data-test-script-state') : null,
+    script_runs: window.__embvizRuns || 0,
+    headings: [...document.querySelectorAll('h1')].map((h) => h.textContent),
+    spinners: busy("[data-testid='stSpinner']"),
+    skeletons: busy("[data-testid='stSkeleton'], [data-testid='stAppSkeleton']"),
+    running_icons: busy("[data-testid='stStatusWidgetRunningIcon'], [data-testid='stStatusWidgetRunningManIcon']"),
+    background_jobs: busy('.st-key-background-jobs'),
+    figures: busy('.js-plotly-plot'),
+    figures_undrawn: [...document.querySelectorAll('.js-plotly-plot')].filter((p) => !p.querySelector('.main-svg')).length,
+    exceptions: busy("[data-testid='stException']"),
+  };
 }
 """
+"""What a page shows of its progress, as one object: :data:`FINISHED_JS` is decided from it, and a failed
+wait reports it (why the page was not finished)."""
+
+
+FINISHED_JS = (
+    """
+([heading, afterRuns]) => {
+  const s = ("""
+    + PAGE_STATE_JS
+    + """)();
+  return s.script_state === 'notRunning'
+    && (afterRuns === null || s.script_runs > afterRuns)
+    && (heading === null || s.headings.some((h) => h.includes(heading)))
+    && !s.spinners && !s.skeletons && !s.running_icons && !s.background_jobs && !s.figures_undrawn;
+}
+"""
+)
 """Predicate for ``page.wait_for_function``: ``[heading or null, script runs to wait past or null]``. A page
 whose background jobs still run (the app's ``background-jobs`` panel, ``pages/widgets.py``) is not finished."""
 
@@ -117,28 +137,6 @@ BACKGROUND_PROGRESS_JS = """
 """Predicate: after ``afterRuns`` script runs, every Plotly figure drawn and either a background job's
 progress bar shown (the app's ``background-jobs`` panel): ``'progress'``, or the page finished without
 one (the job was done at once): ``'finished'``."""
-
-
-PAGE_STATE_JS = """
-() => {
-  const app = document.querySelector("[data-testid='stApp']");
-  const busy = (selector) => document.querySelectorAll(selector).length;
-  return {
-    url: location.href,
-    script_state: app ? app.getAttribute('data-test-script-state') : null,
-    script_runs: window.__embvizRuns || 0,
-    headings: [...document.querySelectorAll('h1')].map((h) => h.textContent.slice(0, 80)),
-    spinners: busy("[data-testid='stSpinner']"),
-    skeletons: busy("[data-testid='stSkeleton'], [data-testid='stAppSkeleton']"),
-    running_icons: busy("[data-testid='stStatusWidgetRunningIcon'], [data-testid='stStatusWidgetRunningManIcon']"),
-    background_jobs: busy('.st-key-background-jobs'),
-    figures: busy('.js-plotly-plot'),
-    figures_undrawn: [...document.querySelectorAll('.js-plotly-plot')].filter((p) => !p.querySelector('.main-svg')).length,
-    exceptions: busy("[data-testid='stException']"),
-  };
-}
-"""
-"""What :data:`FINISHED_JS` looks at, as one object: why a page is not finished when a wait times out."""
 
 
 class AppServerError(RuntimeError):

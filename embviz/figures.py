@@ -234,9 +234,8 @@ def projection_panels(
     names = list(coords_by_variant)
     coords = [np.asarray(coords_by_variant[name]) for name in names]
     ids = np.arange(len(coords[0])) if ids is None else np.asarray(ids)
-    hover = np.asarray(
-        [tokens[int(i)] for i in ids], dtype=object
-    )  # an array: plotly validates lists item by item
+    # One array, not a list: plotly validates a list item by item (0.3 s for 3 x 49,152 points).
+    hover = np.asarray([tokens[int(i)] for i in ids], dtype=object)
     colours = variant_colours(names)
     focus_row = _row_of(ids, focus_id)
     fig = make_subplots(rows=1, cols=len(names), subplot_titles=names, horizontal_spacing=0.03)
