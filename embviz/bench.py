@@ -894,9 +894,6 @@ def stage_memory(context: BenchContext, report: Report) -> None:
 
 # -- the app in a browser ------------------------------------------------------------------------------
 APP_TIMEOUT_MS = 600_000
-RUN_START_TIMEOUT_MS = 15_000
-"""How long a submitted text box may take to start a script run before the text is typed again."""
-SUBMIT_ATTEMPTS = 3
 APP_VIEWPORT = {"width": 1400, "height": 1000}
 
 
@@ -1030,10 +1027,21 @@ class AppDriver:
         return elapsed
 
     def navigate(self, page: Any, figure: str) -> float:
-        """Click ``page``'s sidebar link and time it to a finished page; recorded as ``figure``."""
+        """Click ``page``'s sidebar link and time it to a finished page; recorded as ``figure``.
+
+        The wait is for ``page``'s heading, not for a counted script run: a warm page can run so quickly that
+        the browser never draws it as running (see :data:`embviz.browser.RUN_COUNTER_JS`).
+        """
+        from embviz.browser import page_state
+
         self.step = f"navigating to {page.name} from the sidebar ({figure})"
+        if any(page.heading in heading for heading in page_state(self.page)["headings"]):
+            raise ValueError(f"already on {page.name}: a click on its own link is no navigation")
         link = self.page.get_by_test_id("stSidebarNav").get_by_role("link", name=page.title).first
-        elapsed, clicks = self.after_action(page.heading, link.click)
+        started = time.perf_counter()
+        link.click()
+        clicks = self.settle(page.heading, started)
+        elapsed = time.perf_counter() - started
         self.samples.add(figure, elapsed)
         if clicks:
             self.samples.flag(f"{figure}_train_clicked", True)
@@ -1064,45 +1072,10 @@ class AppDriver:
         before = script_runs(self.page)
         started = time.perf_counter()
         action()
-        return self.finish(heading, started, before, first_answer)
-
-    def finish(
-        self, heading: str, started: float, before: int, first_answer: str | None = None
-    ) -> tuple[float, list[float]]:
-        """:meth:`after_action` once its action is done (at ``started``, after ``before`` script runs)."""
         if first_answer:
             self.first_answer(first_answer, started, before)
         clicks = self.settle(heading, started, after_runs=before)
         return time.perf_counter() - started, clicks
-
-    def submit(
-        self, box: Any, text: str, heading: str, first_answer: str | None = None
-    ) -> tuple[float, list[float], int]:
-        """Type ``text`` into the text box ``box`` and press Enter: seconds from that Enter to the finished
-        page, the train-button clicks, and how many times the text was typed.
-
-        A script run that starts between the typing and the Enter can put the box's old value back (seen
-        in CI: the Enter then submitted nothing and no run followed), so when no run starts within
-        :data:`RUN_START_TIMEOUT_MS` the text is typed again, up to :data:`SUBMIT_ATTEMPTS` times.
-        """
-        from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
-
-        from embviz.browser import script_runs, wait_for_run_start
-
-        attempt = 1
-        while True:
-            box.fill(text)
-            before = script_runs(self.page)
-            started = time.perf_counter()
-            box.press("Enter")
-            try:
-                wait_for_run_start(self.page, before, RUN_START_TIMEOUT_MS)
-            except PlaywrightTimeoutError:
-                if attempt == SUBMIT_ATTEMPTS:
-                    raise
-                attempt += 1
-                continue
-            return (*self.finish(heading, started, before, first_answer), attempt)
 
     def exceptions(self) -> list[str]:
         """Tracebacks the page shows (``st.exception``)."""
@@ -1134,7 +1107,8 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(by_name["predictions"], None)
         box = driver.page.locator("input[aria-label='Sentence with a blank']")
         driver.step = "predictions for a new sentence"
-        elapsed, _, facts["predictions_typed"] = driver.submit(box, SENTENCE, by_name["predictions"].heading)
+        box.fill(SENTENCE)
+        elapsed, _ = driver.after_action(by_name["predictions"].heading, lambda: box.press("Enter"))
         samples.add("app_predictions_s", elapsed)
         tables = driver.page.locator("[data-testid='stDataFrame']").count()
         samples.flag("app_predictions_three_tables", tables >= 3)
@@ -1143,8 +1117,9 @@ def _app_run(driver: AppDriver, pages: Sequence[Any], new_rank: int) -> dict[str
         driver.open(neighbours, None)
         box = driver.page.locator("input[aria-label='Rank (latent size r)']")
         driver.step = f"a new rank ({new_rank}) on Neighbours"
-        elapsed, clicks, facts["new_rank_typed"] = driver.submit(
-            box, str(new_rank), neighbours.heading, first_answer="app_new_rank_s"
+        box.fill(str(new_rank))
+        elapsed, clicks = driver.after_action(
+            neighbours.heading, lambda: box.press("Enter"), first_answer="app_new_rank_s"
         )
         samples.add("app_new_rank_s", elapsed)
         samples.flag("app_new_rank_train_clicked", bool(clicks))

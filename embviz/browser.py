@@ -44,16 +44,21 @@ RUN_COUNTER_JS = """
 (() => {
   if (window.__embvizRuns !== undefined) return;
   window.__embvizRuns = 0;
+  const attribute = 'data-test-script-state';
   new MutationObserver((records) => {
-    for (const record of records) {
-      if (record.target.getAttribute('data-test-script-state') === 'running' && record.oldValue !== 'running')
-        window.__embvizRuns += 1;
-    }
-  }).observe(document, {subtree: true, attributes: true, attributeOldValue: true,
-                        attributeFilter: ['data-test-script-state']});
+    // One callback can hold a whole run (running, then notRunning): a record's new value is the next
+    // record's old value for the same element, the element's current value only for its last record.
+    records.forEach((record, index) => {
+      const later = records.slice(index + 1).find((next) => next.target === record.target);
+      const value = later ? later.oldValue : record.target.getAttribute(attribute);
+      if (value === 'running' && record.oldValue !== 'running') window.__embvizRuns += 1;
+    });
+  }).observe(document, {subtree: true, attributes: true, attributeOldValue: true, attributeFilter: [attribute]});
 })();
 """
-"""Init script: ``window.__embvizRuns`` counts the script runs this document has seen start."""
+"""Init script: ``window.__embvizRuns`` counts the script runs this document has seen start. A run so short
+that the page never drew it as running is not counted: waits that must not depend on seeing it (a sidebar
+click to another page) wait for the new page's heading instead."""
 
 PAGE_STATE_JS = """
 () => {
@@ -301,11 +306,6 @@ def wait_for_first_figure(page: Page, timeout_ms: float = 120_000) -> bool:
     """Wait for the first drawn Plotly figure; True when the script was still running as it appeared."""
     handle = page.wait_for_function(FIRST_FIGURE_JS, timeout=timeout_ms)
     return bool(handle.json_value()["running"])
-
-
-def wait_for_run_start(page: Page, after_runs: int, timeout_ms: float = 15_000) -> None:
-    """Wait until a script run later than ``after_runs`` has started (see :func:`script_runs`)."""
-    page.wait_for_function("(n) => (window.__embvizRuns || 0) > n", arg=after_runs, timeout=timeout_ms)
 
 
 def wait_for_background_progress(page: Page, after_runs: int, timeout_ms: float = 120_000) -> str:

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from embviz.browser import page_state
+from embviz.browser import RUN_COUNTER_JS, page_state, script_runs
 from pages.navigation import PAGES as PAGE_SPECS
 from tests.e2e.conftest import RANK, wait_for_idle, wait_until_finished
 
@@ -71,6 +71,19 @@ def test_the_page_state_describes_a_finished_page(page, app_url: str) -> None:
     assert state["figures"] >= 1 and state["figures_undrawn"] == 0
     assert state["spinners"] == state["background_jobs"] == state["exceptions"] == 0
     assert "/map" in state["url"]
+
+
+def test_the_run_counter_counts_a_run_that_started_and_ended_between_two_observations(page) -> None:
+    # A fast run: Streamlit marks the app running and idle again before the observer is called once.
+    page.set_content("<div data-testid='stApp' data-test-script-state='notRunning'></div>")
+    page.add_script_tag(content=RUN_COUNTER_JS)
+    set_state = "(state) => document.querySelector(\"[data-testid='stApp']\").setAttribute('data-test-script-state', state)"
+    page.evaluate(f"() => {{ const set = {set_state}; set('running'); set('notRunning'); }}")
+    assert script_runs(page) == 1
+    page.evaluate(set_state, "running")
+    assert script_runs(page) == 2
+    page.evaluate(set_state, "notRunning")
+    assert script_runs(page) == 2
 
 
 def test_predictions_appear_for_all_three_variants(page, app_url: str) -> None:
