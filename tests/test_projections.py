@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,16 +51,19 @@ class _FakeUMAP:
         self.calls.append(("fit", graph.shape[0]))
         return np.stack([np.arange(graph.shape[0]), np.diff(graph.indptr)], axis=1).astype(np.float64)
 
-    def transform(self, distances: scipy.sparse.csr_matrix) -> np.ndarray:
-        self.calls.append(("transform", distances.shape[0]))
-        nearest = [row.indices[np.argmin(row.data)] for row in distances]
-        return np.stack([nearest, np.diff(distances.indptr)], axis=1)
+
+def _fake_place(model: _FakeUMAP, indices: np.ndarray, distances: np.ndarray) -> np.ndarray:
+    """Stands in for place_in_map: a point's x is its nearest original row, its y how many neighbours."""
+    model.calls.append(("transform", len(indices)))
+    assert (np.diff(distances, axis=1) >= 0).all()  # nearest first
+    return np.stack([indices[:, 0], np.full(len(indices), indices.shape[1])], axis=1).astype(np.float32)
 
 
 @pytest.fixture
 def fake_umap(monkeypatch: pytest.MonkeyPatch) -> type[_FakeUMAP]:
     _FakeUMAP.calls = []
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=_FakeUMAP))
+    monkeypatch.setattr(projections, "place_in_map", _fake_place)
     return _FakeUMAP
 
 
@@ -155,6 +159,39 @@ def test_real_umap_on_a_small_random_matrix() -> None:
     original = result.coords[ORIGINAL]
     extent = np.ptp(original, axis=0).max()
     assert np.median(np.linalg.norm(result.coords["same"] - original, axis=1)) < 0.2 * extent
+
+
+def test_placing_variants_in_a_fitted_umap_equals_its_transform() -> None:
+    # place_in_map is umap's transform on precomputed neighbours without its per-row Python loops.
+    import umap
+
+    matrix = _random(500, 16)
+    variant = matrix + 0.3 * _random(500, 16, seed=1)
+    width = 10
+    indices, scores = projections.nearest_neighbours(matrix, width - 1)
+    knn_indices = np.hstack([np.arange(500)[:, None], indices]).astype(np.int64)
+    knn_distances = np.hstack([np.zeros((500, 1), np.float32), 1 - scores.astype(np.float32)]).clip(0, 2)
+    graph = scipy.sparse.csr_matrix(
+        (knn_distances.ravel(), knn_indices.ravel(), np.arange(0, 500 * width + 1, width)), shape=(500, 500)
+    )
+    model = umap.UMAP(
+        n_neighbors=width, metric="precomputed", random_state=3, transform_seed=3,
+        precomputed_knn=(knn_indices, knn_distances),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit_transform(graph.maximum(graph.T).tocsr())
+        found, similarity = projections.cross_neighbours(variant, matrix, width)
+        distances = (1 - similarity.astype(np.float32)).clip(0, 2)
+        rows = np.arange(0, 500 * width + 1, width)
+        expected = model.transform(
+            scipy.sparse.csr_matrix((distances.ravel(), found.ravel(), rows), shape=(500, 500))
+        )
+    placed = projections.place_in_map(model, found, distances)
+    assert placed.dtype == np.float32 and placed.shape == (500, 2)
+    np.testing.assert_allclose(placed, expected, atol=1e-4 * np.ptp(model.embedding_))
+    with pytest.raises(BadInputError):
+        projections.place_in_map(model, found[:, :5], distances[:, :5])
 
 
 # -- cache --------------------------------------------------------------------------------------------------
