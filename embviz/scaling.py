@@ -149,10 +149,8 @@ def stage_memory(stage: str, vocab: int, hidden: int) -> int:
     block = 8 * 8192 * hidden
     if stage == "svd":  # float64 Gram + eigh workspace, one float64 block, float32 codes
         return 4 * gram + 2 * block + 4 * vocab * rank
-    # The AE factor is calibrated on the measured peak (``embviz bench --stages scale``: 2.3x the matrix at
-    # 128k x 2048), not derived: it holds several transient V x D copies.
-    if stage == "ae":  # train/validation copies, reconstructions for the quality figures, warm start, codes
-        return int(2.5 * matrix) + 4 * gram + 2 * block + 3 * 4 * vocab * rank + 64 * 2**20
+    if stage == "ae":  # what the method registry says a fit holds (validation rows, warm start, codes)
+        return get_method("ae-paper").memory_to_fit(vocab, hidden, rank)
     # direction VQ: the unit rows in the metric (then the decoded rows), the training sample and faiss's copy
     if stage == "vq":
         sample = 4 * min(2 * vocab, 2**16) * hidden  # faiss trains on at most 256 rows per centroid

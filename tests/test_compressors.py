@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -15,6 +18,7 @@ from embviz.compressors import (
     reconstruction_quality,
 )
 from embviz.compressors.autoencoder import split_rows
+from embviz.compressors.svd import gram_matrix, row_mean
 from embviz.errors import BadInputError
 from embviz.progress import Progress
 
@@ -86,6 +90,37 @@ def test_quality_is_blocked_and_exact_for_a_perfect_reconstruction() -> None:
     assert whole["mean_cosine"] == pytest.approx(float(cosine), rel=1e-6)
     perfect = reconstruction_quality(matrix, SVDCompressor(16).fit(matrix))
     assert perfect["mean_cosine"] == pytest.approx(1.0) and perfect["relative_error"] < 1e-5
+
+
+def test_gram_and_mean_over_a_row_subset_equal_those_of_the_copied_rows() -> None:
+    matrix = torch.randn(9000, 12, generator=torch.Generator().manual_seed(0))
+    rows = torch.randperm(9000, generator=torch.Generator().manual_seed(1))[:8500]
+    weights = torch.rand(8500, generator=torch.Generator().manual_seed(2)) + 0.1
+    copied = matrix[rows].double()
+    mean = row_mean(matrix, rows, weights)
+    torch.testing.assert_close(mean, (weights.double() @ copied) / weights.double().sum())
+    torch.testing.assert_close(row_mean(matrix, rows), copied.mean(dim=0))
+    centred = copied - mean
+    expected = (centred * weights.double()[:, None]).T @ centred
+    torch.testing.assert_close(gram_matrix(matrix, mean, weights, rows), expected)
+
+
+def test_an_ae_fit_holds_less_than_one_more_copy_of_the_matrix() -> None:
+    # The training rows are gathered a batch at a time: measured in a fresh process (its own high-water mark).
+    script = (
+        "import resource, torch\n"
+        "from embviz.compressors import make_compressor\n"
+        "m = torch.randn(200_000, 384)\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "make_compressor('ae-paper', 16, recipe='fast', epochs=1).fit(m)\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (4 * m.numel()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+    )
+    extra = float(done.stdout.strip().splitlines()[-1])
+    assert extra < 0.5, f"the fit held {extra:.2f} more copies of the matrix"
+    assert get_method("ae-paper").memory_to_fit(200_000, 384, 16) < 4 * 200_000 * 384
 
 
 def test_ae_is_deterministic_for_a_seed() -> None:

@@ -66,6 +66,8 @@ def test_every_stage_predicts_its_memory_and_the_largest_shape_is_judged_against
     assert predicted["svd"] < matrix and predicted["pca"] < matrix
     fits = {stage: 2**30 + matrix + value <= scaling.MEMORY_BUDGET for stage, value in predicted.items()}
     assert fits["svd"] and fits["pca"] and fits["neighbours"]
+    # The AE gathers its training batches from the matrix (no copy of the rows): it fits there too.
+    assert predicted["ae"] < matrix and fits["ae"]
     with pytest.raises(BadInputError, match="unknown scale stage 'tsne'"):
         scaling.stage_memory("tsne", 10, 10)
 

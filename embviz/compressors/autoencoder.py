@@ -38,7 +38,7 @@ from torch import nn
 from embviz.compressors.base import CompressedEmbedding, TrainingCancelled, check_device, check_seed
 from embviz.compressors.losses import LOSS_NAMES, alpha_schedule, loss_with_weights, resolve_weights
 from embviz.compressors.registry import MethodSpec, Size, matrix_scale, register_method
-from embviz.compressors.svd import BLOCK_ROWS, top_right_singular_vectors
+from embviz.compressors.svd import BLOCK_ROWS, row_mean, top_right_singular_vectors
 from embviz.compressors.weights import RowWeights
 from embviz.errors import BadInputError
 from embviz.progress import LOSS, Progress, ProgressCallback, send
@@ -192,17 +192,16 @@ class AECompressor:
             "selection": "best validation mean cosine",
         } | ({"row_weights": self.row_weights.describe()} if self.row_weights is not None else {})
 
-    def _build(self, train: torch.Tensor, hidden: int, weights: torch.Tensor | None) -> _AutoEncoder:
+    def _build(
+        self, matrix: torch.Tensor, train_rows: torch.Tensor, weights: torch.Tensor | None
+    ) -> _AutoEncoder:
         with seeded(self.seed):
-            model = _AutoEncoder(hidden, self.rank, self.nonlinear)
-        if self.recipe.warm_start:
-            if weights is None:
-                mean = train.sum(dim=0, dtype=torch.float64) / train.shape[0]
-            else:
-                mean = (weights.to(torch.float64) @ train.to(torch.float64)) / weights.sum(
-                    dtype=torch.float64
-                )
-            basis, _ = top_right_singular_vectors(train, self.rank, center=mean, weights=weights)
+            model = _AutoEncoder(matrix.shape[1], self.rank, self.nonlinear)
+        if self.recipe.warm_start:  # over the training rows, gathered block by block (no V x D copy)
+            mean = row_mean(matrix, train_rows, weights)
+            basis, _ = top_right_singular_vectors(
+                matrix, self.rank, center=mean, weights=weights, rows=train_rows
+            )
             with torch.no_grad():
                 model.encoder.weight.copy_(basis.T)
                 model.encoder.bias.copy_(-(mean @ basis))
@@ -241,17 +240,19 @@ class AECompressor:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= hidden:
             raise BadInputError(f"rank must be between 1 and {hidden}, got {self.rank!r}")
         matrix = embedding.detach().to(device=self.device, dtype=torch.float32)
-        train_idx, val_idx = split_rows(vocab, self.seed)
-        train, val = matrix[train_idx.to(self.device)], matrix[val_idx.to(self.device)]
+        # Batches are gathered from the matrix by row index: no copy of the training rows (the matrix may
+        # be most of the memory there is); the small validation split is copied.
+        train_idx, val_idx = (rows.to(self.device) for rows in split_rows(vocab, self.seed))
+        val = matrix[val_idx]
         train_weights = val_weights = None
         if self.row_weights is not None:
-            weights = self.row_weights.check(vocab).to(torch.float32)
-            train_weights, val_weights = weights[train_idx].to(self.device), weights[val_idx].to(self.device)
-        model = self._build(train, hidden, train_weights).to(self.device)
+            weights = self.row_weights.check(vocab).to(torch.float32).to(self.device)
+            train_weights, val_weights = weights[train_idx], weights[val_idx]
+        model = self._build(matrix, train_idx, train_weights).to(self.device)
         loss_fn = loss_with_weights(self.loss_weights)
         recipe = self.recipe
-        batch = min(recipe.batch_size, train.shape[0])
-        steps = math.ceil(train.shape[0] / batch)
+        batch = min(recipe.batch_size, train_idx.shape[0])
+        steps = math.ceil(train_idx.shape[0] / batch)
         report_every = math.ceil(steps / REPORTS_PER_EPOCH)
         optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr)
         scheduler = self._scheduler(optimizer, steps)
@@ -264,12 +265,12 @@ class AECompressor:
             epoch_started = time.perf_counter()
             alpha = alpha_schedule(epoch - 1, recipe.anneal_epochs)
             lr = optimizer.param_groups[0]["lr"]
-            order = self._draw_rows(train.shape[0], train_weights, shuffler).to(self.device)
+            order = train_idx[self._draw_rows(train_idx.shape[0], train_weights, shuffler).to(self.device)]
             loss_sum = torch.zeros((), device=self.device)
             term_sums: dict[str, torch.Tensor] = {}
             model.train()
             for step in range(1, steps + 1):
-                x = train[order[(step - 1) * batch : step * batch]]
+                x = matrix[order[(step - 1) * batch : step * batch]]
                 loss, terms = loss_fn(model(x), x, alpha)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -393,6 +394,18 @@ def expected_training_seconds(
     return epochs * epoch + (scale * _WARM_START_SECONDS if warm else 0.0)
 
 
+def fit_memory(vocab_size: int, hidden_size: int, rank: int | None) -> int:
+    """Bytes an AE fit holds beyond the V x D float32 matrix: the validation rows' copy (the training rows
+    are gathered a batch at a time), float64 row blocks and the D x D Gram matrix of the warm start, the codes
+    and a batch's activations and gradients, with a tenth of the matrix and 64 MiB for the allocator's slack."""
+    matrix = 4 * vocab_size * hidden_size
+    rank = rank or hidden_size
+    validation = math.ceil(VALIDATION_FRACTION * vocab_size) * hidden_size * 4
+    blocks = 3 * 8 * BLOCK_ROWS * hidden_size + 4 * 8 * hidden_size * hidden_size
+    batch = 8 * 4 * 4096 * hidden_size
+    return validation + blocks + 3 * 4 * vocab_size * rank + batch + matrix // 10 + 64 * 2**20
+
+
 def _ae_method(
     method_id: str,
     label: str,
@@ -423,6 +436,7 @@ def _ae_method(
             decoder_bias=True,
             description=description,
             fit_seconds=expected_training_seconds,
+            fit_memory=fit_memory,
         )
     )
 

@@ -21,6 +21,7 @@ the same configuration; it ignores ``device`` (its spec does not list it, see
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,17 +52,44 @@ def _sign_fix(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
-def gram_matrix(
-    embedding: torch.Tensor, center: torch.Tensor | None = None, weights: torch.Tensor | None = None
+def row_blocks(
+    embedding: torch.Tensor, rows: torch.Tensor | None = None
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``embedding``'s rows (or only ``rows``, in that order) in float64 blocks of :data:`BLOCK_ROWS`, each with
+    its position in the row order; a row subset is gathered block by block, never copied whole."""
+    count = embedding.shape[0] if rows is None else rows.shape[0]
+    for start in range(0, count, BLOCK_ROWS):
+        where = slice(start, start + BLOCK_ROWS)
+        block = embedding[where] if rows is None else embedding[rows[where].to(embedding.device)]
+        yield where, block.to(torch.float64)
+
+
+def row_mean(
+    embedding: torch.Tensor, rows: torch.Tensor | None = None, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """``(E - c)^T W (E - c)`` in float64, accumulated over row blocks (``c`` a D-vector, ``W`` diagonal)."""
+    """The float64 mean of ``embedding``'s rows (or of ``rows``), weighted by ``weights`` (one per row used)."""
+    total = torch.zeros(embedding.shape[1], dtype=torch.float64, device=embedding.device)
+    for where, block in row_blocks(embedding, rows):
+        total += block.sum(dim=0) if weights is None else weights[where].to(block) @ block
+    if weights is not None:
+        return total / weights.sum(dtype=torch.float64)
+    return total / (embedding.shape[0] if rows is None else rows.shape[0])
+
+
+def gram_matrix(
+    embedding: torch.Tensor,
+    center: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``(E - c)^T W (E - c)`` in float64, accumulated over row blocks (``c`` a D-vector, ``W`` diagonal);
+    over ``rows`` only when given (``weights`` then has one entry per row in ``rows``)."""
     hidden = embedding.shape[1]
     gram = torch.zeros(hidden, hidden, dtype=torch.float64, device=embedding.device)
-    for start in range(0, embedding.shape[0], BLOCK_ROWS):
-        block = embedding[start : start + BLOCK_ROWS].to(torch.float64)
+    for where, block in row_blocks(embedding, rows):
         if center is not None:
             block = block - center
-        weighted = block if weights is None else block * weights[start : start + BLOCK_ROWS, None].to(block)
+        weighted = block if weights is None else block * weights[where, None].to(block)
         gram.addmm_(weighted.T, block)
     return gram
 
@@ -71,13 +99,15 @@ def top_right_singular_vectors(
     rank: int,
     center: torch.Tensor | None = None,
     weights: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The top-``rank`` right singular vectors (D x r, float64) and singular values of ``sqrt(W) (E - c)``.
+    """The top-``rank`` right singular vectors (D x r, float64) and singular values of ``sqrt(W) (E - c)``
+    (``E`` restricted to ``rows`` when given).
 
     Exact, via ``eigh`` of the float64 Gram matrix; sorted by descending singular value, sign-normalised.
     """
     _check_matrix(embedding, rank)
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram_matrix(embedding, center, weights))
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram_matrix(embedding, center, weights, rows))
     order = torch.argsort(eigenvalues, descending=True)[:rank]
     singular_values = eigenvalues[order].clamp_min(0).sqrt()
     return _sign_fix(eigenvectors[:, order]), singular_values
