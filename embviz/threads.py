@@ -86,6 +86,18 @@ def configure_threads(policy: Policy) -> int:
         return _CHOSEN["threads"]
 
 
+def lower_this_thread(niceness: int) -> bool:
+    """Lower the calling thread's scheduling priority by ``niceness`` (Linux, where priority is per thread);
+    True when it was lowered. Elsewhere ``nice`` would lower the whole process, so nothing changes there."""
+    if not sys.platform.startswith("linux") or niceness <= 0:
+        return False
+    try:
+        os.nice(niceness)
+    except OSError:  # no permission or no nice: the thread just keeps its priority
+        return False
+    return True
+
+
 def start_at_lower_priority(process: BaseProcess, niceness: int) -> None:
     """Start ``process`` with its scheduling priority lowered by ``niceness``, from its first instruction on.
 

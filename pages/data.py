@@ -54,7 +54,7 @@ from embviz.progress import Progress, ProgressCallback
 from embviz.projections import shared_table_width
 from embviz.sensitivity import direction_metric
 from embviz.sources import load_model
-from embviz.threads import task_slots
+from embviz.threads import lower_this_thread, task_slots
 from pages.state import Settings, settings
 
 ORIGINAL = "original"
@@ -341,9 +341,15 @@ def original_neighbour_table(model: str, k: int) -> NeighbourSearch:
     return table._replace(indices=table.indices[:, :k], scores=table.scores[:, :k])
 
 
+TABLE_NICENESS = 10
+"""How much a variant's background neighbour table yields to the page's own work (a fit, the first recall
+estimate, the browser), so it can start as soon as its variant exists."""
+
+
 def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, BackgroundJob]:
     """Full-vocabulary top-k tables of each variant (exact, through its factors when low-rank), each computed
-    once in the background (:class:`JobBoard`) and kept on disk; a page draws them when done."""
+    once in the background (:class:`JobBoard`, at a lower priority) and kept on disk; a page draws them when
+    done."""
     board = job_board()
     return {
         name: board.start(
@@ -351,6 +357,7 @@ def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, Ba
             lambda report, spec=variant.spec, compressed=variant.compressed: neighbour_table_cached(
                 f"{spec.model}-{VARIANT_TABLE_TAG}-{spec.method}", None, compressed, k, progress=report
             ),
+            niceness=TABLE_NICENESS,
         )
         for name, variant in variants.items()
     }
@@ -462,8 +469,9 @@ class JobBoard:
         self.jobs: dict[Any, BackgroundJob] = {}
         self.max_jobs = max_jobs
 
-    def start(self, key: Any, work: Callable[[ProgressCallback], Any]) -> BackgroundJob:
-        """The job for ``key``, started now (``work(progress)`` in a daemon thread) unless it exists."""
+    def start(self, key: Any, work: Callable[[ProgressCallback], Any], niceness: int = 0) -> BackgroundJob:
+        """The job for ``key``, started now (``work(progress)`` in a daemon thread, its priority lowered by
+        ``niceness`` where threads have their own) unless it exists."""
         with self.lock:
             job = self.jobs.get(key)
             if job is not None and not (job.done and job.error is not None):
@@ -474,6 +482,7 @@ class JobBoard:
                 def report(update: Progress) -> None:
                     job.progress = update
 
+                lower_this_thread(niceness)
                 with self.running:
                     try:
                         job.result = work(report)

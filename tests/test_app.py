@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -655,6 +657,19 @@ def test_the_job_board_runs_as_many_jobs_at_once_as_it_has_slots(slots: int) -> 
         job.thread.join(timeout=30)
     assert all(job.done and job.result == 1 for job in jobs)
     assert most == slots
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_a_job_started_nicer_runs_at_a_lower_priority_than_the_page() -> None:
+    from pages.data import JobBoard
+
+    board = JobBoard(slots=1)
+    before = os.nice(0)
+    job = board.start(("nice",), lambda report: os.nice(0), niceness=4)
+    assert job.thread is not None
+    job.thread.join(timeout=30)
+    assert job.result == min(19, before + 4)
+    assert os.nice(0) == before  # the page's own thread keeps its priority
 
 
 def test_one_original_table_serves_the_neighbours_page_and_the_umap(

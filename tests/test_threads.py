@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 from multiprocessing.connection import Connection
 
 import pytest
@@ -125,3 +126,16 @@ def test_a_child_started_at_lower_priority_runs_lowered_while_this_process_does_
         child.join(timeout=30)
     assert os.nice(0) == before  # neither this thread nor the process was lowered
     assert child.exitcode == 0
+
+
+def test_lowering_this_thread_leaves_the_others_alone() -> None:
+    before, found = os.nice(0), []
+    worker = threading.Thread(target=lambda: found.append((threads.lower_this_thread(2), os.nice(0))))
+    worker.start()
+    worker.join(timeout=30)
+    if sys.platform.startswith("linux"):
+        assert found == [(True, min(19, before + 2))]
+    else:
+        assert found == [(False, before)]
+    assert os.nice(0) == before
+    assert threads.lower_this_thread(0) is False
