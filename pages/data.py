@@ -342,8 +342,10 @@ def original_neighbour_table(model: str, k: int) -> NeighbourSearch:
 
 
 TABLE_NICENESS = 10
-"""How much a variant's background neighbour table yields to the page's own work (a fit, the first recall
-estimate, the browser), so it can start as soon as its variant exists."""
+"""How much a variant's background neighbour table yields to the page's own work (the first recall estimate,
+the page's figures, the browser). Starting a table while the next variant still fitted, even this much
+lower, made a new rank slower in the browser benchmark (median of 3: 20.2 -> 21.8 s to the finished page,
+first answer 11.4 -> 13.2 s), so tables start once every variant exists."""
 
 
 def variant_neighbour_jobs(variants: dict[str, Variant], k: int) -> dict[str, BackgroundJob]:

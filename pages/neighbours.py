@@ -27,7 +27,6 @@ from pages.data import (
     variant_neighbour_jobs,
 )
 from pages.routing import use_app_router
-from pages.state import settings
 from pages.widgets import (
     downloads,
     explain,
@@ -53,11 +52,7 @@ explain(
     "histogram to list their tokens."
 )
 
-# Each variant's full table starts in the background as soon as that variant exists (the next one may still
-# be fitting), at a lower priority than the fit and the page.
-config, backbone, variants = require_variants(
-    on_ready=lambda name, variant: variant_neighbour_jobs({name: variant}, settings().k)
-)
+config, backbone, variants = require_variants()
 
 try:
     with st.spinner(f"Nearest neighbours of all {backbone.vocab_size:,} original tokens (cached on disk)…"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -287,15 +287,12 @@ def variants_for(
     *,
     specs: dict[str, VariantSpec] | None = None,
     train_button: bool = True,
-    on_ready: Callable[[str, Variant], Any] | None = None,
 ) -> dict[str, Variant] | None:
     """The variants a page compares, by name: ``specs`` or the sidebar's picks (:func:`compared_specs`).
 
     A variant that is not cached yet is fitted right away (with progress) when its method expects to
     take at most :func:`~pages.data.auto_fit_seconds`; slower ones wait behind one button that says how
-    long. ``on_ready(name, variant)`` hears of each variant as soon as it exists, so a page can start its
-    background work on it while the next one fits. Returns None (the reason on screen) until every variant
-    exists.
+    long. Returns None (the reason on screen) until every variant exists.
     """
     if not check_rank(backbone, config.rank):
         return None
@@ -309,12 +306,6 @@ def variants_for(
     shape = shape_of(backbone)
     found: dict[str, ArtifactResult] = {}
     slow: dict[str, VariantSpec] = {}
-
-    def ready(name: str, result: ArtifactResult) -> None:
-        found[name] = result
-        if on_ready is not None:
-            on_ready(name, Variant(specs[name], result))
-
     try:
         for name, spec in specs.items():
             result = find_variant(backbone, spec)
@@ -323,7 +314,7 @@ def variants_for(
             if result is None:
                 slow[name] = spec
             else:
-                ready(name, result)
+                found[name] = result
         if slow:
             seconds = sum(spec.expected_seconds(shape) for spec in slow.values())
             names = ", ".join(f"**{spec.label}**" for spec in slow.values())
@@ -334,7 +325,7 @@ def variants_for(
             if not (train_button and st.button(f"Fit now (about {_duration(seconds)})", type="primary")):
                 return None
             for name, spec in slow.items():
-                ready(name, train_variant(backbone, spec))
+                found[name] = train_variant(backbone, spec)
     except EmbvizError as error:
         st.error(str(error))
         return None
@@ -345,16 +336,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def require_variants(
-    on_ready: Callable[[str, Variant], Any] | None = None,
-) -> tuple[Settings, Backbone, dict[str, Variant]]:
+def require_variants() -> tuple[Settings, Backbone, dict[str, Variant]]:
     """The settings, backbone and compared variants a page shows; stops the page (the reason is on screen)
-    while the backbone cannot load or a variant is not fitted yet. ``on_ready``: see :func:`variants_for`."""
+    while the backbone cannot load or a variant is not fitted yet."""
     config = settings()
     backbone = current_backbone()
     if backbone is None:
         st.stop()
-    variants = variants_for(backbone, config, on_ready=on_ready)
+    variants = variants_for(backbone, config)
     if variants is None:
         st.stop()
     return config, backbone, variants
