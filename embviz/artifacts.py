@@ -12,6 +12,7 @@ edit to either file is detected. Loading never unpickles anything: tensors come 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from embviz.cache import (
 from embviz.compressors.base import CompressedEmbedding, Compressor, ProgressCallback
 from embviz.compressors.registry import find_method
 from embviz.errors import EmbvizError
-from embviz.resources import check_memory
+from embviz.resources import reserve_memory
 from embviz.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -359,15 +360,18 @@ def artifact_path(backbone_name: str, fingerprint: str, compressor: Compressor) 
     return cache_dir("artifacts", _slug(backbone_name)) / f"{compressor.method}{rank}-{key}"
 
 
-def check_fit_memory(compressor: Compressor, embedding: torch.Tensor) -> None:
-    """Refuse (:class:`~embviz.errors.ResourceError`) a fit its method predicts will not fit in memory,
-    before any work; a method the registry does not know is not checked."""
+def fit_reservation(
+    compressor: Compressor, embedding: torch.Tensor
+) -> contextlib.AbstractContextManager[None]:
+    """The memory a fit needs by its method's prediction, reserved while the block it opens runs (refused
+    with :class:`~embviz.errors.ResourceError` before any work when it does not fit); a method the registry
+    does not know reserves nothing."""
     spec = find_method(compressor.method)
     if spec is None or embedding.ndim != 2:
-        return
+        return contextlib.nullcontext()
     vocab, hidden = embedding.shape
     rank = compressor.get_config().get("rank")
-    check_memory(
+    return reserve_memory(
         f"fitting {spec.label} on a {vocab:,} x {hidden:,} matrix",
         spec.memory_to_fit(vocab, hidden, rank if isinstance(rank, int) else None),
     )
@@ -390,8 +394,8 @@ def compress_cached(
     try:
         path = artifact_path(backbone_name, fingerprint, compressor)
     except EmbvizError as exc:
-        check_fit_memory(compressor, embedding)
-        compressed = compressor.fit(embedding, progress)
+        with fit_reservation(compressor, embedding):
+            compressed = compressor.fit(embedding, progress)
         return ArtifactResult(compressed, None, False, f"artifact cache unusable ({exc}); result not saved")
     notice = None
     with locked(path):
@@ -407,8 +411,8 @@ def compress_cached(
             except ArtifactError as exc:
                 notice = f"cached artifact was corrupt ({exc}); rebuilt"
                 logger.warning(notice)
-        check_fit_memory(compressor, embedding)
-        compressed = compressor.fit(embedding, progress)
+        with fit_reservation(compressor, embedding):
+            compressed = compressor.fit(embedding, progress)
         try:
             save_artifact(path, compressed, backbone_name, fingerprint)
         except OSError as exc:

@@ -17,6 +17,7 @@ share them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -45,7 +46,7 @@ from embviz.compressors.base import CompressedEmbedding
 from embviz.corpora import load_texts
 from embviz.errors import BadInputError
 from embviz.progress import Progress, ProgressCallback, send
-from embviz.resources import SEARCH_TILE, check_memory, neighbour_memory
+from embviz.resources import SEARCH_TILE, neighbour_memory, reserve_memory
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +476,7 @@ def _check_k(k: int, candidates: int) -> None:
         raise BadInputError(f"k must be between 1 and {candidates} here (the candidate tokens)")
 
 
-def _check_search_memory(
+def _search_reservation(
     queries: MatrixLike,
     keys: int,
     k: int,
@@ -485,10 +486,10 @@ def _check_search_memory(
     separate_keys: bool = True,
     index: bool = False,
     rows: int | None = None,
-) -> None:
-    """Refuse (:class:`~embviz.errors.ResourceError`) a neighbour search that would not fit in memory;
-    ``factors`` is the variant searched through its factors, if it is; ``rows`` the queries when fewer than
-    the matrix's rows."""
+) -> contextlib.AbstractContextManager[None]:
+    """The memory a neighbour search needs, reserved for as long as the block it opens runs (refused with
+    :class:`~embviz.errors.ResourceError` when it does not fit); ``factors`` is the variant searched through
+    its factors, if it is; ``rows`` the queries when fewer than the matrix's rows."""
     count, width = _shape(queries)
     if factors is not None:
         width = (factors.rank or 0) + 1
@@ -502,7 +503,7 @@ def _check_search_memory(
         factors=factors is not None,
         index=index,
     )
-    check_memory(f"the {k} nearest neighbours of {rows or count:,} tokens among {keys:,}", needed)
+    return reserve_memory(f"the {k} nearest neighbours of {rows or count:,} tokens among {keys:,}", needed)
 
 
 class NeighbourSearch(NamedTuple):
@@ -557,9 +558,22 @@ def neighbour_search(
     factors = _factor_variant(matrix, method)
     queries_count = vocab if rows is None else len(rows)
     exact = use_exact_search(queries_count, vocab, _search_width(matrix, factors), search)
-    _check_search_memory(
+    with _search_reservation(
         matrix, vocab, k, block_rows, factors, separate_keys=False, index=not exact, rows=queries_count
-    )
+    ):
+        return _search_all(matrix, k, factors, exact, block_rows, rows, progress)
+
+
+def _search_all(
+    matrix: MatrixLike,
+    k: int,
+    factors: CompressedEmbedding | None,
+    exact: bool,
+    block_rows: int,
+    rows: np.ndarray | None,
+    progress: ProgressCallback | None,
+) -> NeighbourSearch:
+    """:func:`neighbour_search` once its arguments are checked and its memory reserved."""
     unit = (
         _unit_rows(factor_embedding(factors)).float()
         if factors is not None
@@ -636,16 +650,16 @@ def cross_neighbours(
     _check_k(k, keys.shape[0])
     block_rows = block_rows or default_block_rows(keys.shape[0])
     factors = _factor_variant(queries, method)
-    _check_search_memory(queries, keys.shape[0], k, block_rows, factors)
-    if factors is not None:
-        codes, factor = _augmented_factors(factors)
-        norms = factor_embedding(factors).norm(dim=1, keepdim=True)
-        query_rows = (codes / torch.where(norms > 0, norms, 1.0)).float()
-        key_norms = keys.double().norm(dim=1, keepdim=True)
-        key_rows = ((keys.double() @ factor.T) / torch.where(key_norms > 0, key_norms, 1.0)).float()
-    else:
-        query_rows, key_rows = _dense_unit_rows(queries, block_rows), _unit_rows(keys)
-    return _blocked_topk(query_rows, key_rows, k, exclude_self=False, block_rows=block_rows)
+    with _search_reservation(queries, keys.shape[0], k, block_rows, factors):
+        if factors is not None:
+            codes, factor = _augmented_factors(factors)
+            norms = factor_embedding(factors).norm(dim=1, keepdim=True)
+            query_rows = (codes / torch.where(norms > 0, norms, 1.0)).float()
+            key_norms = keys.double().norm(dim=1, keepdim=True)
+            key_rows = ((keys.double() @ factor.T) / torch.where(key_norms > 0, key_norms, 1.0)).float()
+        else:
+            query_rows, key_rows = _dense_unit_rows(queries, block_rows), _unit_rows(keys)
+        return _blocked_topk(query_rows, key_rows, k, exclude_self=False, block_rows=block_rows)
 
 
 def token_neighbours(matrix: Matrix, token_id: int, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,10 +9,12 @@ needs its unit rows, one block of similarities and the result table.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import struct
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ FLOAT32_BYTES = 4
 OVERHEAD = 1.3
 """Working memory on top of the float32 parameters (activations, the tokenizer, allocator slack)."""
 _MAX_HEADER = 100 * 2**20
+_RESERVATIONS = threading.Lock()
+_reserved = 0  # bytes held by reserve_memory() blocks running now in this process
 
 
 def available_memory() -> int | None:
@@ -76,13 +80,44 @@ def format_bytes(count: float) -> str:
 
 
 def check_memory(what: str, needed: int) -> None:
-    """Raise :class:`ResourceError` when ``needed`` bytes exceed the available memory (unknown: no check)."""
+    """Raise :class:`ResourceError` when ``needed`` bytes exceed the available memory (unknown: no check),
+    less what work running now in this process has reserved (:func:`reserve_memory`)."""
+    _check(what, needed, reserved_memory())
+
+
+def _check(what: str, needed: int, reserved: int) -> None:
     available = available_memory()
-    if available is not None and needed > available:
+    if available is None:
+        return
+    left = max(0, available - reserved)
+    if needed > left:
+        held = f" ({format_bytes(reserved)} of it is held by work still running here)" if reserved else ""
         raise ResourceError(
-            f"{what} needs about {format_bytes(needed)} of memory, but only {format_bytes(available)} is "
-            "available; free some memory or choose something smaller"
+            f"{what} needs about {format_bytes(needed)} of memory, but only {format_bytes(left)} is "
+            f"available{held}; free some memory or choose something smaller"
         )
+
+
+def reserved_memory() -> int:
+    """Bytes that :func:`reserve_memory` blocks running now in this process hold."""
+    return _reserved
+
+
+@contextlib.contextmanager
+def reserve_memory(what: str, needed: int) -> Iterator[None]:
+    """:func:`check_memory`, then hold ``needed`` bytes against every later check in this process until the
+    block ends: two jobs started at once (the app runs several) cannot both pass a check only one of them
+    fits. Conservative: what a running job has already allocated is counted twice (gone from the available
+    memory and still reserved)."""
+    global _reserved
+    with _RESERVATIONS:
+        _check(what, needed, _reserved)
+        _reserved += needed
+    try:
+        yield
+    finally:
+        with _RESERVATIONS:
+            _reserved -= needed
 
 
 # -- estimates ---------------------------------------------------------------------------------------------
@@ -198,6 +233,8 @@ __all__ = [
     "gguf_memory",
     "model_memory",
     "neighbour_memory",
+    "reserve_memory",
+    "reserved_memory",
     "safetensors_header",
     "safetensors_parameters",
 ]

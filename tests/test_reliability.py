@@ -614,6 +614,44 @@ def test_a_fit_that_does_not_fit_in_memory_is_refused_before_any_work(
     assert compress_cached("m", matrix, compressor).compressed.rank == 3 and fitted
 
 
+def test_two_jobs_at_once_cannot_both_pass_a_check_only_one_fits(
+    little_memory: Callable[[int], None],
+) -> None:
+    little_memory(1000)
+    with resources.reserve_memory("the first job", 600):
+        assert resources.reserved_memory() == 600
+        with (
+            pytest.raises(
+                ResourceError, match=r"the second job needs about 600 B .* only 400 B .*held by work"
+            ),
+            resources.reserve_memory("the second job", 600),
+        ):
+            pytest.fail("both jobs ran")
+        with pytest.raises(ResourceError, match="a fit needs about 500 B"):
+            resources.check_memory("a fit", 500)
+        with resources.reserve_memory("a small job", 400):
+            assert resources.reserved_memory() == 1000
+    assert resources.reserved_memory() == 0  # released, also after a refusal
+    with resources.reserve_memory("the second job", 600):
+        pass
+
+
+def test_a_running_neighbour_search_holds_its_memory_until_it_ends(
+    little_memory: Callable[[int], None],
+) -> None:
+    matrix = _matrix()
+    own = resources.neighbour_memory(120, 12, 120, 4, 4096, separate_keys=False)
+    little_memory(own)
+    seen: list[int] = []  # what is reserved whenever the search reports progress
+    assert nearest_neighbours(matrix, 4, progress=lambda update: seen.append(resources.reserved_memory()))[
+        0
+    ].shape == (
+        120,
+        4,
+    )
+    assert seen and set(seen) == {own} and resources.reserved_memory() == 0
+
+
 def test_a_neighbour_search_that_does_not_fit_is_refused(little_memory: Callable[[int], None]) -> None:
     matrix = _matrix()
     compressed = SVDCompressor(3).fit(matrix)
