@@ -47,7 +47,7 @@ from embviz.metrics import (
     variant_fingerprint,
 )
 from embviz.progress import Progress, ProgressCallback, nested, send
-from embviz.threads import start_at_lower_priority
+from embviz.threads import exit_when_parent_dies, start_at_lower_priority
 
 logger = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ def map_in_child(
     _settings(method, original, variants, params)
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    arguments = (sender, method, original, dict(variants), params, torch.get_num_threads())
+    arguments = (sender, method, original, dict(variants), params, torch.get_num_threads(), os.getpid())
     child = context.Process(target=_child_map, args=arguments, name=f"embviz-{method}-map", daemon=True)
     start_at_lower_priority(child, CHILD_NICENESS)  # its interpreter start and imports yield too
     sender.close()
@@ -507,9 +507,12 @@ def _child_map(
     variants: dict[str, MatrixLike],
     params: dict[str, Any],
     threads: int,
+    parent_pid: int,
 ) -> None:
     """:func:`map_in_child`'s child: compute the map, sending progress, then the map or the error. It runs
-    at a lower priority (:data:`CHILD_NICENESS`): a background map yields the cores to interactive work."""
+    at a lower priority (:data:`CHILD_NICENESS`): a background map yields the cores to interactive work. It
+    ends within a second of its parent (the app's server) being killed, instead of mapping on unseen."""
+    exit_when_parent_dies(parent_pid)
     with contextlib.suppress(OSError):  # e.g. a platform without nice: the map is just not deprioritised
         os.nice(max(0, CHILD_NICENESS - os.nice(0)))  # started lowered already on Linux
     torch.set_num_threads(threads)

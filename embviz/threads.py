@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from multiprocessing.process import BaseProcess
 from typing import Literal
 
@@ -96,6 +97,21 @@ def lower_this_thread(niceness: int) -> bool:
     except OSError:  # no permission or no nice: the thread just keeps its priority
         return False
     return True
+
+
+def exit_when_parent_dies(parent_pid: int, interval_s: float = 1.0) -> threading.Thread:
+    """Watch, from a daemon thread, that this process's parent is still ``parent_pid``; when it is gone
+    (killed without a chance to stop its children, e.g. SIGKILL: the process is then re-parented), end this
+    process at once. A background child that would otherwise run on for minutes uses it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="embviz-exit-with-parent", daemon=True)
+    watcher.start()
+    return watcher
 
 
 def start_at_lower_priority(process: BaseProcess, niceness: int) -> None:

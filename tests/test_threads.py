@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 
 import pytest
@@ -139,3 +140,42 @@ def test_lowering_this_thread_leaves_the_others_alone() -> None:
         assert found == [(False, before)]
     assert os.nice(0) == before
     assert threads.lower_this_thread(0) is False
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie that nobody has reaped yet (it ran its last instruction)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_child_watching_its_parent_ends_when_the_parent_is_killed() -> None:
+    watched = (
+        "import sys, time\n"
+        "from embviz.threads import exit_when_parent_dies\n"
+        "exit_when_parent_dies(int(sys.argv[1]), 0.1)\n"
+        "time.sleep(120)\n"
+    )
+    parent = (
+        "import os, subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {watched!r}, str(os.getpid())])\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    middle = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    try:
+        assert middle.stdout is not None
+        child = int(middle.stdout.readline())
+        time.sleep(2.0)  # the child's interpreter is up and watching
+        assert not _exited(child)
+        middle.kill()  # SIGKILL: no chance to stop its child
+        middle.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while not _exited(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _exited(child), "the child outlived its killed parent"
+    finally:
+        middle.kill()
