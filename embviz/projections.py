@@ -276,9 +276,8 @@ def place_in_map(model: Any, indices: np.ndarray, distances: np.ndarray) -> np.n
     start[at_neighbour] = embedding[neighbour_ids[at_neighbour, identical[at_neighbour].argmax(axis=1)]]
     start[totals[:, 0] == 0] = np.nan
 
-    epochs = 30 if model.n_epochs is None and len(indices) > 10_000 else 100
-    if model.n_epochs is not None:
-        epochs = int(model.n_epochs // 3.0)
+    default_epochs = 30 if len(indices) > 10_000 else 100  # umap's transform: a third of n_epochs when set
+    epochs = default_epochs if model.n_epochs is None else int(model.n_epochs // 3.0)
     graph.data[graph.data < graph.data.max() / float(epochs)] = 0.0
     graph.eliminate_zeros()
     a, b = (model.a, model.b) if model.a is not None else find_ab_params(model.spread, model.min_dist)

@@ -9,7 +9,6 @@ So the app leaves one usable core free (:data:`APP`), while the CLI and benchmar
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -129,8 +128,7 @@ def start_at_lower_priority(process: BaseProcess, niceness: int) -> None:
     failures: list[BaseException] = []
 
     def start() -> None:
-        with contextlib.suppress(OSError):  # no permission or no nice: the child is just not deprioritised
-            os.nice(niceness)
+        lower_this_thread(niceness)  # no permission or no nice: the child is just not deprioritised
         try:
             process.start()
         except BaseException as error:  # re-raised in the caller's thread
