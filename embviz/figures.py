@@ -76,6 +76,22 @@ def _finite(values: np.ndarray) -> np.ndarray:
     return values[np.isfinite(values)]
 
 
+def bin_index(values: np.ndarray, bins: Mapping[str, float]) -> np.ndarray:
+    """Each value's bin among ``bins`` (``start``, ``end``, ``size``, as Plotly's ``xbins``): 0, 1, ...;
+    -1 for a value that is not finite or falls outside ``[start, end)``."""
+    values = np.asarray(values, dtype=np.float64)
+    count = bin_count(bins)
+    with np.errstate(invalid="ignore"):
+        index = np.floor((values - bins["start"]) / bins["size"])
+    inside = np.isfinite(index) & (index >= 0) & (index < count)
+    return np.where(inside, index, -1).astype(np.int64)
+
+
+def bin_count(bins: Mapping[str, float]) -> int:
+    """How many bins ``bins`` holds (the last may be cut by ``end``)."""
+    return max(1, math.ceil((bins["end"] - bins["start"]) / bins["size"] - 1e-9))
+
+
 def _overlaid_histogram(
     values_by_variant: Mapping[str, np.ndarray],
     *,
@@ -85,24 +101,36 @@ def _overlaid_histogram(
     provenance: str,
     title: str | None,
 ) -> go.Figure:
-    """One translucent histogram per variant on identical bins, y in percent of (finite) tokens."""
+    """One translucent histogram per variant on identical bins, y in percent of (finite) tokens.
+
+    Counted here and drawn as bars (one per bin; :func:`bin_index` gives a value's bar): the browser gets a
+    few numbers per variant instead of every token's value, which Plotly would bin in JavaScript on every
+    redraw (tens of thousands per variant, on the cores the app's server computes on). A selected bar
+    reports its ``point_index``, the bin.
+    """
     colours = variant_colours(list(values_by_variant))
+    count = bin_count(bins)
+    centres = bins["start"] + bins["size"] * (np.arange(count) + 0.5)
     fig = go.Figure()
     for name, raw in values_by_variant.items():
         values = _finite(raw)
         label = f"{name} (mean {values.mean():.3g}{unit})" if values.size else f"{name} (no values)"
+        index = bin_index(values, bins)
+        counts = np.bincount(index[index >= 0], minlength=count)
         fig.add_trace(
-            go.Histogram(
-                x=values,
-                xbins=bins,
-                histnorm="percent",
+            go.Bar(
+                x=centres,
+                y=100.0 * counts / max(1, values.size),
+                width=bins["size"],
+                customdata=counts,
+                hovertemplate="%{x:.3g}: %{y:.2f}% of tokens (%{customdata:,})<extra></extra>",
                 name=label,
                 marker_color=colours[name],
                 opacity=0.6,
             )
         )
     fig.update_layout(barmode="overlay", bargap=0.02)
-    fig.update_xaxes(title=x_title)
+    fig.update_xaxes(title=x_title, range=[bins["start"], bins["end"]])
     fig.update_yaxes(title="% of tokens")
     return _finish(fig, provenance, title=title)
 
@@ -148,6 +176,11 @@ def norm_ratio_histogram(
     )
 
 
+def recall_bins(k: int) -> dict[str, float]:
+    """The recall histogram's bins: one per possible recall@k value ``j / k`` (bin ``j``)."""
+    return {"start": -0.5 / k, "end": 1 + 0.5 / k, "size": 1 / k}
+
+
 def recall_histogram(
     recall_by_variant: Mapping[str, np.ndarray],
     k: int,
@@ -155,8 +188,9 @@ def recall_histogram(
     provenance: str = "",
     title: str | None = None,
 ) -> go.Figure:
-    """Overlaid histograms of per-token recall@k, one bar per possible value 0, 1/k, ..., 1."""
-    bins = {"start": -0.5 / k, "end": 1 + 0.5 / k, "size": 1 / k}
+    """Overlaid histograms of per-token recall@k, one bar per possible value 0, 1/k, ..., 1 (bar ``j`` is
+    recall ``j / k``)."""
+    bins = recall_bins(k)
     return _overlaid_histogram(
         recall_by_variant,
         bins=bins,
@@ -371,12 +405,15 @@ def cost_curves(
 
 __all__ = [
     "angle_histogram",
+    "bin_count",
+    "bin_index",
     "class_breakdown_bar",
     "cost_curves",
     "norm_ratio_histogram",
     "perplexity_curve",
     "projection_panels",
     "provenance_line",
+    "recall_bins",
     "recall_histogram",
     "training_curve",
     "variant_colours",

@@ -7,7 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from embviz.errors import EmbvizError
-from embviz.figures import class_breakdown_bar, recall_histogram
+from embviz.figures import bin_index, class_breakdown_bar, recall_bins, recall_histogram
 from embviz.metrics import (
     FREQUENCY_BANDS,
     TOKEN_CLASSES,
@@ -170,8 +170,10 @@ st.caption(
     "page. Double-click the chart to clear the selection."
 )
 classes = token_groups(backbone.name, "class")
-vocabulary = np.arange(backbone.vocab_size)
-brushed = selected_token_ids(event, {curve: vocabulary for curve in range(len(recalls))})
+bars = recall_bins(config.k)
+brushed = selected_token_ids(
+    event, {curve: bin_index(recall.per_token, bars) for curve, recall in enumerate(recalls.values())}
+)
 names = list(variants)
 
 

@@ -171,11 +171,13 @@ def jobs_progress(jobs: Mapping[str, BackgroundJob], what: str) -> None:
 
 
 # -- brushing ---------------------------------------------------------------------------------------------
-def selected_token_ids(event: Any, trace_ids: Mapping[int, np.ndarray]) -> np.ndarray:
+def selected_token_ids(event: Any, bar_of_token: Mapping[int, np.ndarray]) -> np.ndarray:
     """Token ids of a Plotly selection event (``st.plotly_chart(..., on_select="rerun")``).
 
-    Histogram bins report ``point_indices`` (rows of the trace's values: ``trace_ids[curve]`` maps them to
-    token ids); scatter points report their ``customdata`` (the token id). Sorted, unique.
+    A histogram's bars (:func:`embviz.figures.recall_histogram`, one trace per variant) report their bin as
+    ``point_index``: ``bar_of_token[curve]`` gives every token's bin on that trace (token id = position), so
+    a selected bar selects its tokens. Scatter points report their ``customdata`` (the token id). Sorted,
+    unique.
     """
     selection = getattr(event, "selection", None) or (
         event.get("selection") if isinstance(event, dict) else None
@@ -186,17 +188,19 @@ def selected_token_ids(event: Any, trace_ids: Mapping[int, np.ndarray]) -> np.nd
         else getattr(selection, "points", [])
     )
     chosen: set[int] = set()
+    bars: dict[int, set[int]] = {}
     for point in points or []:
         curve = int(point.get("curve_number", 0))
-        indices = point.get("point_indices")
-        if indices and curve in trace_ids:
-            chosen.update(int(i) for i in np.asarray(trace_ids[curve])[np.asarray(indices, dtype=np.int64)])
+        if curve in bar_of_token and point.get("point_index") is not None:
+            bars.setdefault(curve, set()).add(int(point["point_index"]))
             continue
         data = point.get("customdata")
         if isinstance(data, list | tuple):
             data = data[0] if data else None
         if data is not None:
             chosen.add(int(data))
+    for curve, picked in bars.items():
+        chosen.update(np.nonzero(np.isin(bar_of_token[curve], list(picked)))[0].tolist())
     return np.array(sorted(chosen), dtype=np.int64)
 
 

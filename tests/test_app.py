@@ -485,13 +485,17 @@ def test_minilm_offers_a_button_that_builds_minilm_mlm_and_switches_to_it(
 
 
 def test_a_plotly_selection_becomes_token_ids() -> None:
-    """Histogram bins give rows of their trace (mapped to ids); scatter points give their id (customdata)."""
+    """A histogram's bars give the tokens in their bin on that trace; scatter points give their id
+    (customdata)."""
     import numpy as np
 
     from pages.widgets import selected_token_ids
 
-    histogram = {"selection": {"points": [{"curve_number": 1, "point_indices": [0, 2]}]}}
-    assert selected_token_ids(histogram, {1: np.array([10, 11, 12])}).tolist() == [10, 12]
+    bins = {1: np.array([0, 2, 1, 2, -1]), 0: np.array([2, 2, 2, 2, 2])}  # each token's bar per trace
+    histogram = {"selection": {"points": [{"curve_number": 1, "point_index": 2, "x": 0.2}]}}
+    assert selected_token_ids(histogram, bins).tolist() == [1, 3]
+    two_bars = {"selection": {"points": [{"curve_number": 1, "point_index": i} for i in (0, 1)]}}
+    assert selected_token_ids(two_bars, bins).tolist() == [0, 2]
     scatter = {"selection": {"points": [{"curve_number": 0, "customdata": 7}, {"customdata": [3]}]}}
     assert selected_token_ids(scatter, {}).tolist() == [3, 7]
     assert selected_token_ids(None, {}).size == 0

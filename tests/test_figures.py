@@ -11,6 +11,8 @@ from embviz.figures import (
     ORIGINAL_COLOUR,
     angle_by_length,
     angle_histogram,
+    bin_count,
+    bin_index,
     class_breakdown_bar,
     direction_length_grid,
     norm_ratio_histogram,
@@ -18,6 +20,7 @@ from embviz.figures import (
     projection_panels,
     provenance_line,
     rate_distortion,
+    recall_bins,
     recall_histogram,
     storage_marks,
     toy_arrows,
@@ -52,27 +55,37 @@ def test_angle_histogram_overlays_variants_on_shared_bins() -> None:
     angles = {"SVD": _rng().uniform(0, 80, 500), "AE": np.append(_rng().uniform(0, 40, 499), np.nan)}
     fig = angle_histogram(angles, provenance=PROVENANCE)
     assert len(fig.data) == 2 and fig.layout.barmode == "overlay"
-    assert fig.data[0].xbins == fig.data[1].xbins and fig.data[0].xbins.start == 0
+    assert list(fig.data[0].x) == list(fig.data[1].x) and fig.layout.xaxis.range[0] == 0  # shared bins
     assert fig.data[0].name.startswith("SVD (mean") and "°" in fig.data[0].name
-    assert len(fig.data[1].x) == 499  # the NaN (a zero row) is left out
+    assert sum(fig.data[1].customdata) == 499  # counted bars; the NaN (a zero row) is left out
+    assert sum(fig.data[1].y) == pytest.approx(100.0)
+    assert len(fig.data[0].x) == 60  # the browser gets one number per bin, not one per token
     assert PROVENANCE in _annotations(fig)
 
 
 def test_norm_ratio_and_recall_histograms() -> None:
     ratios = {"SVD": _rng().uniform(0.2, 1.0, 300), "AE": _rng().uniform(0.5, 1.5, 300)}
     fig = norm_ratio_histogram(ratios, provenance=PROVENANCE)
-    assert len(fig.data) == 2 and fig.data[0].xbins.end >= 1.05 and PROVENANCE in _annotations(fig)
+    assert len(fig.data) == 2 and fig.layout.xaxis.range[1] >= 1.05 and PROVENANCE in _annotations(fig)
 
     recall = {"SVD": _rng().integers(0, 11, 300) / 10, "AE": _rng().integers(5, 11, 300) / 10}
     fig = recall_histogram(recall, 10, provenance=PROVENANCE)
-    assert len(fig.data) == 2 and fig.data[0].xbins.size == pytest.approx(0.1)
-    assert fig.data[0].xbins.start < 0 < 1 < fig.data[0].xbins.end
+    assert len(fig.data) == 2 and list(fig.data[0].x) == pytest.approx([j / 10 for j in range(11)])
+    for trace, values in zip(fig.data, recall.values(), strict=True):  # bar j counts the tokens at j / 10
+        assert list(trace.customdata) == np.bincount(np.rint(values * 10).astype(int), minlength=11).tolist()
     assert "recall@10" in fig.layout.title.text and PROVENANCE in _annotations(fig)
+
+
+def test_bin_index_matches_the_drawn_bars() -> None:
+    bins = recall_bins(10)
+    values = np.array([0.0, 0.1, 0.3, 0.7, 1.0, np.nan, 1.2])
+    assert bin_index(values, bins).tolist() == [0, 1, 3, 7, 10, -1, -1]
+    assert bin_count(bins) == 11 and bin_count({"start": 0, "end": 1, "size": 0.3}) == 4
 
 
 def test_histograms_survive_all_nan_input() -> None:
     fig = angle_histogram({"SVD": np.full(3, np.nan)})
-    assert fig.data[0].name == "SVD (no values)" and fig.data[0].xbins.end > 0
+    assert fig.data[0].name == "SVD (no values)" and fig.layout.xaxis.range[1] > 0
 
 
 def test_class_breakdown_bar_groups_classes_per_variant() -> None:
