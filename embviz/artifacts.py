@@ -13,12 +13,10 @@ edit to either file is detected. Loading never unpickles anything: tensors come 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
 import struct
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from embviz.cache import (
     cache_dir,
     config_key,
     locked,
+    matrix_fingerprint,
     remove_stale_temporaries,
     sha256_bytes,
 )
@@ -77,35 +76,6 @@ class ArtifactResult:
 
 
 # -- fingerprints --------------------------------------------------------------------------------------
-_FINGERPRINTS: dict[int, tuple[weakref.ref, tuple, str]] = {}
-
-
-def matrix_fingerprint(embedding: torch.Tensor) -> str:
-    """sha256 of the matrix as C-contiguous float32 bytes, prefixed by its shape.
-
-    Memoised per tensor storage (while that storage is alive and not modified in place, as tracked by the
-    tensor's version counter), so repeated calls on a backbone's embedding cost nothing.
-    """
-    storage = embedding.untyped_storage()
-    identity = (
-        tuple(embedding.shape),
-        embedding.stride(),
-        embedding.storage_offset(),
-        embedding.dtype,
-        str(embedding.device),
-        embedding._version,
-    )
-    cached = _FINGERPRINTS.get(id(storage))
-    if cached is not None and cached[0]() is storage and cached[1] == identity:
-        return cached[2]
-    digest = hashlib.sha256(f"float32:{'x'.join(map(str, embedding.shape))}:".encode())
-    matrix = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    for start in range(0, matrix.shape[0], 8192):
-        digest.update(matrix[start : start + 8192].numpy().data.cast("B"))
-    fingerprint = digest.hexdigest()
-    key = id(storage)
-    _FINGERPRINTS[key] = (weakref.ref(storage, lambda _: _FINGERPRINTS.pop(key, None)), identity, fingerprint)
-    return fingerprint
 
 
 def variant_key(compressed: CompressedEmbedding) -> str:

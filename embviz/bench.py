@@ -701,7 +701,7 @@ def stage_ae(context: BenchContext, report: Report) -> None:
 
 def stage_knn(context: BenchContext, report: Report) -> None:
     """Full-vocabulary top-k of a low-rank variant: factor path against reconstruct-then-dense, with recall."""
-    from embviz.artifacts import matrix_fingerprint
+    from embviz.cache import matrix_fingerprint
     from embviz.metrics import NeighbourMethod, nearest_neighbours, neighbour_table_cached, recall_at_k
 
     settings = context.settings
@@ -1256,7 +1256,7 @@ def app_scenarios(
 def _cache_original_table(model: str, k: int) -> float:
     """Make sure the cache holds the original's neighbour table as the app searches it (once per model;
     seconds taken, 0 when it was there)."""
-    from embviz.artifacts import matrix_fingerprint
+    from embviz.cache import matrix_fingerprint
     from embviz.metrics import neighbour_table_cached
     from embviz.projections import shared_table_width
     from embviz.sources import load_model

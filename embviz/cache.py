@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Iterator
+import weakref
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import filelock
+import numpy as np
 import platformdirs
+import torch
 
 from embviz.errors import EmbvizError
 
@@ -195,3 +200,72 @@ def resolve_inside(root: Path, name: str) -> Path:
     if not candidate.is_relative_to(root.resolve()):
         raise EmbvizError(f"path {name!r} escapes {root}")
     return candidate
+
+
+def cached_arrays(
+    path: Path | None,
+    compute: Callable[[], dict[str, np.ndarray]],
+    valid: Callable[[dict[str, np.ndarray]], bool],
+) -> dict[str, np.ndarray]:
+    """Load the arrays stored at ``path`` (an ``.npz``), or compute, store atomically and return them.
+
+    A file that cannot be read or fails ``valid`` is treated as missing and rewritten. A lock makes two
+    processes asking for the same entry compute it once. With ``path`` None (no usable cache), or when the
+    entry cannot be written, the arrays are computed and returned uncached.
+    """
+    if path is None:
+        return compute()
+    with locked(path):
+        remove_stale_temporaries(path)
+        stored = _load_npz(path)
+        if stored is not None:
+            if valid(stored):
+                return stored
+            logger.warning("cache entry %s failed validation; recomputing", path)
+        arrays = compute()
+        buffer = io.BytesIO()
+        np.savez(buffer, allow_pickle=False, **arrays)  # read back with allow_pickle=False as well
+        write_if_possible(path, buffer.getvalue())
+        return arrays
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+        logger.warning("cache entry %s is unreadable (%s); recomputing", path, exc)
+        return None
+
+
+_FINGERPRINTS: dict[int, tuple[weakref.ref, tuple, str]] = {}
+
+
+def matrix_fingerprint(embedding: torch.Tensor) -> str:
+    """sha256 of the matrix as C-contiguous float32 bytes, prefixed by its shape.
+
+    Memoised per tensor storage (while that storage is alive and not modified in place, as tracked by the
+    tensor's version counter), so repeated calls on a backbone's embedding cost nothing.
+    """
+    storage = embedding.untyped_storage()
+    identity = (
+        tuple(embedding.shape),
+        embedding.stride(),
+        embedding.storage_offset(),
+        embedding.dtype,
+        str(embedding.device),
+        embedding._version,
+    )
+    cached = _FINGERPRINTS.get(id(storage))
+    if cached is not None and cached[0]() is storage and cached[1] == identity:
+        return cached[2]
+    digest = hashlib.sha256(f"float32:{'x'.join(map(str, embedding.shape))}:".encode())
+    matrix = embedding.detach().to(device="cpu", dtype=torch.float32).contiguous()
+    for start in range(0, matrix.shape[0], 8192):
+        digest.update(matrix[start : start + 8192].numpy().data.cast("B"))
+    fingerprint = digest.hexdigest()
+    key = id(storage)
+    _FINGERPRINTS[key] = (weakref.ref(storage, lambda _: _FINGERPRINTS.pop(key, None)), identity, fingerprint)
+    return fingerprint

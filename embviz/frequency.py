@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from embviz.backbones import Backbone
-from embviz.cache import config_key, optional_cache_dir, sha256_bytes
+from embviz.cache import cached_arrays, config_key, optional_cache_dir, sha256_bytes
 from embviz.compressors.weights import RowWeights
 from embviz.corpora import FITTING_CORPORA
 from embviz.errors import BadInputError
-from embviz.metrics import cached_arrays, corpus_frequencies
+from embviz.metrics import corpus_frequencies
 from embviz.vocab import WORD_START_MARKERS
 
 WeightSource = Literal["general", "wordfreq", "corpora"]

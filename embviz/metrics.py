@@ -19,28 +19,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import math
 import re
 import unicodedata
-import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Literal, NamedTuple, TypeGuard
 
 import numpy as np
 import torch
 
-from embviz.artifacts import matrix_fingerprint
 from embviz.cache import (
+    cached_arrays,
     config_key,
-    locked,
+    matrix_fingerprint,
     optional_cache_dir,
-    remove_stale_temporaries,
     sha256_bytes,
-    write_if_possible,
 )
 from embviz.compressors.base import CompressedEmbedding
 from embviz.corpora import load_texts
@@ -103,7 +98,7 @@ def default_block_rows(vocab_size: int) -> int:
 
 
 def variant_fingerprint(matrix: MatrixLike) -> str:
-    """A sha256 of what a matrix or variant stores: :func:`embviz.artifacts.matrix_fingerprint` for a plain
+    """A sha256 of what a matrix or variant stores: :func:`embviz.cache.matrix_fingerprint` for a plain
     matrix, else of its codes, decoder, bias, activation or dense rows."""
     if not isinstance(matrix, CompressedEmbedding):
         return matrix_fingerprint(as_float_matrix(matrix))
@@ -117,44 +112,6 @@ def variant_fingerprint(matrix: MatrixLike) -> str:
 
 
 # -- on-disk array cache -----------------------------------------------------------------------------------
-def cached_arrays(
-    path: Path | None,
-    compute: Callable[[], dict[str, np.ndarray]],
-    valid: Callable[[dict[str, np.ndarray]], bool],
-) -> dict[str, np.ndarray]:
-    """Load the arrays stored at ``path`` (an ``.npz``), or compute, store atomically and return them.
-
-    A file that cannot be read or fails ``valid`` is treated as missing and rewritten. A lock makes two
-    processes asking for the same entry compute it once. With ``path`` None (no usable cache), or when the
-    entry cannot be written, the arrays are computed and returned uncached.
-    """
-    if path is None:
-        return compute()
-    with locked(path):
-        remove_stale_temporaries(path)
-        stored = _load_npz(path)
-        if stored is not None:
-            if valid(stored):
-                return stored
-            logger.warning("cache entry %s failed validation; recomputing", path)
-        arrays = compute()
-        buffer = io.BytesIO()
-        np.savez(buffer, allow_pickle=False, **arrays)  # read back with allow_pickle=False as well
-        write_if_possible(path, buffer.getvalue())
-        return arrays
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.exists():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as exc:
-        logger.warning("cache entry %s is unreadable (%s); recomputing", path, exc)
-        return None
-
-
 # -- angles ------------------------------------------------------------------------------------------------
 class Angles(NamedTuple):
     """Per-token reconstruction geometry (length-V float64 arrays)."""
@@ -1093,7 +1050,6 @@ __all__ = [
     "SearchKind",
     "SearchQuality",
     "as_float_matrix",
-    "cached_arrays",
     "corpus_frequencies",
     "cross_neighbours",
     "default_block_rows",

@@ -31,14 +31,13 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from embviz.cache import config_key, optional_cache_dir
+from embviz.cache import cached_arrays, config_key, optional_cache_dir
 from embviz.compressors.base import CompressedEmbedding
 from embviz.errors import BadInputError, EmbvizError
 from embviz.metrics import (
     Matrix,
     MatrixLike,
     as_float_matrix,
-    cached_arrays,
     cross_neighbours,
     file_safe_name,
     is_linear_low_rank,

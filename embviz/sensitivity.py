@@ -21,14 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from embviz.artifacts import matrix_fingerprint
 from embviz.backbones import Backbone
-from embviz.cache import config_key, optional_cache_dir
+from embviz.cache import cached_arrays, config_key, matrix_fingerprint, optional_cache_dir
 from embviz.compressors import DirectionMetric, MethodSpec, RowWeights
 from embviz.corpora import load_texts
 from embviz.errors import BadInputError
 from embviz.frequency import DEFAULT_WEIGHT_SOURCE, WeightSource, frequency_weights
-from embviz.metrics import cached_arrays
 from embviz.perplexity import build_eval_set
 from embviz.progress import Progress, ProgressCallback, send
 

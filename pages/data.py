@@ -18,9 +18,9 @@ import numpy as np
 import streamlit as st
 import torch
 
-from embviz.artifacts import ArtifactResult, artifact_path, compress_cached, matrix_fingerprint
+from embviz.artifacts import ArtifactResult, artifact_path, compress_cached
 from embviz.backbones import Backbone, Mode
-from embviz.cache import cache_problem
+from embviz.cache import cache_problem, matrix_fingerprint
 from embviz.compressors import (
     CompressedEmbedding,
     Compressor,

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from embviz import sources
-from embviz.artifacts import artifact_path, compress_cached, load_artifact, matrix_fingerprint
+from embviz.artifacts import artifact_path, compress_cached, load_artifact
 from embviz.backbones import Backbone
-from embviz.cache import embviz_home
+from embviz.cache import embviz_home, matrix_fingerprint
 from embviz.cli import main
 from embviz.compressors import (
     AECompressor,
