@@ -437,7 +437,7 @@ def token_groups(model: str, split: str) -> np.ndarray:
     backbone = load_backbone(model)
     if split == "class":
         return token_classes(backbone.tokens, backbone.special_ids)
-    return frequency_bands(corpus_frequencies(backbone.tokenizer, backbone.tokens, "bible", "train"))
+    return frequency_bands(corpus_frequencies(backbone.tokenizer, backbone.tokens))  # the Bible's train slice
 
 
 # -- background jobs (a UMAP map) ------------------------------------------------------------------------
