@@ -10,6 +10,7 @@ needs its unit rows, one block of similarities and the result table.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import struct
@@ -238,3 +239,20 @@ __all__ = [
     "safetensors_header",
     "safetensors_parameters",
 ]
+
+
+# -- the garbage collector ----------------------------------------------------------------------------------
+def freeze_long_lived_objects() -> int:
+    """Collect garbage, then move every object alive now into the collector's permanent generation
+    (:func:`gc.freeze`); returns how many objects it holds.
+
+    For a server after its start-up loads: the imported modules, a backbone and its tokenizer (about 615,000
+    tracked objects with smollm2) live as long as the process. Streamlit runs a full collection after every
+    script run (``runner.postScriptGC``: each page view, and each second a progress panel polls a background
+    job); it then skips them instead of traversing them all, 0.29 s of CPU per run to 0 on a 2-core AMD
+    EPYC, taken from the neighbour tables and the browser that share those cores. Frozen objects are still
+    freed by reference counting; only reference cycles among them are never collected.
+    """
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -52,6 +52,7 @@ from embviz.metrics import (
 from embviz.predictions import PredictionResult, predict_blank
 from embviz.progress import Progress, ProgressCallback
 from embviz.projections import shared_table_width
+from embviz.resources import freeze_long_lived_objects
 from embviz.sensitivity import direction_metric
 from embviz.sources import load_model
 from embviz.threads import lower_this_thread, task_slots
@@ -179,8 +180,12 @@ def compared_specs(backbone: Backbone, config: Settings) -> tuple[dict[str, Vari
 # -- backbone --------------------------------------------------------------------------------------------
 @st.cache_resource(show_spinner=False, max_entries=2)
 def load_backbone(name: str) -> Backbone:
-    """One shared copy of each backbone per server process (sessions never mutate it)."""
-    return load_model(name)
+    """One shared copy of each backbone per server process (sessions never mutate it). What is alive once it
+    has loaded (imports, the model) lives as long as the server: exempted from the collection Streamlit runs
+    after every script run (:func:`~embviz.resources.freeze_long_lived_objects`)."""
+    backbone = load_model(name)
+    freeze_long_lived_objects()
+    return backbone
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)

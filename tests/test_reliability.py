@@ -675,3 +675,26 @@ def test_a_neighbour_search_that_does_not_fit_is_refused(little_memory: Callable
     # An approximate index holds its own copy of the keys: refused where the exact search fits.
     with pytest.raises(ResourceError, match="nearest neighbours of 120 tokens"):
         nearest_neighbours(matrix, 4, search="approximate")
+
+
+def test_freezing_keeps_what_is_alive_and_collects_garbage_first() -> None:
+    import gc
+    import weakref
+
+    class Node:
+        def __init__(self) -> None:
+            self.other: Node | None = None
+
+    garbage, kept = Node(), Node()
+    garbage.other, kept.other = garbage, kept  # two cycles: one dropped below, one still referenced
+    dropped = weakref.ref(garbage)
+    del garbage
+    try:
+        frozen = resources.freeze_long_lived_objects()
+        assert dropped() is None  # the unreachable cycle was collected, not frozen
+        assert frozen == gc.get_freeze_count() > 0
+        assert not any(obj is kept for obj in gc.get_objects())  # the live one is frozen: no longer tracked
+        assert gc.is_tracked(kept)
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as before
+    assert any(obj is kept for obj in gc.get_objects())
