@@ -20,7 +20,7 @@ from embviz.compressors import method_label, parse_variant, ratio_for_rank
 from embviz.corpora import CORPORA
 from embviz.errors import EmbvizError
 from embviz.figures import provenance_line
-from embviz.progress import Progress, ProgressCallback, describe, format_metrics
+from embviz.progress import Progress, ProgressCallback, describe, format_metrics, throttled
 from embviz.sources import load_model
 from pages.data import (
     BackgroundJob,
@@ -52,7 +52,8 @@ def progress_bar(*, readout: bool = False) -> ProgressCallback:
     """An ``st.progress`` bar that follows :class:`~embviz.progress.Progress` reports.
 
     The bar's text is the message and metrics; with ``readout`` it is the message alone and the metrics (a
-    fit's loss and loss terms) and elapsed seconds go in a caption under the bar.
+    fit's loss and loss terms) and elapsed seconds go in a caption under the bar. At most four reports a
+    second are drawn, and every epoch's end (:func:`~embviz.progress.throttled`).
     """
     bar = st.progress(0.0, text="starting")
     caption = st.empty() if readout else None
@@ -64,7 +65,7 @@ def progress_bar(*, readout: bool = False) -> ProgressCallback:
         if caption is not None and readout_text:
             caption.caption(readout_text)
 
-    return show
+    return throttled(show)
 
 
 # -- messages --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from embviz.compressors import AECompressor, TrainingCancelled
-from embviz.progress import LOSS, Progress, describe, format_metrics, nested, quiet, send
+from embviz.progress import LOSS, Progress, describe, format_metrics, nested, quiet, send, throttled
 
 
 def test_fraction_is_clamped_and_an_empty_task_is_done() -> None:
@@ -41,3 +41,22 @@ def test_send_reports_cancellation_and_a_parent_cancels_through_nesting() -> Non
         AECompressor(2, epochs=3, batch_size=256).fit(
             torch.randn(200, 8), progress=nested(lambda _: False, 0, 1, 1)
         )
+
+
+def test_throttled_passes_a_few_reports_a_second_and_every_ending() -> None:
+    now = [0.0]
+    shown: list[float] = []
+    answers = iter([None, False, None, None, None])
+
+    def show(update: Progress) -> bool | None:
+        shown.append(update.done)
+        return next(answers)
+
+    report = throttled(show, interval_s=0.25, clock=lambda: now[0])
+    for time_s, done in ((0.0, 1), (0.1, 2), (0.2, 3), (0.3, 4), (0.35, 5)):
+        now[0] = time_s
+        report(Progress(done, 10))
+    assert shown == [1, 4]  # 0.1, 0.2 and 0.35 s came too soon after a shown report
+    assert report(Progress(6, 10)) is False  # passed over: the last shown answer (a cancel) stands
+    assert report(Progress(7, 10, epoch=1, epochs=2, epoch_end=True)) is None  # an epoch's end always shows
+    assert report(Progress(10, 10)) is None and shown == [1, 4, 7, 10]  # so does the end of the task
