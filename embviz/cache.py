@@ -1,7 +1,8 @@
-"""embviz's on-disk cache: where it lives, atomic writes, locks and configuration keys.
+"""embviz's on-disk cache: where it lives, atomic writes, locks, configuration keys, matrix fingerprints
+and validated arrays (:func:`cached_arrays`).
 
-Everything expensive (converted backbones, artifacts, neighbour tables, maps, sweeps) is stored under
-``embviz_home()`` keyed by a hash of its full configuration. Writes go to a temporary sibling first and are
+Everything expensive (converted backbones, artifacts, neighbour tables, maps, Gram matrices, sweeps) is
+stored under ``embviz_home()`` keyed by a hash of its full configuration. Writes go to a temporary sibling first and are
 renamed into place, so a crash never leaves a half-written entry under the final name. A cache that cannot
 be used (read-only, a file in the way, a full disk) is reported once and the work is done uncached.
 """
