@@ -225,22 +225,6 @@ def neighbour_memory(
     return total
 
 
-__all__ = [
-    "available_memory",
-    "check_memory",
-    "config_parameters",
-    "folder_model_memory",
-    "format_bytes",
-    "gguf_memory",
-    "model_memory",
-    "neighbour_memory",
-    "reserve_memory",
-    "reserved_memory",
-    "safetensors_header",
-    "safetensors_parameters",
-]
-
-
 # -- the garbage collector ----------------------------------------------------------------------------------
 def freeze_long_lived_objects() -> int:
     """Collect garbage, then move every object alive now into the collector's permanent generation
@@ -256,3 +240,20 @@ def freeze_long_lived_objects() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+__all__ = [
+    "available_memory",
+    "check_memory",
+    "config_parameters",
+    "folder_model_memory",
+    "format_bytes",
+    "freeze_long_lived_objects",
+    "gguf_memory",
+    "model_memory",
+    "neighbour_memory",
+    "reserve_memory",
+    "reserved_memory",
+    "safetensors_header",
+    "safetensors_parameters",
+]
