@@ -32,6 +32,7 @@ from embviz.compressors.quantize import (
     row_bytes,
     unpack_subbyte,
 )
+from embviz.corpora import load_texts
 from embviz.errors import BadInputError
 from embviz.evaluation import plan_sweep
 from embviz.frequency import (
@@ -39,11 +40,13 @@ from embviz.frequency import (
     WEIGHT_SOURCES,
     frequency_weights,
     generated_counts,
+    line_break_ids,
     spelled_word,
     train_counts,
     wordfreq_counts,
 )
 from embviz.frontier import frontier
+from embviz.metrics import corpus_frequencies
 from embviz.vocab import find_token
 
 
@@ -81,6 +84,22 @@ def test_frequency_weights_count_train_slices(tiny_causal: Backbone) -> None:
     expected = torch.from_numpy(counts).double() + 1
     assert torch.allclose(weights.values, expected / expected.mean())
     assert "train slices" in weights.source
+
+
+@pytest.mark.parametrize("tiny_backbone", ["causal", "masked"], indirect=True)
+def test_train_counts_read_a_corpus_as_lines_joined_by_line_breaks(tiny_backbone: Backbone) -> None:
+    """Each join of two units is one line break, as the model reads the text; BERT has no line-break token."""
+    own = corpus_frequencies(tiny_backbone.tokenizer, tiny_backbone.tokens, "smollm", "train")
+    counts = train_counts(tiny_backbone, ("smollm",))
+    line_break = line_break_ids(tiny_backbone)
+    added = counts - own[: tiny_backbone.vocab_size]
+    if tiny_backbone.kind == "causal":
+        assert line_break and added[line_break].tolist() == [len(load_texts("smollm", "train")) - 1]
+        assert added.sum() == added[line_break].sum()
+        general = frequency_weights(tiny_backbone).values  # off the add-one floor wordfreq leaves it at
+        assert general[line_break[0]] > 100 * general.min()
+    else:
+        assert line_break == [] and not added.any()
 
 
 @pytest.mark.parametrize(
