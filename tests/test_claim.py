@@ -30,7 +30,7 @@ def test_direction_loss_beats_svd_at_rank_64() -> None:
 
 def test_frequency_aware_compressors_meet_the_issue_7_targets() -> None:
     """Beyond the paper (issue 7), bible:test, input mode: at equal parameters the frequency-weighted SVD
-    beats the paper-loss AE by >= 2x at rank 64 (measured: 312 vs 2513, 8x), and at 8x fewer bytes the
+    beats the paper-loss AE by >= 2x at rank 64 (measured: 308 vs 2513, 8.2x), and at 8x fewer bytes the
     frequency-aware mixed-precision rows stay within 1.2x of the original (measured: 0.999x).
 
     These are in-domain claims: the row weights are the token counts of the bundled corpora's train slices
@@ -55,9 +55,11 @@ def test_direction_vq_at_2_and_1_bits_on_out_of_domain_text() -> None:
     and the model's direction metric, neither of which saw it), input mode.
 
     Targets: <= 1.05x the original's perplexity at 2 bits per weight, <= 1.25x at 1 bit. **Missed**: direction
-    VQ in the model's metric measured 1.069x at 2 bits and 1.514x at 1 bit (KL 0.087 and 0.45 nats/token; the
-    version before the metric and the `general` weights: 1.131x and 1.98x), the best of anything embviz has at
-    these budgets. These bounds guard that frontier against regressions; they are not the targets.
+    VQ in the model's metric measured 1.062x at 2 bits and 1.398x at 1 bit (KL 0.070 and 0.38 nats/token; over
+    fit seeds 0-2 at 2 bits 1.058-1.068x, at 1 bit 1.40-1.44x; before the line break counted in the row
+    weights 1.069x and 1.514x; before the metric and the `general` weights 1.131x and 1.98x), the best of
+    anything embviz has at these budgets. These bounds guard that frontier against regressions, with room
+    for the spread between fits (seeds, thread counts); they are not the targets.
     """
     from embviz.artifacts import compress_cached
     from embviz.compressors import get_method
@@ -77,6 +79,6 @@ def test_direction_vq_at_2_and_1_bits_on_out_of_domain_text() -> None:
     report = evaluate_perplexity(backbone, load_texts("pydoc", "test"), variants, mode="input")
     original = report.results[report.reference].perplexity
     two, one = (report.results[name] for name in ("2 bits", "1 bits"))
-    assert two.perplexity / original <= 1.10, (two.perplexity, original)
-    assert one.perplexity / original <= 1.65, (one.perplexity, original)
+    assert two.perplexity / original <= 1.09, (two.perplexity, original)
+    assert one.perplexity / original <= 1.55, (one.perplexity, original)
     assert two.perplexity < one.perplexity
