@@ -44,6 +44,11 @@ def variant_colours(names: Sequence[str]) -> dict[str, str]:
     return {name: ORIGINAL_COLOUR if name == "original" else next(others) for name in names}
 
 
+LEGEND_ENTRIES_PER_LINE = 3
+LEGEND_LINE_PX = 22
+"""A horizontal legend's entries per line in a page-wide chart (long method labels), and a line's height."""
+
+
 def _finish(fig: go.Figure, provenance: str, *, title: str | None = None, height: int = 380) -> go.Figure:
     """Title, margins and the provenance note under the plot area."""
     fig.update_layout(
@@ -687,7 +692,20 @@ def rate_distortion(
         fig.update_yaxes(title=f"{metric} (log scale)", type="log", dtick=1)
     quality = "Perplexity" if metric == "perplexity" else "Neighbour recall"
     default = f"{quality} vs {'bits per weight' if bits_axis else 'stored bytes'}"
-    return _finish(fig, provenance, title=title or default, height=440)
+    _finish(fig, provenance, title=title or default, height=440)
+    # The legend sits above the plot, right-aligned, a few entries per line: below the title, not over it.
+    entries = sum(1 for trace in fig.data if trace.showlegend is not False)
+    lines = math.ceil(entries / LEGEND_ENTRIES_PER_LINE)
+    return fig.update_layout(
+        height=440 + LEGEND_LINE_PX * lines,
+        margin={"t": 60 + LEGEND_LINE_PX * lines},
+        title={
+            "yref": "container",
+            "y": 1.0,
+            "yanchor": "top",
+            "pad": {"t": 14},
+        },  # not centred in the margin
+    )
 
 
 def _log_ticks(values: Sequence[float]) -> list[float]:

@@ -443,7 +443,8 @@ def sweep_panel(
     if request not in results:
         st.info(
             f"Pick methods and {what}, then compute. Trained AEs and perplexities are cached on disk, so a "
-            "repeated sweep is fast; the first AE per size trains for a while."
+            "repeated sweep is fast; the first AE per size trains for a while, and direction VQ first measures "
+            "the model's sensitivity (about 2 minutes on 2 cores, once per model)."
         )
         return None
     notes = getattr(results[request], "notes", ())

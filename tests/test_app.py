@@ -171,6 +171,23 @@ def test_the_navigation_lists_every_page_once() -> None:
     assert len({page.title for page in PAGES}) == len(PAGES)
 
 
+@pytest.mark.parametrize("script", ["app.py", *(page.path for page in PAGES)])
+def test_no_script_draws_a_stray_string(script: str) -> None:
+    """Streamlit's magic draws a bare string statement after the module docstring: a constant's "docstring"
+    in a page script appears on the page. Comments there, not strings."""
+    import ast
+
+    body = ast.parse((ROOT / script).read_text(encoding="utf-8")).body
+    stray = [
+        node.lineno
+        for node in body[1:]
+        if isinstance(node, ast.Expr)
+        and isinstance(node.value, ast.Constant)
+        and isinstance(node.value.value, str)
+    ]
+    assert stray == [], f"{script}: bare strings at lines {stray}"
+
+
 def test_url_parameters_restore_the_shared_state(trained: Path) -> None:
     app = run_app("neighbours", tok="king", k="5", mode="tied", loss="paper")
     assert_clean(app)
@@ -277,6 +294,7 @@ def test_size_page_plots_bits_per_weight_with_source_bf16_and_fp32_marks(trained
     assert_clean(app)
     methods = app.multiselect(key="rd_methods")
     assert {"gguf-q8_0", "gguf-q4_0"} <= set(methods.value)  # llama.cpp's formats, as references
+    assert "vq-direction" in methods.value  # the best method at few bits, so "best at each budget" is honest
     assert app.multiselect(key="rd_bits").value == [4.0, 2.0]
     methods.set_value(["svd", "quant-mixed", "gguf-q4_0"])
     app.multiselect(key="rd_bits").set_value([4.0, 2.0])

@@ -217,6 +217,10 @@ def test_rate_distortion_draws_methods_frontier_and_uncompressed_star() -> None:
     recall = rate_distortion(rows, metric="recall_at_k", x="bytes")
     assert list(recall.data[3].y) == [0.5, 0.9, 1.0] and recall.layout.yaxis.type != "log"
     assert PROVENANCE in _annotations(fig)
+    # five legend entries take two lines above the plot: the top margin makes room below the title
+    assert fig.layout.margin.t == 60 + 2 * 22 and fig.layout.height == 440 + 2 * 22
+    one_method = rate_distortion(rows[:2], x="bytes")  # SVD, frontier, uncompressed: one line
+    assert one_method.layout.margin.t == 60 + 22
 
 
 def _bits_rows(source: tuple[str, float]) -> list[dict]:
