@@ -692,20 +692,12 @@ def rate_distortion(
         fig.update_yaxes(title=f"{metric} (log scale)", type="log", dtick=1)
     quality = "Perplexity" if metric == "perplexity" else "Neighbour recall"
     default = f"{quality} vs {'bits per weight' if bits_axis else 'stored bytes'}"
-    _finish(fig, provenance, title=title or default, height=440)
     # The legend sits above the plot, right-aligned, a few entries per line: below the title, not over it.
     entries = sum(1 for trace in fig.data if trace.showlegend is not False)
-    lines = math.ceil(entries / LEGEND_ENTRIES_PER_LINE)
-    return fig.update_layout(
-        height=440 + LEGEND_LINE_PX * lines,
-        margin={"t": 60 + LEGEND_LINE_PX * lines},
-        title={
-            "yref": "container",
-            "y": 1.0,
-            "yanchor": "top",
-            "pad": {"t": 14},
-        },  # not centred in the margin
-    )
+    legend_px = LEGEND_LINE_PX * math.ceil(entries / LEGEND_ENTRIES_PER_LINE)
+    _finish(fig, provenance, title=title or default, height=440 + legend_px)
+    top = {"yref": "container", "y": 1.0, "yanchor": "top", "pad": {"t": 14}}  # not centred in the margin
+    return fig.update_layout(margin={"t": 60 + legend_px}, title=top)
 
 
 def _log_ticks(values: Sequence[float]) -> list[float]:

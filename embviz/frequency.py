@@ -30,7 +30,7 @@ import torch
 from embviz.backbones import Backbone
 from embviz.cache import cached_arrays, config_key, optional_cache_dir, sha256_bytes
 from embviz.compressors.weights import RowWeights
-from embviz.corpora import FITTING_CORPORA, load_texts
+from embviz.corpora import FITTING_CORPORA
 from embviz.errors import BadInputError
 from embviz.metrics import corpus_frequencies
 from embviz.vocab import WORD_START_MARKERS
@@ -62,28 +62,14 @@ _WORDFREQ_MEMO: dict[str, np.ndarray] = {}
 
 
 def train_counts(backbone: Backbone, corpora: Sequence[str] = WEIGHT_CORPORA) -> np.ndarray:
-    """How often each token occurs in the ``train`` slices of ``corpora`` read as a model reads them (int64).
-
-    A corpus is a sequence of units (verses, paragraphs, answers) that every text the model is given, and the
-    perplexity protocol, joins with line breaks; so besides the units' own tokens each join counts one line
-    break (:func:`line_break_ids`). Counting the units alone left the line break, one of the most frequent
-    tokens of any text (2-3% of the tokens of every held-out text), at the weights' floor.
-    """
+    """How often each token occurs in the ``train`` slices of ``corpora`` read as a model reads them, their
+    units joined by line breaks (:func:`~embviz.metrics.corpus_frequencies`; int64, one per vocabulary row)."""
     counts = np.zeros(backbone.vocab_size, dtype=np.int64)
-    line_break = line_break_ids(backbone)
     for corpus in corpora:
         counts += corpus_frequencies(backbone.tokenizer, backbone.tokens, corpus, "train")[
             : backbone.vocab_size
         ]
-        joins = max(0, len(load_texts(corpus, "train")) - 1)
-        np.add.at(counts, line_break, joins)
     return counts
-
-
-def line_break_ids(backbone: Backbone) -> list[int]:
-    """The token ids of one line break on ``backbone``'s tokenizer (none where it is whitespace, as in BERT)."""
-    ids = backbone.tokenizer("\n", add_special_tokens=False)["input_ids"]
-    return [i for i in ids if i < backbone.vocab_size]
 
 
 GENERATED_CORPUS = "smollm"

@@ -40,13 +40,12 @@ from embviz.frequency import (
     WEIGHT_SOURCES,
     frequency_weights,
     generated_counts,
-    line_break_ids,
     spelled_word,
     train_counts,
     wordfreq_counts,
 )
 from embviz.frontier import frontier
-from embviz.metrics import corpus_frequencies
+from embviz.metrics import line_break_ids, token_frequencies
 from embviz.vocab import find_token
 
 
@@ -89,9 +88,9 @@ def test_frequency_weights_count_train_slices(tiny_causal: Backbone) -> None:
 @pytest.mark.parametrize("tiny_backbone", ["causal", "masked"], indirect=True)
 def test_train_counts_read_a_corpus_as_lines_joined_by_line_breaks(tiny_backbone: Backbone) -> None:
     """Each join of two units is one line break, as the model reads the text; BERT has no line-break token."""
-    own = corpus_frequencies(tiny_backbone.tokenizer, tiny_backbone.tokens, "smollm", "train")
+    own = token_frequencies(tiny_backbone.tokenizer, load_texts("smollm", "train"), len(tiny_backbone.tokens))
     counts = train_counts(tiny_backbone, ("smollm",))
-    line_break = line_break_ids(tiny_backbone)
+    line_break = line_break_ids(tiny_backbone.tokenizer, tiny_backbone.vocab_size)
     added = counts - own[: tiny_backbone.vocab_size]
     if tiny_backbone.kind == "causal":
         assert line_break and added[line_break].tolist() == [len(load_texts("smollm", "train")) - 1]
