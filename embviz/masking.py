@@ -57,11 +57,17 @@ def word_groups(
 
 
 def mask_line(
-    ids: list[int], words: list[list[int]], rng: np.random.Generator, mask_id: int, random_pool: np.ndarray
+    ids: list[int],
+    words: list[list[int]],
+    rng: np.random.Generator,
+    mask_id: int,
+    random_pool: np.ndarray,
+    rate: float = MASK_RATE,
 ) -> Example:
-    """Whole-word masking of one line: (corrupted input ids, labels with -100 where not scored)."""
+    """Whole-word masking of one line: (corrupted input ids, labels with -100 where not scored). ``rate`` is
+    the share of tokens selected (the perplexity protocol always uses :data:`MASK_RATE`)."""
     content = sum(len(word) for word in words)
-    target = max(1, round(content * MASK_RATE))
+    target = max(1, round(content * rate))
     chosen: list[int] = []
     for w in rng.permutation(len(words)):
         if len(chosen) >= target:

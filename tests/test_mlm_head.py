@@ -35,7 +35,8 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def test_loss_goes_down_and_only_the_head_and_encoder_change(tiny_masked_path: Path) -> None:
-    result = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=40))
+    # From a zero output bias: the tiny random model's unigram start alone is about as far as 40 steps get.
+    result = _fit(tiny_masked_path, dataclasses.replace(TINY, steps=40, unigram_bias=False))
     losses = result.manifest["losses"]
     assert len(losses) == 40 and result.complete and not result.cached
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8 - 0.2
@@ -280,3 +281,52 @@ def test_a_packaged_head_installs_bit_identical_to_its_fit_and_is_checked(
     shipped.write_bytes(bytes(data))
     with pytest.raises(mlm_head.MLMHeadError, match="sha256"):
         mlm_head.built_folder(source, base=lambda: tiny_masked_path)
+
+
+def test_unigram_log_frequencies_mix_each_corpus_in_its_share_by_hand() -> None:
+    config = HeadConfig(corpora=("a", "b"), weights=(0.75, 0.25))
+    lines, corpus = [[0, 5, 5, 6, 0], [0, 7, 0]], [0, 1]
+    found = mlm_head.unigram_log_frequencies(lines, corpus, config, vocab_size=10, special_ids=frozenset({0}))
+    counts_a = torch.zeros(10, dtype=torch.float64)
+    counts_a[5], counts_a[6] = 2, 1
+    counts_b = torch.zeros(10, dtype=torch.float64)
+    counts_b[7] = 1
+    mixture = 0.75 * (counts_a + 0.1) / (3 + 1.0) + 0.25 * (counts_b + 0.1) / (1 + 1.0)
+    expected = mixture.log()
+    expected[0] = expected.min()
+    expected -= expected.mean()
+    assert torch.allclose(found, expected.float(), atol=1e-6)
+    assert found.argmax() == 5 and found[0] == found.min()
+
+
+def test_the_output_bias_starts_at_the_unigram_frequencies_and_masks_the_configured_share(
+    tiny_masked_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rates: list[float] = []
+    real = mlm_head.mask_line
+
+    def spy(*args: object, rate: float = 0.0, **kwargs: object) -> object:
+        rates.append(rate)
+        return real(*args, rate=rate, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mlm_head, "mask_line", spy)
+    still = dataclasses.replace(TINY, steps=1, head_lr=1e-12, lr=1e-12, mask_rate=0.4)
+    result = _fit(tiny_masked_path, still)
+    assert rates and set(rates) == {0.4}
+    backbone = load_model(str(tiny_masked_path))
+    lines = mlm_head._training_lines(backbone, still.corpora, still.max_length)
+    start = mlm_head.unigram_log_frequencies(
+        lines.ids, lines.corpus, still, backbone.vocab_size, backbone.special_ids
+    )
+    bias = _weights(result.folder)["cls.predictions.bias"].float()
+    assert torch.allclose(bias, start.half().float(), atol=1e-3), "one step at lr 1e-12 leaves the start"
+    zero = _fit(tiny_masked_path, dataclasses.replace(still, unigram_bias=False), force=True)
+    assert _weights(zero.folder)["cls.predictions.bias"].abs().max() < 1e-3
+    assert result.manifest["losses"][0] < zero.manifest["losses"][0] - 0.5, (
+        "the unigram start is a better guess"
+    )
+
+
+def test_a_mask_rate_outside_0_1_is_refused(tiny_masked_path: Path) -> None:
+    with pytest.raises(BadInputError, match="mask_rate"):
+        _fit(tiny_masked_path, dataclasses.replace(TINY, mask_rate=1.0))

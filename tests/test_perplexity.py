@@ -5,6 +5,7 @@ import math
 import random
 import threading
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from embviz.backbones import Backbone
 from embviz.cache import cache_dir
 from embviz.errors import BadInputError
+from embviz.masking import MASK_RATE, mask_line
 from embviz.perplexity import (
     DEFAULT_MAX_TOKENS,
     PROTOCOL_VERSION,
@@ -102,6 +104,18 @@ def test_80_10_10_proportions_and_15_percent_rate(tiny_masked: Backbone) -> None
     assert abs(kept / scored - 0.1) < 0.02
     assert abs((scored - masked - kept) / scored - 0.1) < 0.02  # random replacements
     assert abs(scored / eval_set.tokens_read - 0.15) < 0.015
+
+
+def test_mask_line_selects_the_share_it_is_given() -> None:
+    words = [[position] for position in range(1, 401)]
+    ids = list(range(402))
+    for rate in (0.15, 0.25, 0.4):
+        _, labels = mask_line(
+            ids, words, np.random.default_rng(0), mask_id=1, random_pool=np.arange(5, 9), rate=rate
+        )
+        assert sum(label != -100 for label in labels) == round(400 * rate)
+    _, labels = mask_line(ids, words, np.random.default_rng(0), mask_id=1, random_pool=np.arange(5, 9))
+    assert sum(label != -100 for label in labels) == round(400 * MASK_RATE), "the protocol's 15% by default"
 
 
 def test_whole_words_are_masked_together(tiny_masked: Backbone) -> None:
