@@ -21,8 +21,8 @@ What is trained, and what is not:
 Masking is BERT's whole-word masking (80% mask / 10% random / 10% kept), the same code as the perplexity
 protocol (:mod:`embviz.masking`) but selecting 25% of the tokens instead of 15% (:data:`TRAIN_MASK_RATE`;
 held-out scores keep the protocol's 15%), drawn afresh for every step from a generator seeded by
-``(seed, step, row)``. The output bias starts at the training mixture's log unigram frequencies. Batches are fixed length-bucketed groups of lines, visited in a seeded order per
-epoch; the learning rate is a function of the step; dropout is off. A run is therefore a deterministic
+``(seed, step, row)``. The output bias starts at the training mixture's log unigram frequencies. Batches
+are fixed length-bucketed groups of lines, visited in a seeded order per epoch; the learning rate is a function of the step; dropout is off. A run is therefore a deterministic
 function of ``(source, seed, steps)`` and resumes exactly from a checkpoint (model, optimiser and step,
 written atomically every ``checkpoint_every`` steps, when the wall-clock cap is hit, and on Ctrl-C).
 Nothing is pickled: checkpoints are safetensors plus JSON.
@@ -555,19 +555,15 @@ def unigram_log_frequencies(
     ids_by_corpus: list[list[int]] = [[] for _ in config.corpora]
     for ids, corpus in zip(lines, corpus_of_line, strict=True):
         ids_by_corpus[corpus].extend(ids)
-    counts = [np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size) for ids in ids_by_corpus]
-    special = np.asarray(sorted(special_ids), dtype=np.int64)
-    for count in counts:
-        count[special] = 0
-    if config.weights is None:
-        shares = np.asarray([count.sum() for count in counts], dtype=np.float64)
-    else:
-        shares = np.asarray(config.weights, dtype=np.float64)
-    mixture = sum(
-        share * (count + 0.1) / (count.sum() + 0.1 * vocab_size)
-        for share, count in zip(shares / shares.sum(), counts, strict=True)
+    counts = np.stack(
+        [np.bincount(np.asarray(ids, dtype=np.int64), minlength=vocab_size) for ids in ids_by_corpus]
     )
-    logs = np.log(np.asarray(mixture, dtype=np.float64))
+    special = np.asarray(sorted(special_ids), dtype=np.int64)
+    counts[:, special] = 0
+    totals = counts.sum(axis=1)
+    shares = np.asarray(totals if config.weights is None else config.weights, dtype=np.float64)
+    distributions = (counts + 0.1) / (totals[:, None] + 0.1 * vocab_size)
+    logs = np.log(shares / shares.sum() @ distributions)
     logs[special] = logs.min()
     return torch.from_numpy(logs - logs.mean()).float()
 

@@ -91,13 +91,8 @@ def _perplexities(backbone: Backbone, text: str, mode: str) -> tuple[float, dict
 def test_tied_the_direction_loss_wins_at_the_largest_rank_only(minilm_mlm: Backbone, text: str) -> None:
     original, ppl = _perplexities(minilm_mlm, text, "tied")
     svd, paper, mse = (ppl[(method, 2.5)] for method in METHODS)
-    assert original < paper < 0.95 * svd and paper < mse, (
-        text,
-        original,
-        paper,
-        svd,
-        mse,
-    )  # 168 vs 206; 302 vs 333
+    # bible 168 vs 206 (MSE 213); smollm 302 vs 333 (MSE 341)
+    assert original < paper < 0.95 * svd and paper < mse, (text, original, paper, svd, mse)
     for ratio in (5.0, 10.0):  # bible 340 vs 337, 405 vs 389; smollm 620 vs 608, 863 vs 859
         svd, paper = ppl[("svd", ratio)], ppl[("ae-paper", ratio)]
         assert paper > 0.95 * svd, (text, ratio, paper, svd)
